@@ -1,0 +1,78 @@
+# dstack-fleet entry points. Everything runs from a fresh clone with only Python 3.11 and PyPI:
+# the first target that needs Python creates .venv and installs the hash-locked requirements.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+
+# Targets that run Python depend on this; tests that call make from inside the suite set it empty.
+PY_DEPS ?= $(STAMP)
+
+STACK  ?= dev
+FORMAT ?= text
+PLAN_JSON ?=
+BASE   ?= HEAD
+
+.PHONY: venv test plan golden readme preview up lock lock-deps diff bench clean
+
+PLAN_CMD = $(PY) -m fleet plan --stack $(STACK) --format $(FORMAT) $(if $(PLAN_JSON),--json $(PLAN_JSON))
+
+# `make plan` must exit with the tool's own code: 0 ok, 1 a mandatory rule is violated, 2 bad input.
+# GNU make reports every failing recipe as 2 and exits 1 only in question mode (-q), so when `plan`
+# is the only goal the tool runs while the Makefile is read, its output is printed, and code 1 is
+# passed on through question mode; other codes fail the recipe below.
+TOOL_GOAL := $(filter plan,$(MAKECMDGOALS))
+ifneq ($(TOOL_GOAL),)
+ifeq ($(words $(MAKECMDGOALS)),1)
+$(if $(PY_DEPS),$(shell $(MAKE) --no-print-directory -s venv >&2))
+TOOL_OUT := $(shell mktemp)
+TOOL_STATUS := $(shell $(PLAN_CMD) >$(TOOL_OUT); echo $$?)
+TOOL_TEXT := $(file <$(TOOL_OUT))
+$(if $(TOOL_TEXT),$(info $(TOOL_TEXT)))
+$(shell rm -f $(TOOL_OUT))
+ifeq ($(TOOL_STATUS),1)
+MAKEFLAGS += -q
+endif
+endif
+endif
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "dstack-fleet needs Python 3.11 (set PYTHON=python3.11)")'
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
+		-r requirements.txt -r requirements-dev.txt
+	touch $@
+
+venv: $(STAMP)
+
+test: $(PY_DEPS)
+	$(PY) -m pytest
+
+plan: $(PY_DEPS)
+ifdef TOOL_STATUS
+	@exit $(TOOL_STATUS)
+else
+	$(PLAN_CMD)
+endif
+
+golden: $(PY_DEPS)
+	$(PY) -m tests.regenerate golden
+
+readme: $(PY_DEPS)
+	$(PY) -m tests.regenerate readme
+
+preview: $(PY_DEPS)
+	$(PY) -m fleet deploy preview --stack $(STACK)
+
+up: $(PY_DEPS)
+	$(PY) -m fleet deploy up --stack $(STACK)
+
+# Re-resolve and hash-lock the requirements (needs network access to PyPI).
+lock-deps:
+	$(PYTHON) -m venv /tmp/dstack-fleet-piptools && /tmp/dstack-fleet-piptools/bin/pip install --quiet pip-tools==7.6.2
+	/tmp/dstack-fleet-piptools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements.txt requirements.in
+	/tmp/dstack-fleet-piptools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements-dev.txt requirements-dev.in
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Thin Pulumi ComponentResources: each turns a decision of the core (``fleet``) into resources."""

@@ -1,0 +1,42 @@
+"""The stack's configuration, read from the Pulumi runtime and validated by ``fleet.config``.
+
+The Python SDK has no public call that lists every config key, and a misspelt key can only be
+caught with the full list. The program therefore reads the two places the runtime keeps config:
+the in-process map (``pulumi.runtime.config.CONFIG``, filled by inline programs and mocks) and the
+``PULUMI_CONFIG`` environment the language host sets for ``pulumi up``. Both are pinned with the
+SDK version in requirements.txt and covered by tests/test_stackconfig.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+from pulumi.runtime import config as runtime_config
+
+from fleet.config import StackConfig, load
+from fleet.problems import ConfigError
+
+
+def runtime_values() -> tuple[dict[str, Any], set[str]]:
+    values: dict[str, Any] = dict(runtime_config.get_config_env())
+    values.update(runtime_config.CONFIG.get())
+    secret_keys = set(runtime_config.get_config_secret_keys_env())
+    secret_keys.update(runtime_config._SECRET_KEYS.get())
+    return values, secret_keys
+
+
+def load_stack_config() -> StackConfig:
+    """The validated config, or one ``pulumi.RunError`` that lists every problem (no traceback)."""
+    stack = pulumi.get_stack()
+    values, secret_keys = runtime_values()
+    source = f"stacks/Pulumi.{stack}.yaml"
+    try:
+        return load(values, stack=stack, source=source, secret_keys=secret_keys)
+    except ConfigError as exc:
+        raise pulumi.RunError("invalid configuration:\n" + "\n".join(exc.lines())) from None
+
+
+def secret(config: StackConfig, name: str) -> pulumi.Output[str]:
+    """A secret from ``dstack-fleet:secrets``, kept secret in state and in every output."""
+    return pulumi.Output.secret(config.fleet.secrets[name].get_secret_value())

@@ -1,0 +1,170 @@
+"""Configuration checks that span several keys. Each problem names the key to change and how."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING
+
+from . import tdx
+from .identity import group_block, usable_range, zone_names
+from .problems import Problem
+
+if TYPE_CHECKING:
+    from .config import StackConfig
+
+NS = "dstack-fleet:"
+
+
+def check_all(config: "StackConfig") -> list[Problem]:
+    problems: list[Problem] = []
+    for check in (_role, _network, _node_groups, _address_blocks):
+        problems.extend(check(config))
+    return problems
+
+
+def _p(config: "StackConfig", path: str, message: str) -> Problem:
+    return Problem(config.source, NS + path, message)
+
+
+def _role(config: "StackConfig") -> list[Problem]:
+    fleet = config.fleet
+    out = []
+    if fleet.role == "env":
+        if fleet.tier is None:
+            out.append(_p(config, "tier", "is required for env stacks; set dev, staging or prod"))
+        if fleet.network is None:
+            out.append(_p(config, "network", "is required for env stacks; declare at least network.subnets"))
+    else:
+        if fleet.tier is not None:
+            out.append(_p(config, "tier", f"only env stacks have a tier (this stack's role is {fleet.role!r})"))
+        if fleet.nodes:
+            out.append(_p(config, "nodes", f"only env stacks declare nodes (this stack's role is {fleet.role!r})"))
+    return out
+
+
+def _network(config: "StackConfig") -> list[Problem]:
+    network = config.fleet.network
+    if network is None:
+        return []
+    out = []
+    needed = config.regions() if config.fleet.role != "bootstrap" else []
+    for region in needed:
+        if region not in network.subnets:
+            out.append(
+                _p(
+                    config,
+                    f"network.subnets.{region}",
+                    f"is missing: region {region!r} is used (by gcp:region or a node zone); "
+                    "give it a private CIDR such as 10.10.0.0/20",
+                )
+            )
+    blocks = sorted((ipaddress.IPv4Network(c), r) for r, c in network.subnets.items())
+    for i, (net_a, region_a) in enumerate(blocks):
+        for net_b, region_b in blocks[i + 1 :]:
+            if net_a.overlaps(net_b):
+                out.append(
+                    _p(
+                        config,
+                        f"network.subnets.{region_b}",
+                        f"{net_b} overlaps {net_a} of region {region_a!r}; subnets of one VPC must not overlap",
+                    )
+                )
+    seen: set[tuple[int, str]] = set()
+    groups = {g.name for g in config.fleet.nodes}
+    for i, rule in enumerate(network.public_ingress):
+        for j, name in enumerate(rule.groups):
+            if name not in groups:
+                out.append(_p(config, f"network.publicIngress[{i}].groups[{j}]",
+                              f"no node group is named {name!r}; declared groups: {', '.join(sorted(groups)) or '(none)'}"))
+        if (rule.port, rule.protocol) in seen:
+            out.append(_p(config, f"network.publicIngress[{i}]", f"{rule.protocol}/{rule.port} is listed twice"))
+        seen.add((rule.port, rule.protocol))
+    return out
+
+
+def _node_groups(config: "StackConfig") -> list[Problem]:
+    out = []
+    seen: dict[str, int] = {}
+    for i, group in enumerate(config.fleet.nodes):
+        at = f"nodes[{i}]"
+        if group.name in seen:
+            out.append(
+                _p(config, f"{at}.name", f"group {group.name!r} is already declared at nodes[{seen[group.name]}]; "
+                   "group names must be unique")
+            )
+        seen.setdefault(group.name, i)
+        names = zone_names(group)
+        for j, zone in enumerate(names):
+            if names.index(zone) != j:
+                out.append(_p(config, f"{at}.zones[{j}]", f"{zone!r} is listed twice"))
+        regions = {tdx.region_of(z) for z in names}
+        if len(regions) > 1:
+            out.append(
+                _p(config, f"{at}.zones", f"spans regions {', '.join(sorted(regions))}; a group lives in one "
+                   "region (declare one group per region)")
+            )
+        if not any(_first(z) == 0 for z in group.zones):
+            out.append(_p(config, f"{at}.zones", "no zone is active for ordinal 0; the first zone needs no firstOrdinal"))
+        for r in group.retired:
+            if r >= group.count:
+                out.append(_p(config, f"{at}.retired", f"ordinal {r} is not below count {group.count}"))
+        if len(set(group.retired)) >= group.count:
+            out.append(_p(config, f"{at}.retired", "retires every node of the group; remove the group instead"))
+        if group.max_unavailable > group.count:
+            out.append(
+                _p(config, f"{at}.maxUnavailable", f"is {group.max_unavailable}, more than the group's "
+                   f"{group.count} nodes")
+            )
+    return out
+
+
+def _first(entry) -> int:
+    return getattr(entry, "first_ordinal", 0)
+
+
+def _address_blocks(config: "StackConfig") -> list[Problem]:
+    network = config.fleet.network
+    if network is None:
+        return []
+    out = []
+    claimed: dict[tuple[str, int], str] = {}
+    for i, group in enumerate(config.fleet.nodes):
+        names = zone_names(group)
+        region = tdx.region_of(names[0])
+        cidr = network.subnets.get(region)
+        if cidr is None:
+            continue  # reported by _network
+        at = f"nodes[{i}].addresses"
+        first, last = usable_range(cidr)
+        subnet = ipaddress.IPv4Network(cidr)
+        if group.addresses.pins is not None:
+            if len(group.addresses.pins) < group.count:
+                out.append(
+                    _p(config, f"{at}.pins", f"has {len(group.addresses.pins)} address(es) for {group.count} "
+                       "nodes; pin one address per ordinal")
+                )
+                continue
+            for j, pin in enumerate(group.addresses.pins):
+                if ipaddress.IPv4Address(pin) not in subnet:
+                    out.append(_p(config, f"{at}.pins[{j}]", f"{pin} is outside {region}'s subnet {cidr}"))
+        indexes = group_block(group, cidr)
+        bad = [x for x in indexes if not first <= x <= last]
+        if bad and group.addresses.offset is not None:
+            out.append(
+                _p(config, f"{at}.offset", f"block {indexes[0]}..{indexes[-1]} does not fit {cidr} (usable "
+                   f"indexes {first}..{last}); lower the offset or use a larger subnet")
+            )
+            continue
+        if bad:
+            out.append(_p(config, f"{at}.pins", "pins GCP's reserved addresses (the first two and last two of the subnet)"))
+            continue
+        for x in indexes:
+            owner = claimed.get((region, x))
+            if owner is not None and owner != group.name:
+                out.append(
+                    _p(config, at, f"overlaps group {owner!r} at {subnet.network_address + x}; give the groups "
+                       "disjoint blocks")
+                )
+                break
+            claimed[(region, x)] = group.name
+    return out

@@ -1,0 +1,84 @@
+"""``python -m fleet``: the offline tools. Exit codes: 0 ok, 1 a mandatory check failed,
+2 bad input (configuration, files), 3 the program itself failed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .problems import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXIT_OK, EXIT_MANDATORY, EXIT_INPUT, EXIT_PROGRAM = 0, 1, 2, 3
+
+
+def _root(args: argparse.Namespace) -> Path:
+    return Path(args.root).resolve() if getattr(args, "root", None) else ROOT
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import PlanFailed, build_plan, render_markdown, render_text
+
+    root = _root(args)
+    try:
+        plan = build_plan(root, args.stack)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return EXIT_INPUT
+    except PlanFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exception(exc.error)
+        return EXIT_PROGRAM
+    text = render_markdown(plan) if args.format == "markdown" else render_text(plan)
+    sys.stdout.write(text)
+    if args.json:
+        Path(args.json).write_text(plan.to_json(), encoding="utf-8")
+    mandatory = [v for v in plan.violations if v["enforcement"] == "mandatory"]
+    return EXIT_MANDATORY if mandatory else EXIT_OK
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from .deploy import DeployRefused, run
+
+    try:
+        return run(_root(args), args.action, args.stack, args.pulumi_args)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return EXIT_INPUT
+    except DeployRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fleet", description=__doc__)
+    parser.add_argument("--root", help="project root (default: this checkout)")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of program failures")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="run the program offline under mocks and show what it would create")
+    plan.add_argument("--stack", required=True)
+    plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    plan.add_argument("--format", choices=("text", "markdown"), default="text")
+    plan.set_defaults(func=cmd_plan)
+
+    deploy = sub.add_parser("deploy", help="run the real Pulumi CLI (make preview / make up)")
+    deploy.add_argument("action", choices=("preview", "up"))
+    deploy.add_argument("--stack", required=True)
+    deploy.add_argument("--pulumi-arg", dest="pulumi_args", action="append", default=[],
+                        help="an extra argument for pulumi (repeatable)")
+    deploy.set_defaults(func=cmd_deploy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION", "true")
+    return args.func(args)

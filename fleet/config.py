@@ -1,0 +1,386 @@
+"""Typed configuration of one stack: the ``dstack-fleet:`` namespace plus ``gcp:project``/``gcp:region``.
+
+Input is the stack's config as the Pulumi CLI hands it to a program: a flat mapping of
+``namespace:key`` to a value (objects and lists decoded from JSON) and the set of keys that are
+secret. ``load`` validates all of it at once and raises ``ConfigError`` listing every problem.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    Discriminator,
+    Tag,
+    ValidationInfo,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from . import tdx
+from .problems import ConfigError, Problem
+from .validation import known_keys, problems_from
+
+NAMESPACE = "dstack-fleet"
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=False,
+        frozen=True,
+        validate_default=True,
+    )
+
+
+def _pattern(regex: str, what: str):
+    compiled = re.compile(regex)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _cidr(value: str) -> str:
+    try:
+        network = ipaddress.IPv4Network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IPv4 CIDR block such as 10.10.0.0/20 ({exc})") from None
+    if not network.is_private:
+        raise ValueError(f"{value!r} is not a private range (use RFC 1918 space such as 10.0.0.0/8)")
+    if network.prefixlen > 29:
+        raise ValueError(f"{value!r} is too small for GCP (a subnet needs at least a /29)")
+    return str(network)
+
+
+def _ipv4(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 address") from None
+
+
+def _tdx_zone(value: str, info: ValidationInfo) -> str:
+    problem = tdx.zone_problem(value, tuple((info.context or {}).get("extra_zones", ())))
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _tdx_machine_type(value: str, info: ValidationInfo) -> str:
+    problem = tdx.machine_type_problem(value, tuple((info.context or {}).get("extra_machine_types", ())))
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _text_or_map(value: Any) -> str:
+    return "<map>" if isinstance(value, dict) else "<text>"
+
+
+def text_or_map(text_type: Any, model: Any) -> Any:
+    """``text_type | model`` where errors name only the branch the value took (by its shape)."""
+    return Annotated[
+        Annotated[text_type, Tag("<text>")] | Annotated[model, Tag("<map>")],
+        Discriminator(_text_or_map),
+    ]
+
+
+ProjectId = Annotated[
+    str, _pattern(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", "a GCP project id (6-30 chars: a-z, 0-9, '-')")
+]
+Region = Annotated[str, _pattern(r"[a-z]+-[a-z]+[0-9]+", "a GCP region such as us-central1")]
+Zone = Annotated[str, _pattern(r"[a-z]+-[a-z]+[0-9]+-[a-z]", "a GCP zone such as us-central1-a")]
+TdxZone = Annotated[Zone, AfterValidator(_tdx_zone)]
+TdxMachineType = Annotated[str, AfterValidator(_tdx_machine_type)]
+Cidr = Annotated[str, AfterValidator(_cidr)]
+IPv4 = Annotated[str, AfterValidator(_ipv4)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+ShortName = Annotated[
+    str,
+    _pattern(r"[a-z]([a-z0-9-]{0,18}[a-z0-9])?", "a short name (1-20 chars: a-z, 0-9, '-', starting with a letter)"),
+]
+LabelKey = Annotated[str, _pattern(r"[a-z][a-z0-9_-]{0,62}", "a GCP label key")]
+LabelValue = Annotated[str, _pattern(r"[a-z0-9_-]{0,63}", "a GCP label value")]
+SecretName = Annotated[str, _pattern(r"[A-Za-z][A-Za-z0-9_]{0,63}", "a secret name (letters, digits, '_')")]
+
+Role = Literal["bootstrap", "images", "env"]
+Tier = Literal["dev", "staging", "prod"]
+Protocol = Literal["tcp", "udp"]
+
+
+class GcpSettings(Model):
+    """The provider settings this program reads (namespace ``gcp:``)."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=None, frozen=True)
+
+    project: ProjectId = Field(description="GCP project id every resource lives in.")
+    region: Region = Field(description="Default region: subnets, routers and regional resources.")
+
+
+class PublicIngress(Model):
+    """A port deliberately reachable from the internet (the *no-open-ingress* rule allows only these)."""
+
+    port: Port = Field(description="Destination port.")
+    protocol: Protocol = Field("tcp", description="tcp or udp.")
+    reason: str = Field(description="Why this port is public; shown in the plan and the firewall description.")
+    groups: list[ShortName] = Field(min_length=1, description="Node groups that receive this traffic.")
+
+
+class NetworkConfig(Model):
+    """The VPC of a stack: one subnet per region used, Cloud NAT for egress, deny-by-default ingress."""
+
+    subnets: dict[Region, Cidr] = Field(
+        default_factory=dict,
+        description="Primary CIDR per region. Every region a node or build host runs in needs one; "
+        "node addresses are allocated from it.",
+    )
+    nat_logging: Literal["off", "errors", "all"] = Field(
+        "errors", description="Cloud NAT logging: off, errors (translation failures) or all."
+    )
+    public_ingress: list[PublicIngress] = Field(
+        default_factory=list,
+        description="Ports opened to 0.0.0.0/0. Empty by default: nodes talk to each other and reach "
+        "the internet through NAT only.",
+    )
+
+
+class AddressBlock(Model):
+    """Where a group's internal addresses come from: an offset into the subnet, or explicit pins."""
+
+    offset: int | None = Field(
+        None,
+        ge=2,
+        description="Index of the group's first address in its region's subnet; ordinal n gets offset+n. "
+        "Must not overlap another group's block. GCP reserves indexes 0, 1 and the last two.",
+    )
+    pins: list[IPv4] | None = Field(
+        None, description="Explicit address per node ordinal (ordinal n gets pins[n])."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "AddressBlock":
+        if (self.offset is None) == (self.pins is None):
+            raise ValueError("set exactly one of 'offset' or 'pins'")
+        return self
+
+
+class ZoneEntry(Model):
+    """A zone appended to a running group: only ordinals from ``firstOrdinal`` on use it."""
+
+    zone: TdxZone = Field(description="A TDX zone.")
+    first_ordinal: int = Field(ge=0, description="First ordinal allowed to use this zone (the group's count when added).")
+
+
+class NodeGroup(Model):
+    """A group of identical confidential TDX nodes. A node is (group, ordinal): its name, zone and
+    address derive from that alone, so growing another group never moves it."""
+
+    name: ShortName = Field(description="Group name; part of every node's name and URN. Never rename.")
+    kind: Literal["overlay", "dstack"] = Field(
+        description="overlay: tplus light-client image with peers; dstack: dstack OS running apps."
+    )
+    count: int = Field(ge=1, le=1000, description="Number of nodes (ordinals 0..count-1).")
+    machine_type: TdxMachineType = Field("c3-standard-4", description="A TDX-capable machine type (C3 family).")
+    zones: list[text_or_map(TdxZone, ZoneEntry)] = Field(  # type: ignore[valid-type]
+        min_length=1,
+        description="TDX zones, round-robin by ordinal. To add a zone to a running group append "
+        "{zone: ..., firstOrdinal: <current count>} so no existing node moves; never reorder.",
+    )
+    retired: list[int] = Field(
+        default_factory=list,
+        description="Ordinals removed from the group; the others keep their name, zone and address.",
+    )
+    data_disk_gb: int = Field(50, ge=10, le=65536, description="Size of each node's data disk (GB).")
+    addresses: AddressBlock = Field(description="Address block of the group in its region's subnet.")
+    max_unavailable: int = Field(
+        1, ge=1, description="At most this many nodes of the group may be replaced or stopped by one change."
+    )
+
+
+class TdxOverrides(Model):
+    """Additions to the built-in TDX zone and machine-type lists (see fleet/tdx.py for their source)."""
+
+    extra_zones: list[Zone] = Field(default_factory=list, description="Zones to accept beyond the built-in list.")
+    extra_machine_types: list[str] = Field(
+        default_factory=list, description="Machine types to accept beyond the built-in list."
+    )
+
+
+class FleetConfig(Model):
+    """Everything under ``dstack-fleet:``."""
+
+    role: Role = Field(description="Which part of the system this stack owns: bootstrap, images or env.")
+    tier: Tier | None = Field(
+        None,
+        description="Safety tier of an env stack: dev, staging or prod. prod protects data disks and "
+        "addresses and refuses unsafe settings; staging and prod make policies mandatory.",
+    )
+    name_prefix: ShortName = Field("fleet", description="Prefix of every GCP resource name.")
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, description="Extra labels on every resource that takes labels."
+    )
+    network: NetworkConfig | None = Field(None, description="The stack's VPC (env and images stacks).")
+    nodes: list[NodeGroup] = Field(default_factory=list, description="Node groups (env stacks).")
+    tdx: TdxOverrides = Field(default_factory=TdxOverrides, description="Extend the TDX zone/machine lists.")
+    secrets: dict[SecretName, SecretStr] = Field(
+        default_factory=dict,
+        description="Secret values, referenced by name elsewhere. Set with "
+        "`pulumi config set --secret --path 'dstack-fleet:secrets.NAME'`.",
+    )
+
+
+class StackConfig(BaseModel):
+    """A validated stack configuration."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    stack: str
+    source: str
+    gcp: GcpSettings
+    fleet: FleetConfig
+
+    @property
+    def tier(self) -> str | None:
+        return self.fleet.tier
+
+    @property
+    def is_prod(self) -> bool:
+        return self.fleet.tier == "prod"
+
+    def regions(self) -> list[str]:
+        """Regions the stack runs in: the default region plus every node zone's region."""
+        found = {self.gcp.region}
+        for group in self.fleet.nodes:
+            found.update(tdx.region_of(z.zone if isinstance(z, ZoneEntry) else z) for z in group.zones)
+        return sorted(found)
+
+
+# Top-level keys whose values may be secret (everything else must be plain).
+SECRET_KEYS = {f"{NAMESPACE}:secrets"}
+GCP_KEYS = ("project", "region")
+
+
+def decode_value(value: Any) -> Any:
+    """Config values arrive as the CLI passes them: objects and lists JSON-encoded."""
+    if isinstance(value, str) and value[:1] in ("{", "["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def load(
+    raw: dict[str, Any],
+    *,
+    stack: str,
+    source: str,
+    secret_keys: frozenset[str] | set[str] = frozenset(),
+) -> StackConfig:
+    """Validate a stack's config; raise ``ConfigError`` with every problem found."""
+    problems: list[Problem] = []
+    fleet_raw: dict[str, Any] = {}
+    gcp_raw: dict[str, Any] = {}
+    fleet_keys = known_keys(FleetConfig)
+
+    for key in sorted(raw):
+        namespace, sep, name = key.partition(":")
+        if not sep or not name:
+            problems.append(
+                Problem(source, key, f"config keys are 'namespace:key'; did you mean '{NAMESPACE}:{key}'?")
+            )
+            continue
+        value = decode_value(raw[key])
+        if namespace == NAMESPACE:
+            if name not in fleet_keys:
+                problems.append(Problem(source, key, _unknown_top_level(name, fleet_keys)))
+                continue
+            if key in secret_keys and key not in SECRET_KEYS:
+                problems.append(
+                    Problem(
+                        source,
+                        key,
+                        "is stored as a secret, which would hide it from every plan and diff; keep it "
+                        f"plain and put secret values under {NAMESPACE}:secrets",
+                    )
+                )
+                continue
+            fleet_raw[name] = value
+        elif namespace == "gcp":
+            if name in GCP_KEYS:
+                gcp_raw[name] = value
+            else:
+                close = [k for k in GCP_KEYS if _close(name, k)]
+                if close:
+                    problems.append(
+                        Problem(source, key, f"not a key this program reads; did you mean 'gcp:{close[0]}'?")
+                    )
+        elif _close(namespace, NAMESPACE):
+            problems.append(
+                Problem(source, key, f"unknown namespace {namespace!r}; did you mean '{NAMESPACE}:{name}'?")
+            )
+
+    gcp = fleet = None
+    try:
+        gcp = GcpSettings.model_validate(gcp_raw)
+    except ValidationError as exc:
+        problems += problems_from(exc, root=GcpSettings, source=source, prefix="gcp:")
+    tdx_raw = fleet_raw.get("tdx") if isinstance(fleet_raw.get("tdx"), dict) else {}
+    context = {
+        "extra_zones": [z for z in tdx_raw.get("extraZones", []) if isinstance(z, str)],
+        "extra_machine_types": [m for m in tdx_raw.get("extraMachineTypes", []) if isinstance(m, str)],
+    }
+    try:
+        fleet = FleetConfig.model_validate(fleet_raw, context=context)
+    except ValidationError as exc:
+        problems += problems_from(
+            exc,
+            root=FleetConfig,
+            source=source,
+            prefix=f"{NAMESPACE}:",
+            secret_paths=tuple(SECRET_KEYS),
+        )
+    if problems or gcp is None or fleet is None:
+        raise ConfigError(problems)
+
+    config = StackConfig(stack=stack, source=source, gcp=gcp, fleet=fleet)
+    problems = semantic_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _unknown_top_level(name: str, fleet_keys: list[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, fleet_keys, n=1, cutoff=0.6)
+    if match:
+        return f"unknown key; did you mean '{NAMESPACE}:{match[0]}'?"
+    return f"unknown key; known keys: {', '.join(f'{NAMESPACE}:{k}' for k in sorted(fleet_keys))}"
+
+
+def _close(word: str, target: str) -> bool:
+    import difflib
+
+    return word != target and difflib.SequenceMatcher(None, word.lower(), target.lower()).ratio() >= 0.75
+
+
+def semantic_problems(config: StackConfig) -> list[Problem]:
+    """Checks that span several keys; each problem names the key to change."""
+    from .checks import check_all
+
+    return check_all(config)

@@ -1,0 +1,125 @@
+"""Stand-ins for what only a cloud provider knows, for the offline plan.
+
+``COMPUTED`` lists, per resource type, the outputs the provider computes (ids, self links, emails,
+digests, command output). In a real preview of a new resource they are unknown, and so they are in
+the plan's preview pass; the update pass fills them with deterministic stand-ins so that every
+``apply`` body runs. A type missing from the table is an error, so adding a resource type forces
+a decision about its computed outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+COMPUTE = "https://www.googleapis.com/compute/v1"
+FAKE_PROJECT_NUMBER = "123456789012"
+
+
+class OfflineGap(Exception):
+    """The offline plan has no stand-in for something the program asked for."""
+
+
+@dataclass(frozen=True)
+class Context:
+    project: str
+    stack: str
+    type: str
+    name: str
+    urn: str
+    inputs: dict[str, Any]
+
+    @property
+    def gcp_name(self) -> str:
+        name = self.inputs.get("name")
+        return name if isinstance(name, str) else self.name
+
+    @property
+    def project_id(self) -> str:
+        project = self.inputs.get("project")
+        return project if isinstance(project, str) else self.project
+
+    def digest(self, salt: str = "") -> str:
+        return hashlib.sha256(f"{self.urn}|{salt}".encode()).hexdigest()
+
+    def number(self, salt: str = "") -> str:
+        return str(int(self.digest(salt)[:15], 16))
+
+
+def _self_link(scope: str, collection: str) -> Callable[[Context], dict[str, Any]]:
+    def outputs(ctx: Context) -> dict[str, Any]:
+        where = ctx.inputs.get(scope.rstrip("s")) if scope in ("regions", "zones") else None
+        location = f"{scope}/{where}" if where else "global"
+        link = f"{COMPUTE}/projects/{ctx.project_id}/{location}/{collection}/{ctx.gcp_name}"
+        return {"selfLink": link}
+
+    return outputs
+
+
+def _with(*parts: Callable[[Context], dict[str, Any]]) -> Callable[[Context], dict[str, Any]]:
+    def outputs(ctx: Context) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for part in parts:
+            merged.update(part(ctx))
+        return merged
+
+    return outputs
+
+
+def _fields(**values: Callable[[Context], Any]) -> Callable[[Context], dict[str, Any]]:
+    return lambda ctx: {k: f(ctx) for k, f in values.items()}
+
+
+COMPUTED: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "gcp:compute/network:Network": _with(
+        _self_link("global", "networks"),
+        _fields(networkId=lambda c: c.number(), gatewayIpv4=lambda c: ""),
+    ),
+    "gcp:compute/subnetwork:Subnetwork": _with(
+        _self_link("regions", "subnetworks"),
+        _fields(gatewayAddress=lambda c: _gateway(c.inputs.get("ipCidrRange", "")), subnetworkId=lambda c: c.number()),
+    ),
+    "gcp:compute/router:Router": _self_link("regions", "routers"),
+    "gcp:compute/routerNat:RouterNat": _fields(),
+    "gcp:compute/firewall:Firewall": _self_link("global", "firewalls"),
+}
+
+
+def _gateway(cidr: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.IPv4Network(cidr).network_address + 1)
+    except ValueError:
+        return ""
+
+
+def computed_outputs(ctx: Context) -> dict[str, Any]:
+    fill = COMPUTED.get(ctx.type)
+    if fill is None:
+        raise OfflineGap(
+            f"resource type {ctx.type} has no entry in fleet/offline.py COMPUTED; list the outputs its "
+            "provider computes so the offline plan stays faithful"
+        )
+    return fill(ctx)
+
+
+def resource_id(ctx: Context) -> str:
+    return f"{ctx.gcp_name}-{ctx.digest('id')[:8]}"
+
+
+INVOKES: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
+    "gcp:organizations/getProject:getProject": lambda args, project: {
+        "projectId": args.get("projectId") or project,
+        "number": FAKE_PROJECT_NUMBER,
+        "name": args.get("projectId") or project,
+    },
+}
+
+
+def invoke(token: str, args: dict[str, Any], *, project: str, preview: bool) -> dict[str, Any]:
+    handler = INVOKES.get(token)
+    if handler is None:
+        raise OfflineGap(f"no offline stand-in for invoke {token}; add one to fleet/offline.py INVOKES")
+    return handler(args, project)

@@ -1,0 +1,66 @@
+"""Shared fixtures: the repository root, throw-away copies of the project, stack-file helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAM_FILES = ("Pulumi.yaml", "__main__.py", ".pulumi-version", "images.lock.json")
+
+
+@pytest.fixture(autouse=True)
+def fresh_event_loop():
+    """Every test gets its own event loop (Outputs bind to the loop they were created on)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return ROOT
+
+
+def stack_config(name: str) -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "stacks" / f"Pulumi.{name}.yaml").read_text())["config"]
+
+
+class Project:
+    """A copy of the program's entry files and stacks in a temporary directory; the packages
+    (``fleet``, ``components``) are imported from the repository."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def write_stack(self, name: str, config: dict[str, Any] | None = None, *, text: str | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+        path = self.root / "stacks" / f"Pulumi.{name}.yaml"
+        if text is None:
+            document = {"config": config or {}}
+            document.update(extra or {})
+            text = yaml.safe_dump(document, sort_keys=False)
+        path.write_text(text)
+        return path
+
+    def mutate(self, base: str, name: str, change) -> Path:
+        config = copy.deepcopy(stack_config(base))
+        change(config)
+        return self.write_stack(name, config)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    for name in PROGRAM_FILES:
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "stacks", tmp_path / "stacks")
+    return Project(tmp_path)

@@ -1,0 +1,56 @@
+"""``make golden`` and ``make readme``: regenerate the checked-in generated files.
+
+Tests compare the same functions' output with what is committed, so a stale golden file or README
+section fails the suite with a message naming the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fleet.plan import build_plan
+from fleet.stackfile import available_stacks
+
+from . import readme_gen
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "golden"
+
+
+def golden_files(root: Path = ROOT) -> dict[Path, str]:
+    files: dict[Path, str] = {}
+    for stack in available_stacks(root):
+        plan = build_plan(root, stack)
+        files[GOLDEN / f"{stack}.urns"] = "".join(r.urn + "\n" for r in plan.resources)
+        files[GOLDEN / f"{stack}.plan.json"] = plan.to_json()
+    return files
+
+
+def write(files: dict[Path, str]) -> None:
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path.relative_to(ROOT)}")
+
+
+def main(argv: list[str]) -> int:
+    what = argv[0] if argv else ""
+    if what == "golden":
+        files = golden_files()
+        stale = {p for p in GOLDEN.glob("*") if p not in files and p.name != ".gitkeep"}
+        for path in stale:
+            path.unlink()
+            print(f"removed {path.relative_to(ROOT)}")
+        write(files)
+    elif what == "readme":
+        write({ROOT / "README.md": readme_gen.render(ROOT)})
+    else:
+        print("usage: python -m tests.regenerate golden|readme", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,154 @@
+"""The offline plan of every stack: both passes, JSON shape, byte stability, golden URNs, secrets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import fleet.network
+from fleet.plan import PlanFailed, build_plan, render_markdown, render_text
+from fleet.stackfile import available_stacks
+from fleet.values import UNKNOWN, contains_unknown
+
+from .conftest import ROOT
+from .regenerate import golden_files
+
+STACKS = available_stacks(ROOT)
+
+
+@pytest.fixture(scope="module")
+def plans():
+    return {stack: build_plan(ROOT, stack) for stack in STACKS}
+
+
+def test_shipped_stacks(plans):
+    assert {"dev", "staging", "prod", "images"} <= set(plans)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_plan_json_shape(plans, stack):
+    document = json.loads(plans[stack].to_json())
+    assert document["project"] == "dstack-fleet" and document["stack"] == stack
+    assert {"resources", "outputs", "measurements", "violations"} <= set(document)
+    assert document["resources"], "every stack plans at least its network"
+    for r in document["resources"]:
+        assert set(r) == {"urn", "type", "name", "parent", "custom", "inputs", "dependencies", "options"}
+        assert set(r["options"]) >= {"protect", "retainOnDelete", "deleteBeforeReplace", "ignoreChanges",
+                                     "replaceOnChanges"}
+        assert r["urn"].startswith(f"urn:pulumi:{stack}::dstack-fleet::")
+        assert r["urn"].endswith("::" + r["name"])
+    urns = [r["urn"] for r in document["resources"]]
+    assert urns == sorted(urns) and len(set(urns)) == len(urns)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_plan_json_is_byte_identical_across_runs(plans, stack):
+    assert build_plan(ROOT, stack).to_json() == plans[stack].to_json()
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_update_pass_resolves_every_computed_input(plans, stack):
+    """Every value unknown in the preview pass has a stand-in in the update pass, so no input and
+    no dependency edge is silently dropped (a mock that returned nothing would drop them)."""
+    plan = plans[stack]
+    update = plan.update_run.by_urn()
+    assert set(update) == {r.urn for r in plan.resources}
+    for r in plan.resources:
+        u = update[r.urn]
+        assert not contains_unknown(u.inputs), r.urn
+        assert _paths(u.inputs) >= _paths(r.inputs), r.urn
+        assert u.dependencies == r.dependencies, r.urn
+    assert not contains_unknown(plan.update_run.outputs)
+
+
+def _paths(value, prefix=""):
+    out = set()
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out.add(f"{prefix}.{k}")
+            out |= _paths(v, f"{prefix}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out |= _paths(v, f"{prefix}[{i}]")
+    return out
+
+
+def test_preview_pass_keeps_provider_values_unknown(plans):
+    network = next(r for r in plans["dev"].resources if r.type == "gcp:compute/subnetwork:Subnetwork")
+    assert network.inputs["network"] is UNKNOWN
+    assert plans["dev"].outputs["network"] is UNKNOWN
+
+
+def test_seeded_exception_inside_a_component_apply_fails_the_plan(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("seeded failure in describe_subnets")
+
+    monkeypatch.setattr(fleet.network, "describe_subnets", broken)
+    monkeypatch.setattr("components.network.describe_subnets", broken, raising=False)
+    with pytest.raises(PlanFailed) as info:
+        build_plan(ROOT, "dev")
+    assert info.value.phase == "update"
+    assert "seeded failure in describe_subnets" in str(info.value)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_golden_files_are_current(stack):
+    files = {path.name: text for path, text in golden_files(ROOT).items()}
+    for name in (f"{stack}.urns", f"{stack}.plan.json"):
+        committed = (ROOT / "tests" / "golden" / name)
+        assert committed.exists(), f"tests/golden/{name} is missing: run `make golden`"
+        assert committed.read_text() == files[name], (
+            f"tests/golden/{name} is stale: a change renamed, added or removed resources or changed "
+            "their inputs. Review the difference and run `make golden`.")
+
+
+def test_canary_secret_never_appears_in_plan_text_or_json():
+    canary = "canary-5b8f0e2d-must-not-leak"
+    plan = build_plan(ROOT, "prod", secret_overrides={"dstack-fleet:secrets": {"canaryToken": canary}})
+    assert canary not in plan.to_json()
+    assert canary not in render_text(plan)
+    assert canary not in render_markdown(plan)
+    assert canary not in repr([w for w in plan.warnings])
+
+
+def test_text_output_shows_the_tree_counts_and_outputs(plans):
+    text = render_text(plans["dev"])
+    assert "└─ network  (dstack-fleet:network:Network)" in text
+    assert "   ├─ fw-deny-all-ingress  (gcp:compute/firewall:Firewall)" in text
+    assert "Counts by type:" in text and "gcp:compute/subnetwork:Subnetwork" in text
+    assert '"network": "<computed>"' in text
+
+
+def test_markdown_output(plans):
+    md = render_markdown(plans["prod"])
+    assert md.startswith("## dstack-fleet plan: `prod`")
+    assert "| `gcp:compute/network:Network` | 1 |" in md
+
+
+def test_make_plan_dev_prints_the_tree():
+    result = subprocess.run(["make", "-s", "plan", "STACK=dev", "PY_DEPS=", f"PY={sys.executable}"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "dstack-fleet plan: stack dev" in result.stdout
+    assert "(dstack-fleet:network:Network)" in result.stdout
+
+
+def test_make_plan_prod_writes_json(tmp_path):
+    out = tmp_path / "prod.json"
+    result = subprocess.run(["make", "-s", "plan", "STACK=prod", f"PLAN_JSON={out}", "PY_DEPS=",
+                             f"PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    assert {"project", "stack", "resources", "outputs", "measurements", "violations"} <= set(document)
+    assert document["stack"] == "prod"
+
+
+def test_make_plan_unknown_stack_exits_2():
+    result = subprocess.run(["make", "-s", "plan", "STACK=nosuchstack", "PY_DEPS=", f"PY={sys.executable}"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "stacks/Pulumi.nosuchstack.yaml: no such stack file" in result.stderr
+    assert "Traceback" not in result.stderr
