@@ -68,6 +68,10 @@ preview: $(PY_DEPS)
 up: $(PY_DEPS)
 	$(PY) -m fleet deploy up --stack $(STACK)
 
+# Record the images stack's build outputs in images.lock.json (OUTPUTS=file.json works offline).
+lock: $(PY_DEPS)
+	$(PY) -m fleet lock $(if $(OUTPUTS),--outputs $(OUTPUTS))
+
 # Re-resolve and hash-lock the requirements (needs network access to PyPI).
 lock-deps:
 	$(PYTHON) -m venv /tmp/dstack-fleet-piptools && /tmp/dstack-fleet-piptools/bin/pip install --quiet pip-tools==7.6.2

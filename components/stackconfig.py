@@ -14,7 +14,11 @@ from typing import Any
 import pulumi
 from pulumi.runtime import config as runtime_config
 
+from pathlib import Path
+
+from fleet import lock
 from fleet.config import StackConfig, load
+from fleet.lock import LockFile
 from fleet.problems import ConfigError
 
 
@@ -35,6 +39,13 @@ def load_stack_config() -> StackConfig:
         return load(values, stack=stack, source=source, secret_keys=secret_keys)
     except ConfigError as exc:
         raise pulumi.RunError("invalid configuration:\n" + "\n".join(exc.lines())) from None
+
+
+def load_lock(root: Path) -> LockFile:
+    try:
+        return lock.load(root)
+    except ConfigError as exc:
+        raise pulumi.RunError("invalid lock file:\n" + "\n".join(exc.lines())) from None
 
 
 def secret(config: StackConfig, name: str) -> pulumi.Output[str]:

@@ -17,7 +17,7 @@ NS = "dstack-fleet:"
 
 def check_all(config: "StackConfig") -> list[Problem]:
     problems: list[Problem] = []
-    for check in (_role, _network, _node_groups, _address_blocks):
+    for check in (_role, _network, _node_groups, _address_blocks, _images):
         problems.extend(check(config))
     return problems
 
@@ -167,4 +167,34 @@ def _address_blocks(config: "StackConfig") -> list[Problem]:
                 )
                 break
             claimed[(region, x)] = group.name
+    return out
+
+
+# Which image origins each node kind can boot.
+_RECIPES_FOR_KIND = {"overlay": "tplus-overlay", "dstack": "dstack-os"}
+
+
+def _images(config: "StackConfig") -> list[Problem]:
+    out = []
+    images = config.fleet.images
+    if config.fleet.role != "env" and images:
+        out.append(_p(config, "images", f"only env stacks declare image versions (this stack's role is "
+                      f"{config.fleet.role!r}); the images stack builds what env stacks declare"))
+    for i, group in enumerate(config.fleet.nodes):
+        refs = [(f"nodes[{i}].image", group.image)] + [
+            (f"nodes[{i}].imageOverrides.{n}", key) for n, key in sorted(group.image_overrides.items())]
+        for path, key in refs:
+            source = images.get(key)
+            if source is None:
+                out.append(_p(config, path, f"no image {key!r} in dstack-fleet:images; declared: "
+                              f"{', '.join(sorted(images)) or '(none)'}"))
+                continue
+            wanted = _RECIPES_FOR_KIND[group.kind]
+            if source.build is not None and source.build.recipe != wanted:
+                out.append(_p(config, path, f"image {key!r} is built by recipe {source.build.recipe!r}, but "
+                              f"{group.kind} nodes boot {wanted!r} images"))
+        for n in group.image_overrides:
+            if not 0 <= n < group.count or n in group.retired:
+                out.append(_p(config, f"nodes[{i}].imageOverrides.{n}",
+                              f"ordinal {n} is not a node of the group (count {group.count})"))
     return out

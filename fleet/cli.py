@@ -56,6 +56,45 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return EXIT_INPUT
 
 
+def cmd_lock(args: argparse.Namespace) -> int:
+    import json
+    import subprocess
+
+    from . import lock
+    from .deploy import DeployRefused, backend_url, check_cli
+
+    root = _root(args)
+    try:
+        current = lock.load(root)
+        if args.outputs:
+            outputs = json.loads(Path(args.outputs).read_text(encoding="utf-8"))
+        else:
+            env = dict(os.environ)
+            exe = check_cli(root, env)
+            env["PULUMI_BACKEND_URL"] = backend_url(root, args.stack, "images", None, env)
+            result = subprocess.run([exe, "--cwd", str(root), "stack", "output", "--json", "--stack", args.stack],
+                                    env=env, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                print(f"error: pulumi stack output failed: {result.stderr.strip()}", file=sys.stderr)
+                return EXIT_INPUT
+            outputs = json.loads(result.stdout)
+        merged, changes = lock.merge(current, outputs, replace=args.replace)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return EXIT_INPUT
+    except (json.JSONDecodeError, OSError) as exc:
+        print(f"error: cannot read the images stack outputs: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except (DeployRefused, lock.LockConflict) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    lock.write(root, merged)
+    for line in changes or ["images.lock.json is up to date"]:
+        print(line)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fleet", description=__doc__)
     parser.add_argument("--root", help="project root (default: this checkout)")
@@ -67,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     plan.add_argument("--format", choices=("text", "markdown"), default="text")
     plan.set_defaults(func=cmd_plan)
+
+    lock_cmd = sub.add_parser("lock", help="record the images stack's build outputs in images.lock.json")
+    lock_cmd.add_argument("--outputs", metavar="FILE",
+                          help="the images stack's outputs as JSON (offline); default: pulumi stack output")
+    lock_cmd.add_argument("--stack", default="images")
+    lock_cmd.add_argument("--replace", action="store_true", help="overwrite entries whose values changed")
+    lock_cmd.set_defaults(func=cmd_lock)
 
     deploy = sub.add_parser("deploy", help="run the real Pulumi CLI (make preview / make up)")
     deploy.add_argument("action", choices=("preview", "up"))

@@ -117,6 +117,22 @@ LabelKey = Annotated[str, _pattern(r"[a-z][a-z0-9_-]{0,62}", "a GCP label key")]
 LabelValue = Annotated[str, _pattern(r"[a-z0-9_-]{0,63}", "a GCP label value")]
 SecretName = Annotated[str, _pattern(r"[A-Za-z][A-Za-z0-9_]{0,63}", "a secret name (letters, digits, '_')")]
 
+Sha256Hex = Annotated[str, _pattern(r"[0-9a-f]{64}", "a sha256 (64 lowercase hex digits)")]
+CommitSha = Annotated[
+    str, _pattern(r"[0-9a-f]{40}", "a full commit SHA (40 lowercase hex digits); branches and tags move")
+]
+ImageKey = Annotated[
+    str,
+    _pattern(r"[a-z]([a-z0-9-]{0,38}[a-z0-9])?", "an image key (1-40 chars: a-z, 0-9, '-', starting with a letter)"),
+]
+GceImageLink = Annotated[
+    str,
+    _pattern(
+        r"(https://www\.googleapis\.com/compute/v1/)?projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/global/images/[a-z]([-a-z0-9]*[a-z0-9])?",
+        "a GCE image self link (projects/P/global/images/NAME); families are not allowed because they move",
+    ),
+]
+
 Role = Literal["bootstrap", "images", "env"]
 Tier = Literal["dev", "staging", "prod"]
 Protocol = Literal["tcp", "udp"]
@@ -209,6 +225,106 @@ class NodeGroup(Model):
     max_unavailable: int = Field(
         1, ge=1, description="At most this many nodes of the group may be replaced or stopped by one change."
     )
+    image: ImageKey = Field(description="Key in dstack-fleet:images of the image the group boots.")
+    image_overrides: dict[int, ImageKey] = Field(
+        default_factory=dict,
+        description="Per-ordinal image for rolling upgrades in waves: pin some ordinals to the current "
+        "version while the rest take the next.",
+    )
+
+
+class ExpectedHashes(Model):
+    """Hashes a prebuilt image is expected to have. GCE cannot report them, so ``fleet verify``
+    checks them against a booted node's attestation."""
+
+    os_image_hash: Sha256Hex | None = Field(None, description="dstack os-image-hash (sha256 of sha256sum.txt).")
+    rootfs_hash: str | None = Field(None, description="dm-verity root hash of the rootfs.")
+    uki_hash: str | None = Field(None, description="Authenticode hash of the UKI.")
+    source: str = Field(description="Where these values come from (release page, build log).")
+
+
+class GuestBinary(Model):
+    """A prebuilt light-client binary (the musl build), verified before use."""
+
+    url: str = Field(description="https:// URL or path (relative to the repository) of the musl build.")
+    sha256: Sha256Hex = Field(description="SHA-256 of the binary; the build stops when it differs.")
+
+
+class GuestSource(Model):
+    """Build the light client from source on the build host (cargo, musl target)."""
+
+    repository: str = Field(pattern=r"^https://[^\s]+$", description="Git repository (https).")
+    commit: CommitSha = Field(description="Commit to build.")
+    workspace: str = Field(description="Cargo workspace directory inside the repository.")
+    binary: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Cargo binary target to build.")
+    features: list[str] = Field(default_factory=list, description="Cargo features (with --no-default-features).")
+
+
+class Guest(Model):
+    """The light client baked into an overlay image: a verified binary or a pinned source build."""
+
+    binary: GuestBinary | None = Field(None, description="A prebuilt binary with its sha256.")
+    source: GuestSource | None = Field(None, description="A source build at a pinned commit.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Guest":
+        if (self.binary is None) == (self.source is None):
+            raise ValueError("set exactly one of 'binary' or 'source'")
+        return self
+
+
+class TplusOverlayBuild(Model):
+    """tpluslabs/meta-dstack on the flashbots Yocto setup, with the light client as the guest."""
+
+    recipe: Literal["tplus-overlay"] = Field(description="Recipe name.")
+    guest: Guest = Field(description="The light client to bake in.")
+
+
+class DstackOsBuild(Model):
+    """The dstack guest OS with GCP (UKI) output, built reproducibly at a pinned commit."""
+
+    recipe: Literal["dstack-os"] = Field(description="Recipe name.")
+    version: str = Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+(\.[a-z0-9]+)?$", description="dstack OS version, e.g. 0.5.11.")
+
+
+class PrebuiltTarball(Model):
+    """An existing disk.raw tarball in GCS, checked against its sha256 before an image is made."""
+
+    url: str = Field(pattern=r"^gs://[a-z0-9][a-z0-9._-]{1,220}/.+\.tar\.gz$", description="gs:// URL of the tarball.")
+    sha256: Sha256Hex = Field(description="SHA-256 of the tarball.")
+    expected: ExpectedHashes | None = Field(None, description="Hashes the image is expected to produce.")
+
+
+class PrebuiltImage(Model):
+    """An existing GCE image, pinned by self link."""
+
+    self_link: GceImageLink = Field(description="projects/P/global/images/NAME of the image.")
+    expected: ExpectedHashes | None = Field(None, description="Hashes the image is expected to produce.")
+
+
+class Prebuilt(Model):
+    tarball: PrebuiltTarball | None = Field(None, description="Make a GCP image from an existing tarball.")
+    image: PrebuiltImage | None = Field(None, description="Use an existing GCE image.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Prebuilt":
+        if (self.tarball is None) == (self.image is None):
+            raise ValueError("set exactly one of 'tarball' or 'image'")
+        return self
+
+
+class ImageSource(Model):
+    """One image version: built by a recipe (hashes from the lock file) or prebuilt."""
+
+    build: Annotated[TplusOverlayBuild | DstackOsBuild, Field(discriminator="recipe")] | None = Field(
+        None, description="Build with a recipe; the images stack builds it, the lock file records its hashes.")
+    prebuilt: Prebuilt | None = Field(None, description="Use something that already exists.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ImageSource":
+        if (self.build is None) == (self.prebuilt is None):
+            raise ValueError("set exactly one of 'build' or 'prebuilt'")
+        return self
 
 
 class TdxOverrides(Model):
@@ -234,6 +350,11 @@ class FleetConfig(Model):
         default_factory=dict, description="Extra labels on every resource that takes labels."
     )
     network: NetworkConfig | None = Field(None, description="The stack's VPC (env and images stacks).")
+    images: dict[ImageKey, ImageSource] = Field(
+        default_factory=dict,
+        description="Image versions by key. A version stays declared while any node uses it; the plan "
+        "lists versions no node uses so they can be removed deliberately.",
+    )
     nodes: list[NodeGroup] = Field(default_factory=list, description="Node groups (env stacks).")
     tdx: TdxOverrides = Field(default_factory=TdxOverrides, description="Extend the TDX zone/machine lists.")
     secrets: dict[SecretName, SecretStr] = Field(

@@ -82,6 +82,16 @@ def invocations(root: Path, command: str, stack: str, env: dict[str, str], extra
     exe = check_cli(root, env)
     run_env = dict(env)
     run_env["PULUMI_BACKEND_URL"] = backend_url(root, stack, config.fleet.role, config.fleet.tier, env)
+    if command == "up" and config.fleet.tier in ("staging", "prod"):
+        from . import images, lock
+        from .naming import Namer
+
+        namer = Namer(prefix=config.fleet.name_prefix, stack=stack, project=config.gcp.project)
+        pending = images.pending_in_use(config, lock.load(root), namer)
+        if pending:
+            raise DeployRefused(
+                f"{stack} refuses pending images {', '.join(pending)}: build them with `make up STACK=images`, "
+                "record them with `make lock`, and commit images.lock.json")
     run_env.setdefault("PULUMI_SKIP_UPDATE_CHECK", "true")
     base = [exe, "--cwd", str(root)]
     calls = [Invocation(base + ["stack", "select", "--create", "--non-interactive", "--stack", stack], run_env)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import runpy
 import sys
 from dataclasses import dataclass, field
@@ -254,8 +255,12 @@ def run_program(
     program: Callable[[], None] | None = None,
     project: str | None = None,
     stack_references: dict[str, dict[str, Any]] | None = None,
+    as_deployment: bool = False,
 ) -> ProgramRun:
-    """Run ``root/__main__.py`` (or ``program``) once under mocks and return what it registered."""
+    """Run ``root/__main__.py`` (or ``program``) once under mocks and return what it registered.
+
+    ``as_deployment`` runs the update pass as a real ``pulumi up`` would, with deploy-time guards on
+    (tests use it to prove the guards); the offline plan leaves it off."""
     project = project or project_name(root)
     mocks = OfflineMocks(project=project, stack=stack, preview=preview, stack_references=stack_references)
     monitor = RecordingMonitor(mocks)
@@ -274,6 +279,12 @@ def run_program(
     added_path = root_str not in sys.path
     if added_path:
         sys.path.insert(0, root_str)
+
+    previous_marker = os.environ.get(offline.OFFLINE_PLAN_ENV)
+    if as_deployment:
+        os.environ.pop(offline.OFFLINE_PLAN_ENV, None)
+    else:
+        os.environ[offline.OFFLINE_PLAN_ENV] = "1"
 
     def body() -> None:
         if program is not None:
@@ -299,6 +310,10 @@ def run_program(
                 sys.path.remove(root_str)
         logger.removeHandler(collect)
         pulumi.runtime.set_all_config({}, [])
+        if previous_marker is None:
+            os.environ.pop(offline.OFFLINE_PLAN_ENV, None)
+        else:
+            os.environ[offline.OFFLINE_PLAN_ENV] = previous_marker
 
     if collect.errors:
         raise ProgramError("; ".join(collect.errors))

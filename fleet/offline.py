@@ -17,6 +17,24 @@ COMPUTE = "https://www.googleapis.com/compute/v1"
 FAKE_PROJECT_NUMBER = "123456789012"
 
 
+# Set while the offline plan runs the program, so deploy-time guards (refusing pending images in a
+# real `pulumi up`) do not stop the plan's update pass, which only exercises apply bodies.
+OFFLINE_PLAN_ENV = "DSTACK_FLEET_OFFLINE_PLAN"
+
+
+def is_offline_plan() -> bool:
+    import os
+
+    return os.environ.get(OFFLINE_PLAN_ENV) == "1"
+
+
+def is_real_update() -> bool:
+    """True in a real `pulumi up` (not a preview, not the offline plan)."""
+    import pulumi
+
+    return not pulumi.runtime.is_dry_run() and not is_offline_plan()
+
+
 class OfflineGap(Exception):
     """The offline plan has no stand-in for something the program asked for."""
 
@@ -83,6 +101,11 @@ COMPUTED: dict[str, Callable[[Context], dict[str, Any]]] = {
     "gcp:compute/router:Router": _self_link("regions", "routers"),
     "gcp:compute/routerNat:RouterNat": _fields(),
     "gcp:compute/firewall:Firewall": _self_link("global", "firewalls"),
+    "gcp:compute/image:Image": _with(
+        _self_link("global", "images"),
+        _fields(archiveSizeBytes=lambda c: 10737418240, labelFingerprint=lambda c: c.digest("labels")[:12]),
+    ),
+    "command:local:Command": _fields(stdout=lambda c: f"offline stand-in output of {c.name}", stderr=lambda c: ""),
 }
 
 

@@ -41,6 +41,37 @@ def _child_annotation(annotation: Any, step: Any) -> Any:
     return None
 
 
+def _union_member(annotation: Any, step: Any) -> Any:
+    """If ``step`` is a discriminated union's tag (pydantic puts it in the error location), the
+    member it selects; else None."""
+    if not isinstance(step, str) or annotation is None:
+        return None
+    models = [c for c in _unwrap(annotation) if isinstance(c, type) and issubclass(c, BaseModel)]
+    if len(models) < 2:
+        return None
+    for model in models:
+        for field in model.model_fields.values():
+            if typing.get_origin(field.annotation) is typing.Literal and step in typing.get_args(field.annotation):
+                return model
+    return None
+
+
+def clean_loc(root: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``loc`` without union tags and pydantic's ``[key]`` markers: only the user's keys."""
+    out = []
+    annotation = root
+    for step in loc:
+        if isinstance(step, str) and (step.startswith("<") or step == "[key]"):
+            continue
+        member = _union_member(annotation, step)
+        if member is not None:
+            annotation = member
+            continue
+        out.append(step)
+        annotation = _child_annotation(annotation, step) if annotation is not None else None
+    return tuple(out)
+
+
 def model_at(root: Any, loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The model class that owns the last step of ``loc`` (for did-you-mean on unknown keys)."""
     annotation = root
@@ -68,8 +99,8 @@ def did_you_mean(word: str, choices: list[str]) -> str:
 def format_path(prefix: str, loc: tuple[Any, ...]) -> str:
     text = prefix
     for step in loc:
-        if isinstance(step, str) and step.startswith("<"):
-            continue  # a union branch tag, not a key
+        if isinstance(step, str) and (step.startswith("<") or step == "[key]"):
+            continue  # a union branch tag or pydantic's marker for an invalid mapping key
         if isinstance(step, int):
             text += f"[{step}]"
         elif text.endswith(":") or not text:
@@ -142,7 +173,8 @@ def problems_from(
 ) -> list[Problem]:
     out = []
     for error in exc.errors(include_url=False):
-        loc = tuple(error["loc"])
+        loc = clean_loc(root, tuple(error["loc"]))
+        error = dict(error, loc=loc)
         path = format_path(prefix, loc)
         secret = any(path == p or path.startswith(p + ".") or path.startswith(p + "[") for p in secret_paths)
         out.append(Problem(source, path, message_for(error, root, secret)))

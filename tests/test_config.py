@@ -77,10 +77,10 @@ BAD_CONFIGS = [
     ("public-cidr", lambda c: c["dstack-fleet:network"]["subnets"].update({"us-central1": "8.8.0.0/20"}),
      "dstack-fleet:network.subnets.us-central1", "is not a private range"),
     ("region-without-subnet", lambda c: _nodes(c).append(
-        {"name": "eu", "kind": "overlay", "count": 1, "zones": ["europe-west4-a"], "addresses": {"offset": 10}}),
+        {"name": "eu", "kind": "overlay", "count": 1, "zones": ["europe-west4-a"], "addresses": {"offset": 10}, "image": "overlay-3eb04ca"}),
      "dstack-fleet:network.subnets.europe-west4", "is missing: region 'europe-west4' is used"),
     ("overlapping-blocks", lambda c: _nodes(c).append(
-        {"name": "second", "kind": "overlay", "count": 2, "zones": ["us-central1-a"], "addresses": {"offset": 11}}),
+        {"name": "second", "kind": "overlay", "count": 2, "zones": ["us-central1-a"], "addresses": {"offset": 11}, "image": "overlay-3eb04ca"}),
      "dstack-fleet:nodes[1].addresses", "overlaps group 'overlay'"),
     ("block-too-big", lambda c: _nodes(c)[0].update(addresses={"offset": 4093}),
      "dstack-fleet:nodes[0].addresses.offset", "does not fit 10.30.0.0/20"),

@@ -73,11 +73,15 @@ def test_make_up_staging_refuses_a_local_backend_url(fake_pulumi):
     assert result.returncode != 0 and "is a local path" in result.stderr
 
 
-def test_make_up_prod_with_a_shared_backend(fake_pulumi):
+def test_up_prod_with_a_shared_backend_and_locked_images(fake_pulumi, project):
+    from .test_images import lock_all
+
     env, log = fake_pulumi
     env["PULUMI_BACKEND_URL"] = "gs://acme-tee-bootstrap-fleet-state"
     env["FLEET_UP_YES"] = "1"
-    result = make("up", "prod", env)
+    lock_all(project, "prod")
+    result = subprocess.run([sys.executable, "-m", "fleet", "--root", str(project.root), "deploy", "up", "--stack",
+                             "prod"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     up = calls(log)[-1]
     assert up["argv"][2:] == ["up", "--stack", "prod", "--diff", "--non-interactive", "--yes"]

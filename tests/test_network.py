@@ -66,7 +66,7 @@ def test_a_second_region_gets_its_own_subnet_and_nat(project):
     def change(c):
         c["dstack-fleet:network"]["subnets"]["europe-west4"] = "10.31.0.0/20"
         c["dstack-fleet:nodes"].append({"name": "eu", "kind": "overlay", "count": 2, "zones": ["europe-west4-a"],
-                                        "addresses": {"offset": 10}})
+                                        "addresses": {"offset": 10}, "image": "overlay-3eb04ca"})
 
     project.mutate("prod", "tworegions", change)
     plan = build_plan(project.root, "tworegions")
