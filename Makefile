@@ -68,6 +68,9 @@ preview: $(PY_DEPS)
 up: $(PY_DEPS)
 	$(PY) -m fleet deploy up --stack $(STACK)
 
+bench: $(PY_DEPS)
+	$(PY) -m fleet bench
+
 # Record the images stack's build outputs in images.lock.json (OUTPUTS=file.json works offline).
 lock: $(PY_DEPS)
 	$(PY) -m fleet lock $(if $(OUTPUTS),--outputs $(OUTPUTS))

@@ -10,8 +10,11 @@ import pulumi
 
 from components.images import GcpImage
 from components.network import Network
+from components.snapshots import SnapshotSchedule
+from components.tdxnode import PENDING_IMAGE, OverlayNode
 from components.stackconfig import load_lock, load_stack_config
 from fleet import images as fleet_images
+from fleet import nodes as fleet_nodes
 from fleet.naming import Namer
 from fleet.offline import is_real_update
 from fleet.network import network_spec, public_ingress
@@ -23,10 +26,12 @@ namer = Namer(prefix=config.fleet.name_prefix, stack=config.stack, project=confi
 
 def env() -> None:
     lock = load_lock(ROOT)
-    network = Network("network", network_spec(config, namer, public_ingress(config, namer)), config.gcp.project)
+    versions = fleet_images.resolve_for_stack(config, lock, namer)
+    fleet = fleet_nodes.plan_fleet(config, namer, versions)
+    network = Network("network", network_spec(config, namer, public_ingress(config, namer) + fleet.ingress),
+                      config.gcp.project)
 
-    versions = fleet_images.resolve(config, lock, namer)
-    pending = fleet_images.pending_in_use(config, lock, namer)
+    pending = fleet_images.pending_in_use(config, lock, namer, versions)
     for key in pending:
         pulumi.log.warn(f"image {key!r} is pending build (input hash {versions[key].content_hash}); "
                         "build it with `make up STACK=images` and record it with `make lock`")
@@ -41,9 +46,34 @@ def env() -> None:
         if version.creates_image and version.logical_name not in gcp_images:
             gcp_images[version.logical_name] = GcpImage(version, config.gcp.project)
 
+    schedules = {
+        region: SnapshotSchedule(region, namer.name(region, "snapshots"), config.gcp.project, namer.labels())
+        for region in sorted({n.snapshot_policy for n in fleet.nodes if n.snapshot_policy})
+    }
+    for spec in fleet.nodes:
+        if spec.image.pending and is_real_update():
+            pulumi.log.warn(f"node {spec.key} waits for image {spec.image_key!r} (pending build); skipped")
+            continue
+        if spec.image.creates_image:
+            boot_image = gcp_images[spec.image.logical_name].self_link
+        else:
+            boot_image = spec.image.existing_self_link or f"{PENDING_IMAGE}: {spec.image_key} ({spec.image.content_hash})"
+        OverlayNode(spec, project=config.gcp.project, subnetwork=network.subnets[spec.identity.region],
+                    boot_image=boot_image,
+                    snapshot_policy=schedules[spec.snapshot_policy].policy if spec.snapshot_policy else None)
+
     pulumi.export("network", network.network.self_link)
     pulumi.export("subnets", network.summary)
     pulumi.export("images", {key: version.summary() for key, version in versions.items()})
+    pulumi.export("nodes", {spec.key: spec.summary() for spec in fleet.nodes})
+    if fleet.overlay is not None and fleet.overlay.delivery == "metadata":
+        pulumi.log.warn("overlay peer delivery 'metadata' is UNSAFE: peers come from host-controlled, unmeasured "
+                        "instance metadata and the overlay does not check peer measurements; use 'baked' for "
+                        "anything that matters (prod refuses metadata)")
+    if fleet.overlay is not None:
+        pulumi.export("overlay", {"topology": fleet.overlay.topology, "delivery": fleet.overlay.delivery,
+                                  "interface": fleet.overlay.interface, "genesis": fleet.overlay.genesis,
+                                  "port": fleet.overlay.port, "unsafe": fleet.overlay.delivery == "metadata"})
 
 
 def images() -> None:

@@ -17,7 +17,7 @@ NS = "dstack-fleet:"
 
 def check_all(config: "StackConfig") -> list[Problem]:
     problems: list[Problem] = []
-    for check in (_role, _network, _node_groups, _address_blocks, _images):
+    for check in (_role, _network, _node_groups, _address_blocks, _images, _overlay):
         problems.extend(check(config))
     return problems
 
@@ -197,4 +197,62 @@ def _images(config: "StackConfig") -> list[Problem]:
             if not 0 <= n < group.count or n in group.retired:
                 out.append(_p(config, f"nodes[{i}].imageOverrides.{n}",
                               f"ordinal {n} is not a node of the group (count {group.count})"))
+    return out
+
+
+def _overlay(config: "StackConfig") -> list[Problem]:
+    from .config import OverlayConfig
+    from .identity import ordinals
+    from .topology import peer_keys
+
+    keys = [f"{g.name}-{n}" for g in config.fleet.nodes if g.kind == "overlay" for n in ordinals(g)]
+    overlay = config.fleet.overlay
+    if not keys:
+        if overlay is not None:
+            return [_p(config, "overlay", "is set, but no node group has kind overlay")]
+        return []
+    overlay = overlay or OverlayConfig()
+    out = []
+    if overlay.interface == "setup" and not overlay.execution_rpc:
+        out.append(_p(config, "overlay.executionRpc", "is required by the setup interface (the light client "
+                      "asks for it in POST /setup); give the execution RPC URL"))
+    if overlay.interface == "setup" and overlay.setup_port == overlay.port:
+        out.append(_p(config, "overlay.setupPort", f"equals the overlay port {overlay.port}; choose another port"))
+    if overlay.delivery == "metadata" and config.fleet.tier == "prod":
+        out.append(_p(config, "overlay.delivery", "metadata delivery is refused in prod: instance metadata is "
+                      "host-controlled and unmeasured, and the overlay does not check peer measurements, so the "
+                      "host could introduce a hostile peer; use baked"))
+    known = set(keys)
+    if overlay.genesis is not None and overlay.genesis not in known:
+        out.append(_p(config, "overlay.genesis", f"{overlay.genesis!r} is not an overlay node; nodes: "
+                      f"{', '.join(keys)}"))
+    if overlay.topology != "explicit" and overlay.peers:
+        out.append(_p(config, "overlay.peers", f"is only used by the explicit topology (topology is "
+                      f"{overlay.topology!r})"))
+    if overlay.topology == "explicit":
+        bad = False
+        for key, peers in sorted(overlay.peers.items()):
+            if key not in known:
+                out.append(_p(config, f"overlay.peers.{key}", f"{key!r} is not an overlay node; nodes: {', '.join(keys)}"))
+                bad = True
+            for i, peer in enumerate(peers):
+                if peer not in known:
+                    out.append(_p(config, f"overlay.peers.{key}[{i}]", f"{peer!r} is not an overlay node; nodes: "
+                                  f"{', '.join(keys)}"))
+                    bad = True
+                elif peer == key:
+                    out.append(_p(config, f"overlay.peers.{key}[{i}]", "a node cannot peer with itself"))
+                    bad = True
+        genesis = overlay.genesis or keys[0]
+        if not bad and genesis in known:
+            from .topology import OverlayPlan, Member, reachable_from_genesis
+
+            plan = OverlayPlan(port=overlay.port, protocol=overlay.protocol, topology="explicit", delivery="",
+                               interface="", setup_port=0, execution_rpc=None, genesis=genesis,
+                               members=tuple(Member(k, "") for k in keys),
+                               peers=peer_keys("explicit", keys, genesis, overlay.peers))
+            stranded = [k for k in keys if k not in reachable_from_genesis(plan)]
+            if stranded:
+                out.append(_p(config, "overlay.peers", f"{', '.join(stranded)} cannot reach the genesis node "
+                              f"{genesis!r} through peer links; give them a path to it"))
     return out

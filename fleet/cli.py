@@ -95,6 +95,17 @@ def cmd_lock(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from . import bench
+
+    if args.one:
+        print(json.dumps(bench.measure_one(args.one, _root(args))))
+        return EXIT_OK
+    return bench.run(_root(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fleet", description=__doc__)
     parser.add_argument("--root", help="project root (default: this checkout)")
@@ -113,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     lock_cmd.add_argument("--stack", default="images")
     lock_cmd.add_argument("--replace", action="store_true", help="overwrite entries whose values changed")
     lock_cmd.set_defaults(func=cmd_lock)
+
+    bench = sub.add_parser("bench", help="plan time, peak memory and graph depth for 10, 100, 1000 nodes")
+    bench.add_argument("--one", type=int, metavar="NODES", help=argparse.SUPPRESS)
+    bench.set_defaults(func=cmd_bench)
 
     deploy = sub.add_parser("deploy", help="run the real Pulumi CLI (make preview / make up)")
     deploy.add_argument("action", choices=("preview", "up"))

@@ -226,6 +226,7 @@ class NodeGroup(Model):
         1, ge=1, description="At most this many nodes of the group may be replaced or stopped by one change."
     )
     image: ImageKey = Field(description="Key in dstack-fleet:images of the image the group boots.")
+    external_ip: bool = Field(False, description="Give each node a static external address (off: egress via NAT only).")
     image_overrides: dict[int, ImageKey] = Field(
         default_factory=dict,
         description="Per-ordinal image for rolling upgrades in waves: pin some ordinals to the current "
@@ -327,6 +328,34 @@ class ImageSource(Model):
         return self
 
 
+NodeKey = Annotated[str, _pattern(r"[a-z]([a-z0-9-]{0,18}[a-z0-9])?-[0-9]+", "a node key '<group>-<ordinal>'")]
+
+
+class OverlayConfig(Model):
+    """The overlay the stack's ``kind: overlay`` nodes form (the tplus light client)."""
+
+    port: Port = Field(5000, description="Overlay port every node listens on.")
+    protocol: Protocol = Field("udp", description="udp for the QUIC overlay (the default build), tcp otherwise.")
+    topology: Literal["mesh", "ring", "star", "explicit"] = Field(
+        "mesh", description="Who peers with whom. Every peer list is known at plan time.")
+    peers: dict[NodeKey, list[NodeKey]] = Field(
+        default_factory=dict, description="explicit topology: each node's peers by node key.")
+    genesis: NodeKey | None = Field(
+        None, description="The one node that founds the overlay (starts without peers, and only while its data "
+        "disk has never recorded a founding). Default: the first node of the first overlay group.")
+    delivery: Literal["baked", "metadata"] = Field(
+        "baked", description="baked: the full member table is in the measured image; metadata: peers come from "
+        "instance metadata at boot, which the host controls (unsafe; refused in prod).")
+    interface: Literal["argv", "setup"] = Field(
+        "setup", description="How the light client takes its peers: argv (`guest <port> [ip:port ...]`, older "
+        "builds) or setup (one-time POST /setup on the loopback port, current builds).")
+    setup_port: Port = Field(40080, description="Loopback port of the setup endpoint; never opened to the network.")
+    execution_rpc: str | None = Field(
+        None, pattern=r"^https?://[^\s'\"]+$",
+        description="Ethereum execution RPC URL for the setup interface. It ends up in the image or metadata, so "
+        "never put an API key in it.")
+
+
 class TdxOverrides(Model):
     """Additions to the built-in TDX zone and machine-type lists (see fleet/tdx.py for their source)."""
 
@@ -356,6 +385,9 @@ class FleetConfig(Model):
         "lists versions no node uses so they can be removed deliberately.",
     )
     nodes: list[NodeGroup] = Field(default_factory=list, description="Node groups (env stacks).")
+    overlay: OverlayConfig | None = Field(None, description="The overlay of the stack's overlay nodes.")
+    snapshots: bool | None = Field(
+        None, description="Daily snapshots of data disks (default: on in prod, off elsewhere).")
     tdx: TdxOverrides = Field(default_factory=TdxOverrides, description="Extend the TDX zone/machine lists.")
     secrets: dict[SecretName, SecretStr] = Field(
         default_factory=dict,

@@ -186,8 +186,17 @@ def unused_versions(config: StackConfig) -> list[str]:
     return sorted(k for k in config.fleet.images if k not in users)
 
 
-def pending_in_use(config: StackConfig, lock: LockFile, namer: Namer) -> list[str]:
+def resolve_for_stack(config: StackConfig, lock: LockFile, namer: Namer) -> dict[str, ImageVersion]:
+    """``resolve`` with the inputs the stack itself adds to builds (an overlay's init script)."""
+    from .nodes import derived_image_inputs
+
+    return resolve(config, lock, namer, derived_image_inputs(config, namer))
+
+
+def pending_in_use(config: StackConfig, lock: LockFile, namer: Namer,
+                   versions: dict[str, ImageVersion] | None = None) -> list[str]:
     """Image keys some node boots whose build the lock file does not hold."""
-    versions = resolve(config, lock, namer)
+    if versions is None:
+        versions = resolve_for_stack(config, lock, namer)
     users = used_keys(config)
     return sorted(k for k, v in versions.items() if v.pending and k in users)

@@ -156,7 +156,7 @@ def public_ingress(config: StackConfig, namer: Namer) -> list[Ingress]:
 
 def group_tag(namer: Namer, group: str) -> str:
     """The network tag every instance of a node group carries (firewall targets and sources)."""
-    return namer.name(group)
+    return namer.name("grp", group)
 
 
 def describe_subnets(spec: NetworkSpec, self_links: list[str], gateways: list[str]) -> dict[str, dict[str, str]]:

@@ -105,8 +105,29 @@ COMPUTED: dict[str, Callable[[Context], dict[str, Any]]] = {
         _self_link("global", "images"),
         _fields(archiveSizeBytes=lambda c: 10737418240, labelFingerprint=lambda c: c.digest("labels")[:12]),
     ),
+    "gcp:compute/address:Address": _with(
+        _self_link("regions", "addresses"),
+        # an internal address is the one we asked for; an external one is assigned by GCP
+        _fields(address=lambda c: c.inputs.get("address") or _fake_public_ip(c)),
+    ),
+    "gcp:compute/disk:Disk": _with(
+        _self_link("zones", "disks"),
+        _fields(diskId=lambda c: c.number(), labelFingerprint=lambda c: c.digest("labels")[:12]),
+    ),
+    "gcp:compute/instance:Instance": _with(
+        _self_link("zones", "instances"),
+        _fields(instanceId=lambda c: c.number(), cpuPlatform=lambda c: "Intel Sapphire Rapids",
+                currentStatus=lambda c: "RUNNING", labelFingerprint=lambda c: c.digest("labels")[:12]),
+    ),
+    "gcp:compute/resourcePolicy:ResourcePolicy": _self_link("regions", "resourcePolicies"),
+    "gcp:compute/diskResourcePolicyAttachment:DiskResourcePolicyAttachment": _fields(),
     "command:local:Command": _fields(stdout=lambda c: f"offline stand-in output of {c.name}", stderr=lambda c: ""),
 }
+
+
+def _fake_public_ip(ctx: Context) -> str:
+    """A documentation-range address (RFC 5737), so a stand-in can never be mistaken for a real one."""
+    return f"203.0.113.{int(ctx.digest('ip')[:2], 16) % 254 + 1}"
 
 
 def _gateway(cidr: str) -> str:

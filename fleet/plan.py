@@ -58,6 +58,7 @@ def resource_json(r: Registration) -> dict[str, Any]:
         "custom": r.custom,
         "inputs": display(r.inputs),
         "dependencies": r.dependencies,
+        "propertyDependencies": r.property_dependencies,
         "options": {k: r.options[k] for k in ("protect", "retainOnDelete", "deleteBeforeReplace",
                                               "ignoreChanges", "replaceOnChanges")}
         | ({"import": r.options["import"]} if r.options.get("import") else {}),

@@ -32,7 +32,7 @@ def built_entry(input_hash: str, recipe: str = "tplus-overlay", generation="1712
 def input_hashes(root: Path, stack: str) -> dict[str, str]:
     _, config = load_config(root, stack)
     namer = Namer(config.fleet.name_prefix, stack, config.gcp.project)
-    return {k: v.content_hash for k, v in fleet_images.resolve(config, fleet_lock.load(root), namer).items()}
+    return {k: v.content_hash for k, v in fleet_images.resolve_for_stack(config, fleet_lock.load(root), namer).items()}
 
 
 def lock_all(project, stack: str) -> None:

@@ -44,7 +44,7 @@ def test_public_ingress_only_for_declared_ports():
     config = _config(raw)
     rules = public_ingress(config, Namer("fleet", "prod", config.gcp.project))
     assert [(r.ports, r.source_ranges, r.target_tags) for r in rules] == [
-        ((443,), ("0.0.0.0/0",), ("fleet-prod-overlay",))]
+        ((443,), ("0.0.0.0/0",), ("fleet-prod-grp-overlay",))]
 
 
 def test_one_subnet_router_and_nat_per_region_in_the_plan():

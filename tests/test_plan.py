@@ -35,7 +35,8 @@ def test_plan_json_shape(plans, stack):
     assert {"resources", "outputs", "measurements", "violations"} <= set(document)
     assert document["resources"], "every stack plans at least its network"
     for r in document["resources"]:
-        assert set(r) == {"urn", "type", "name", "parent", "custom", "inputs", "dependencies", "options"}
+        assert set(r) == {"urn", "type", "name", "parent", "custom", "inputs", "dependencies",
+                          "propertyDependencies", "options"}
         assert set(r["options"]) >= {"protect", "retainOnDelete", "deleteBeforeReplace", "ignoreChanges",
                                      "replaceOnChanges"}
         assert r["urn"].startswith(f"urn:pulumi:{stack}::dstack-fleet::")
@@ -116,8 +117,8 @@ def test_canary_secret_never_appears_in_plan_text_or_json():
 
 def test_text_output_shows_the_tree_counts_and_outputs(plans):
     text = render_text(plans["dev"])
-    assert "└─ network  (dstack-fleet:network:Network)" in text
-    assert "   ├─ fw-deny-all-ingress  (gcp:compute/firewall:Firewall)" in text
+    assert "├─ network  (dstack-fleet:network:Network)" in text
+    assert "│  ├─ fw-deny-all-ingress  (gcp:compute/firewall:Firewall)" in text
     assert "Counts by type:" in text and "gcp:compute/subnetwork:Subnetwork" in text
     assert '"network": "<computed>"' in text
 
