@@ -121,8 +121,29 @@ COMPUTED: dict[str, Callable[[Context], dict[str, Any]]] = {
     ),
     "gcp:compute/resourcePolicy:ResourcePolicy": _self_link("regions", "resourcePolicies"),
     "gcp:compute/diskResourcePolicyAttachment:DiskResourcePolicyAttachment": _fields(),
-    "command:local:Command": _fields(stdout=lambda c: f"offline stand-in output of {c.name}", stderr=lambda c: ""),
+    "command:local:Command": lambda c: {"stdout": command_stdout(c), "stderr": ""},
 }
+
+# Generated command scripts name their step on a line `# dstack-fleet:step=<name>`; a step whose
+# output the program parses registers a stand-in here that produces output of the same shape.
+STEP_MARK = "# dstack-fleet:step="
+COMMAND_STEPS: dict[str, Callable[[Context], str]] = {}
+
+
+def command_step(script: object) -> str | None:
+    if not isinstance(script, str):
+        return None
+    for line in script.splitlines():
+        if line.startswith(STEP_MARK):
+            return line[len(STEP_MARK):].strip()
+    return None
+
+
+def command_stdout(ctx: Context) -> str:
+    step = command_step(ctx.inputs.get("create"))
+    if step in COMMAND_STEPS:
+        return COMMAND_STEPS[step](ctx)
+    return f"offline stand-in output of {ctx.name}"
 
 
 def _fake_public_ip(ctx: Context) -> str:
