@@ -6,6 +6,7 @@ import pulumi
 import pulumi_command as command
 import pulumi_gcp as gcp
 
+from components.adopt import options
 from fleet.images import GUEST_OS_FEATURES, ImageVersion, integrity_script
 
 
@@ -33,8 +34,8 @@ class GcpImage(pulumi.ComponentResource):
             raw_disk={"source": version.raw_disk_source},
             guest_os_features=[{"type": feature} for feature in GUEST_OS_FEATURES],
             labels=version.labels,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[check], custom_timeouts=pulumi.CustomTimeouts(
-                create="60m", delete="30m")),
+            opts=options(version.logical_name, parent=self, depends_on=[check],
+                         custom_timeouts=pulumi.CustomTimeouts(create="60m", delete="30m")),
         )
         self.self_link = self.image.self_link
         self.register_outputs({"selfLink": self.image.self_link})

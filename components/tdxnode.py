@@ -10,6 +10,7 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
+from components.adopt import options
 from fleet.nodes import DATA_DEVICE_NAME, DISK_TYPE, BOOT_DISK_GB, NodeSpec
 
 PENDING_IMAGE = "pending build"
@@ -27,8 +28,7 @@ class TdxNode(pulumi.ComponentResource):
                  extra_disks: list[dict] | None = None, opts: pulumi.ResourceOptions | None = None):
         super().__init__(type_token, spec.key, {"group": spec.identity.group, "ordinal": spec.identity.ordinal,
                                                 "maxUnavailable": spec.max_unavailable}, opts)
-        keep = pulumi.ResourceOptions(parent=self, protect=spec.protect_data or None,
-                                      retain_on_delete=spec.protect_data or None)
+        keep = dict(parent=self, protect=spec.protect_data or None, retain_on_delete=spec.protect_data or None)
         deletion_policy = "PREVENT" if spec.protect_data else None
         identity = spec.identity
 
@@ -44,7 +44,7 @@ class TdxNode(pulumi.ComponentResource):
             description=f"Internal address of node {spec.key}",
             labels=spec.labels,
             deletion_policy=deletion_policy,
-            opts=keep,
+            opts=options(f"{spec.key}-address", **keep),
         )
         external = None
         if spec.external_address_name:
@@ -57,7 +57,7 @@ class TdxNode(pulumi.ComponentResource):
                 description=f"External address of node {spec.key}",
                 labels=spec.labels,
                 deletion_policy=deletion_policy,
-                opts=keep,
+                opts=options(f"{spec.key}-external", **keep),
             )
         self.data_disk = gcp.compute.Disk(
             f"{spec.key}-data",
@@ -69,7 +69,7 @@ class TdxNode(pulumi.ComponentResource):
             description=f"Data disk of node {spec.key}; survives instance replacement",
             labels=spec.labels,
             deletion_policy=deletion_policy,
-            opts=keep,
+            opts=options(f"{spec.key}-data", **keep),
         )
         if snapshot_policy is not None:
             gcp.compute.DiskResourcePolicyAttachment(
@@ -110,7 +110,7 @@ class TdxNode(pulumi.ComponentResource):
             labels=spec.labels,
             allow_stopping_for_update=True,
             deletion_protection=False,
-            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True, replace_on_changes=(
+            opts=options(spec.key, parent=self, delete_before_replace=True, replace_on_changes=(
                 ["metadata"] if spec.delivery == "metadata" else None)),
         )
         self.register_outputs({"name": self.instance.name, "address": self.address.address})

@@ -39,7 +39,29 @@ def _role(config: "StackConfig") -> list[Problem]:
             out.append(_p(config, "tier", f"only env stacks have a tier (this stack's role is {fleet.role!r})"))
         if fleet.nodes:
             out.append(_p(config, "nodes", f"only env stacks declare nodes (this stack's role is {fleet.role!r})"))
+    bootstrap_only = ("environments", "images_project", "github", "registry")
+    if fleet.role == "bootstrap":
+        for key, hint in (("environments", "map each env stack to its project"),
+                          ("images_project", "the project of the images stack"),
+                          ("github", "the repository CI runs from, with its numeric ids")):
+            if not getattr(fleet, key):
+                out.append(_p(config, _camel(key), f"is required for the bootstrap stack: {hint}"))
+        if fleet.bootstrap is not None:
+            out.append(_p(config, "bootstrap", "is for env and images stacks; the bootstrap stack is itself"))
+    else:
+        for key in bootstrap_only:
+            if key in fleet.model_fields_set:
+                out.append(_p(config, _camel(key), f"only the bootstrap stack sets this (this stack's role is "
+                              f"{fleet.role!r})"))
+        if fleet.bootstrap is None:
+            out.append(_p(config, "bootstrap", "is required: the bootstrap project whose registry, buckets and "
+                          "keys this stack uses, e.g. {project: acme-tee-ops}"))
     return out
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
 def _network(config: "StackConfig") -> list[Problem]:

@@ -356,6 +356,37 @@ class OverlayConfig(Model):
         "never put an API key in it.")
 
 
+class BootstrapRef(Model):
+    """Where the bootstrap stack's shared resources live (the registry, buckets, KMS keys)."""
+
+    project: ProjectId = Field(description="The bootstrap stack's GCP project.")
+    region: Region | None = Field(None, description="Its region (default: this stack's gcp:region).")
+
+
+class EnvironmentRef(Model):
+    project: ProjectId = Field(description="GCP project of the env stack of this name.")
+
+
+class GithubConfig(Model):
+    """The repository whose workflows may act as the CI identities (Workload Identity Federation)."""
+
+    repository: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", description="owner/name, for humans.")
+    repository_id: str = Field(pattern=r"^[0-9]+$", description="The repository's immutable numeric id "
+                               "(gh api repos/OWNER/NAME --jq .id); names can be renamed and re-registered.")
+    owner_id: str = Field(pattern=r"^[0-9]+$", description="The owner's immutable numeric id (… --jq .owner.id).")
+    branches: list[str] = Field(default_factory=lambda: ["main"], min_length=1,
+                                description="Branches whose workflows may authenticate.")
+    environments: list[str] = Field(default_factory=list, description="GitHub environments allowed to "
+                                    "authenticate (each deploy identity accepts only its own).")
+    images_branch: str = Field("main", description="Branch whose workflow may run the images stack.")
+
+
+class RegistryConfig(Model):
+    cleanup_untagged_after_days: int = Field(30, ge=1, description="Delete untagged versions older than this, "
+                                             "except digests the lock file names and the newest ones.")
+    keep_recent: int = Field(10, ge=1, description="Always keep this many newest versions per image.")
+
+
 class TdxOverrides(Model):
     """Additions to the built-in TDX zone and machine-type lists (see fleet/tdx.py for their source)."""
 
@@ -386,6 +417,20 @@ class FleetConfig(Model):
     )
     nodes: list[NodeGroup] = Field(default_factory=list, description="Node groups (env stacks).")
     overlay: OverlayConfig | None = Field(None, description="The overlay of the stack's overlay nodes.")
+    bootstrap: BootstrapRef | None = Field(
+        None, description="env and images stacks: the bootstrap project whose registry, buckets and keys they "
+        "use. Every name there is derived from it, so nothing is copied by hand.")
+    environments: dict[ShortName, EnvironmentRef] = Field(
+        default_factory=dict, description="bootstrap stack: the env stacks and their projects.")
+    images_project: ProjectId | None = Field(
+        None, description="bootstrap stack: project of the images stack (build hosts).")
+    github: GithubConfig | None = Field(None, description="bootstrap stack: the repository CI runs from.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig,
+                                     description="bootstrap stack: Artifact Registry cleanup.")
+    adopt: dict[str, str] = Field(
+        default_factory=dict,
+        description="Adopt resources created by hand: logical resource name -> import id (e.g. "
+        "projects/P/zones/Z/disks/D). The next up imports them instead of creating new ones.")
     snapshots: bool | None = Field(
         None, description="Daily snapshots of data disks (default: on in prod, off elsewhere).")
     tdx: TdxOverrides = Field(default_factory=TdxOverrides, description="Extend the TDX zone/machine lists.")

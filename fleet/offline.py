@@ -122,6 +122,29 @@ COMPUTED: dict[str, Callable[[Context], dict[str, Any]]] = {
     "gcp:compute/resourcePolicy:ResourcePolicy": _self_link("regions", "resourcePolicies"),
     "gcp:compute/diskResourcePolicyAttachment:DiskResourcePolicyAttachment": _fields(),
     "command:local:Command": lambda c: {"stdout": command_stdout(c), "stderr": ""},
+    "gcp:projects/service:Service": _fields(),
+    "gcp:storage/bucket:Bucket": _fields(url=lambda c: f"gs://{c.gcp_name}",
+                                         selfLink=lambda c: f"https://www.googleapis.com/storage/v1/b/{c.gcp_name}"),
+    "gcp:kms/keyRing:KeyRing": _fields(),
+    "gcp:kms/cryptoKey:CryptoKey": _fields(primaries=lambda c: []),
+    "gcp:iam/workloadIdentityPool:WorkloadIdentityPool": _fields(
+        name=lambda c: f"projects/{FAKE_PROJECT_NUMBER}/locations/global/workloadIdentityPools/"
+                       f"{c.inputs.get('workloadIdentityPoolId')}", state=lambda c: "ACTIVE"),
+    "gcp:iam/workloadIdentityPoolProvider:WorkloadIdentityPoolProvider": _fields(
+        name=lambda c: f"projects/{FAKE_PROJECT_NUMBER}/locations/global/workloadIdentityPools/"
+                       f"{c.inputs.get('workloadIdentityPoolId')}/providers/{c.inputs.get('workloadIdentityPoolProviderId')}",
+        state=lambda c: "ACTIVE"),
+    "gcp:serviceaccount/account:Account": _fields(
+        email=lambda c: _sa_email(c), name=lambda c: f"projects/{c.project_id}/serviceAccounts/{_sa_email(c)}",
+        uniqueId=lambda c: c.number(), member=lambda c: f"serviceAccount:{_sa_email(c)}"),
+    "gcp:projects/iAMMember:IAMMember": _fields(etag=lambda c: c.digest("etag")[:16]),
+    "gcp:storage/bucketIAMMember:BucketIAMMember": _fields(etag=lambda c: c.digest("etag")[:16]),
+    "gcp:kms/cryptoKeyIAMMember:CryptoKeyIAMMember": _fields(etag=lambda c: c.digest("etag")[:16]),
+    "gcp:artifactregistry/repositoryIamMember:RepositoryIamMember": _fields(etag=lambda c: c.digest("etag")[:16]),
+    "gcp:serviceaccount/iAMMember:IAMMember": _fields(etag=lambda c: c.digest("etag")[:16]),
+    "gcp:artifactregistry/repository:Repository": _fields(
+        name=lambda c: f"projects/{c.project_id}/locations/{c.inputs.get('location')}/repositories/"
+                       f"{c.inputs.get('repositoryId')}", createTime=lambda c: "2026-01-01T00:00:00Z"),
 }
 
 # Generated command scripts name their step on a line `# dstack-fleet:step=<name>`; a step whose
@@ -151,6 +174,10 @@ def _fake_public_ip(ctx: Context) -> str:
     return f"203.0.113.{int(ctx.digest('ip')[:2], 16) % 254 + 1}"
 
 
+def _sa_email(ctx: Context) -> str:
+    return f"{ctx.inputs.get('accountId')}@{ctx.project_id}.iam.gserviceaccount.com"
+
+
 def _gateway(cidr: str) -> str:
     import ipaddress
 
@@ -170,8 +197,20 @@ def computed_outputs(ctx: Context) -> dict[str, Any]:
     return fill(ctx)
 
 
+# Ids the program passes on to other resources, in the form the provider reports them.
+RESOURCE_IDS: dict[str, Callable[[Context], str]] = {
+    "gcp:kms/keyRing:KeyRing": lambda c: f"projects/{c.project_id}/locations/{c.inputs.get('location')}/keyRings/"
+                                         f"{c.gcp_name}",
+    "gcp:kms/cryptoKey:CryptoKey": lambda c: f"{c.inputs.get('keyRing')}/cryptoKeys/{c.gcp_name}",
+    "gcp:compute/network:Network": lambda c: f"projects/{c.project_id}/global/networks/{c.gcp_name}",
+    "gcp:compute/subnetwork:Subnetwork": lambda c: f"projects/{c.project_id}/regions/{c.inputs.get('region')}/"
+                                                   f"subnetworks/{c.gcp_name}",
+}
+
+
 def resource_id(ctx: Context) -> str:
-    return f"{ctx.gcp_name}-{ctx.digest('id')[:8]}"
+    fill = RESOURCE_IDS.get(ctx.type)
+    return fill(ctx) if fill else f"{ctx.gcp_name}-{ctx.digest('id')[:8]}"
 
 
 INVOKES: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {

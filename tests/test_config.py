@@ -175,7 +175,8 @@ def test_secret_outside_secrets_is_refused(project):
 def test_top_level_scalars_are_strings_as_the_cli_passes_them(project):
     project.write_stack("scalars", {"gcp:project": "acme-tee-dev", "gcp:region": "us-central1",
                                     "dstack-fleet:role": "images", "dstack-fleet:namePrefix": "abc",
-                                    "dstack-fleet:network": {"subnets": {"us-central1": "10.0.0.0/24"}}})
+                                    "dstack-fleet:network": {"subnets": {"us-central1": "10.0.0.0/24"}},
+                                    "dstack-fleet:bootstrap": {"project": "acme-tee-ops"}})
     sf = stackfile.read(project.root, "scalars")
     assert all(isinstance(v, (str, dict, list)) for v in sf.config.values())
     assert load(project, "scalars").fleet.name_prefix == "abc"

@@ -1,0 +1,1 @@
+"""Components of the bootstrap stack, one per concern."""

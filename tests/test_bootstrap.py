@@ -1,0 +1,187 @@
+"""The bootstrap stack: exact least-privilege IAM, pinned CI federation, a safe state bucket, and
+names that env and images stacks derive identically."""
+
+from __future__ import annotations
+
+import pulumi
+import pytest
+
+from fleet import accounts
+from fleet.bootstrap import PRIMITIVE_ROLES, PUBLIC_MEMBERS, names_for, plan_bootstrap
+from fleet.harness import run_program
+from fleet.plan import build_plan, load_config
+from fleet.problems import ConfigError
+
+from .conftest import ROOT, stack_config
+
+IAM_TYPES = {
+    "gcp:projects/iAMMember:IAMMember", "gcp:storage/bucketIAMMember:BucketIAMMember",
+    "gcp:kms/cryptoKeyIAMMember:CryptoKeyIAMMember",
+    "gcp:artifactregistry/repositoryIamMember:RepositoryIamMember", "gcp:serviceaccount/iAMMember:IAMMember",
+}
+
+# Reviewed table: which roles each identity may hold (anything else fails this test).
+ALLOWED_ROLES = {
+    "ci-preview": {"roles/compute.viewer", "roles/cloudkms.cryptoKeyDecrypter", "roles/storage.objectViewer"},
+    "ci-deploy": {"roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
+                  "roles/compute.storageAdmin", "roles/iam.serviceAccountUser", "roles/storage.objectViewer",
+                  "roles/storage.objectAdmin", "roles/cloudkms.cryptoKeyEncrypterDecrypter",
+                  "roles/iam.workloadIdentityUser"},
+    "ci-images": {"roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
+                  "roles/iam.serviceAccountUser", "roles/storage.objectAdmin", "roles/artifactregistry.writer",
+                  "roles/storage.objectViewer", "roles/cloudkms.cryptoKeyEncrypterDecrypter"},
+    "builder": {"roles/logging.logWriter", "roles/storage.objectCreator", "roles/storage.objectViewer"},
+    "node-overlay": {"roles/logging.logWriter", "roles/monitoring.metricWriter"},
+    "node-dstack": {"roles/logging.logWriter", "roles/monitoring.metricWriter", "roles/artifactregistry.reader"},
+    "compute-agent": {"roles/storage.objectViewer"},
+}
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return build_plan(ROOT, "bootstrap")
+
+
+def iam(plan):
+    return [r for r in plan.update_run.resources if r.type in IAM_TYPES]
+
+
+def principal_kind(name: str) -> str:
+    for prefix in ("ci-preview", "ci-deploy", "ci-images", "builder", "compute-agent"):
+        if name.startswith(prefix):
+            return prefix
+    return "node-dstack" if "-dstack-" in name else "node-overlay"
+
+
+def test_iam_is_exactly_the_declared_set(plan):
+    _, config = load_config(ROOT, "bootstrap")
+    declared = {b.key: (b.role, b.member) for b in plan_bootstrap(config).bindings}
+    granted = {r.name: (r.inputs["role"], r.inputs["member"]) for r in iam(plan) if not r.name.startswith("wif-")}
+    for key, (role, member) in declared.items():
+        assert key in granted and granted[key][0] == role
+        if not member.startswith("computeServiceAgent:"):
+            assert granted[key][1] == member
+    assert set(granted) == set(declared)
+
+
+def test_no_primitive_roles_no_public_members_and_only_reviewed_roles(plan):
+    for r in iam(plan):
+        role, member = r.inputs["role"], r.inputs["member"]
+        assert role not in PRIMITIVE_ROLES and member not in PUBLIC_MEMBERS
+        assert not member.startswith(("user:", "group:", "domain:"))
+        if not r.name.startswith("wif-"):
+            assert role in ALLOWED_ROLES[principal_kind(r.name)], r.name
+    compute_agents = [r for r in iam(plan) if r.name.startswith("compute-agent")]
+    assert compute_agents and all(r.inputs["member"].endswith("@compute-system.iam.gserviceaccount.com")
+                                  for r in compute_agents)
+
+
+def test_deploy_identities_touch_only_their_own_environment(plan):
+    _, config = load_config(ROOT, "bootstrap")
+    bp = plan_bootstrap(config)
+    for env, project in bp.environments.items():
+        mine = [b for b in bp.bindings if b.who == f"ci-deploy-{env}"]
+        projects = {b.target for b in mine if b.scope == "project"}
+        keys = {b.target for b in mine if b.scope == "crypto_key"}
+        assert projects == {project} and keys == {bp.names.key(env)}
+        writes = [b for b in mine if b.role == "roles/storage.objectAdmin"]
+        assert len(writes) == 1 and f"/{env}.json" in writes[0].condition[1]
+        assert all(f"/{other}" not in writes[0].condition[1] for other in bp.environments if other != env)
+
+
+def test_federation_pins_repository_and_owner_ids(plan):
+    provider = next(r for r in plan.resources if r.type.endswith(":WorkloadIdentityPoolProvider"))
+    github = stack_config("bootstrap")["dstack-fleet:github"]
+    condition = provider.inputs["attributeCondition"]
+    assert f"assertion.repository_id == '{github['repositoryId']}'" in condition
+    assert f"assertion.repository_owner_id == '{github['ownerId']}'" in condition
+    assert condition.startswith("assertion.repository_id ==") and " && " in condition
+    assert provider.inputs["oidc"]["issuerUri"] == "https://token.actions.githubusercontent.com"
+    bindings = {r.name: r.inputs["member"] for r in plan.update_run.resources if r.name.startswith("wif-")}
+    assert bindings["wif-environment-prod"].endswith("/attribute.environment/prod")
+    assert bindings[f"wif-repository_id-{github['repositoryId']}"].endswith(
+        f"/attribute.repository_id/{github['repositoryId']}")
+
+
+def test_state_bucket(plan):
+    state = next(r for r in plan.resources if r.type == "gcp:storage/bucket:Bucket" and r.name == "state")
+    assert state.inputs["versioning"] == {"enabled": True}
+    assert state.inputs["publicAccessPrevention"] == "enforced"
+    assert state.inputs["uniformBucketLevelAccess"] is True
+    assert state.inputs["softDeletePolicy"]["retentionDurationSeconds"] > 0
+    assert "retentionPolicy" not in state.inputs  # the backend deletes its lock and checkpoint files
+    assert state.options["protect"] is True and state.options["retainOnDelete"] is True
+
+
+def test_services_are_never_disabled(plan):
+    services = [r for r in plan.resources if r.type == "gcp:projects/service:Service"]
+    assert services and all(r.inputs["disableOnDestroy"] is False for r in services)
+    enabled = {(r.inputs["project"], r.inputs["service"]) for r in services}
+    assert ("acme-tee-prod", "compute.googleapis.com") in enabled
+    assert ("acme-tee-ops", "iamcredentials.googleapis.com") in enabled
+
+
+def test_registry_is_immutable_and_keeps_locked_digests(plan):
+    repo = next(r for r in plan.resources if r.name == "repository")
+    assert repo.inputs["dockerConfig"] == {"immutableTags": True}
+    actions = {p["id"]: p["action"] for p in repo.inputs["cleanupPolicies"]}
+    assert actions["delete-old-untagged"] == "DELETE" and actions["keep-recent"] == "KEEP"
+    mirror = next(r for r in plan.resources if r.name == "dockerhub-mirror")
+    assert mirror.inputs["remoteRepositoryConfig"]["dockerRepository"]["publicRepository"] == "DOCKER_HUB"
+
+
+@pytest.mark.parametrize("env", ["dev", "staging", "prod"])
+def test_env_stacks_use_exactly_what_bootstrap_creates(plan, env):
+    _, env_config = load_config(ROOT, env)
+    _, boot = load_config(ROOT, "bootstrap")
+    assert boot.fleet.environments[env].project == env_config.gcp.project
+    created = set(plan.outputs["serviceAccounts"].values())
+    for kind in accounts.NODE_KINDS:
+        assert accounts.node_account_email(env_config.fleet.name_prefix, env, kind, env_config.gcp.project) in created
+    env_plan = build_plan(ROOT, env)
+    used = {r.inputs["serviceAccount"]["email"] for r in env_plan.resources
+            if r.type == "gcp:compute/instance:Instance"}
+    assert used and used <= created
+    assert names_for(env_config).registry_path == plan.outputs["registry"]
+    assert names_for(env_config).secrets_provider(env) == plan.outputs["secretsProviders"][env]
+
+
+def test_adopting_existing_resources_imports_them(project):
+    project.mutate("bootstrap", "adopting", lambda c: c.update({"dstack-fleet:adopt": {
+        "state": "acme-tee-ops-fleet-state", "repository": "projects/acme-tee-ops/locations/us-central1/repositories/fleet"}}))
+    plan = build_plan(project.root, "adopting")
+    by_name = {r.name: r for r in plan.resources}
+    assert by_name["state"].options["import"] == "acme-tee-ops-fleet-state"
+    assert by_name["images"].options.get("import") is None
+
+
+def test_adopting_a_node_disk_in_an_env_stack(project):
+    disk_id = "projects/acme-tee-prod/zones/us-central1-a/disks/legacy-overlay-data"
+    project.mutate("prod", "adopting", lambda c: c.update({"dstack-fleet:adopt": {"overlay-0-data": disk_id}}))
+    plan = build_plan(project.root, "adopting")
+    assert {r.name: r for r in plan.resources}["overlay-0-data"].options["import"] == disk_id
+
+
+def test_adopt_naming_nothing_is_an_error(project):
+    config = stack_config("prod")
+    config["dstack-fleet:adopt"] = {"overlay-0-dta": "projects/x/zones/y/disks/z"}
+    with pytest.raises(pulumi.RunError, match="adopt names no resource of this stack: overlay-0-dta"):
+        run_program(ROOT, stack="prod", config=config, preview=True)
+
+
+@pytest.mark.parametrize("stack,change,path,message", [
+    ("bootstrap", lambda c: c.pop("dstack-fleet:github"), "dstack-fleet:github", "is required for the bootstrap"),
+    ("bootstrap", lambda c: c["dstack-fleet:github"].update(repositoryId="acme/dstack-fleet"),
+     "dstack-fleet:github.repositoryId", "must match"),
+    ("bootstrap", lambda c: c.update({"dstack-fleet:bootstrap": {"project": "acme-tee-ops"}}),
+     "dstack-fleet:bootstrap", "the bootstrap stack is itself"),
+    ("prod", lambda c: c.pop("dstack-fleet:bootstrap"), "dstack-fleet:bootstrap", "is required"),
+    ("prod", lambda c: c.update({"dstack-fleet:imagesProject": "acme-tee-build"}), "dstack-fleet:imagesProject",
+     "only the bootstrap stack sets this"),
+])
+def test_bootstrap_config_errors(project, stack, change, path, message):
+    project.mutate(stack, "badboot", change)
+    with pytest.raises(ConfigError) as info:
+        load_config(project.root, "badboot")
+    lines = [l for l in info.value.lines() if f": {path}: " in l]
+    assert lines and any(message in l for l in lines), info.value.lines()
