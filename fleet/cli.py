@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", help="project root (default: this checkout)")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of program failures")
     sub = parser.add_subparsers(dest="command", required=True)
+    from . import prcomment
+
+    prcomment.add_parser(sub)
 
     plan = sub.add_parser("plan", help="run the program offline under mocks and show what it would create")
     plan.add_argument("--stack", required=True)
