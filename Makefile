@@ -16,17 +16,18 @@ BASE   ?= HEAD
 .PHONY: venv test plan golden readme preview up lock lock-deps diff bench clean
 
 PLAN_CMD = $(PY) -m fleet plan --stack $(STACK) --format $(FORMAT) $(if $(PLAN_JSON),--json $(PLAN_JSON))
+DIFF_CMD = $(PY) -m fleet diff --stack $(STACK) --base $(BASE) $(if $(DIFF_MD),--output $(DIFF_MD))
 
-# `make plan` must exit with the tool's own code: 0 ok, 1 a mandatory rule is violated, 2 bad input.
-# GNU make reports every failing recipe as 2 and exits 1 only in question mode (-q), so when `plan`
-# is the only goal the tool runs while the Makefile is read, its output is printed, and code 1 is
-# passed on through question mode; other codes fail the recipe below.
-TOOL_GOAL := $(filter plan,$(MAKECMDGOALS))
+# `make plan` and `make diff` must exit with the tool's own code: 0 ok, 1 a mandatory check failed,
+# 2 bad input. GNU make reports every failing recipe as 2 and exits 1 only in question mode (-q), so
+# when one of them is the only goal the tool runs while the Makefile is read, its output is printed,
+# and code 1 is passed on through question mode; other codes fail the recipe below.
+TOOL_GOAL := $(filter plan diff,$(MAKECMDGOALS))
 ifneq ($(TOOL_GOAL),)
 ifeq ($(words $(MAKECMDGOALS)),1)
 $(if $(PY_DEPS),$(shell $(MAKE) --no-print-directory -s venv >&2))
 TOOL_OUT := $(shell mktemp)
-TOOL_STATUS := $(shell $(PLAN_CMD) >$(TOOL_OUT); echo $$?)
+TOOL_STATUS := $(shell $(if $(filter plan,$(TOOL_GOAL)),$(PLAN_CMD),$(DIFF_CMD)) >$(TOOL_OUT); echo $$?)
 TOOL_TEXT := $(file <$(TOOL_OUT))
 $(if $(TOOL_TEXT),$(info $(TOOL_TEXT)))
 $(shell rm -f $(TOOL_OUT))
@@ -54,6 +55,13 @@ ifdef TOOL_STATUS
 	@exit $(TOOL_STATUS)
 else
 	$(PLAN_CMD)
+endif
+
+diff: $(PY_DEPS)
+ifdef TOOL_STATUS
+	@exit $(TOOL_STATUS)
+else
+	$(DIFF_CMD)
 endif
 
 golden: $(PY_DEPS)

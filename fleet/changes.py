@@ -162,8 +162,9 @@ def classify(old: dict | None, new: dict | None) -> ResourceChange:
     paths = changed_paths(old.get("inputs", {}), new.get("inputs", {}))
     # A value computed by a provider shows as <computed> on both sides; it changed when it now comes
     # from a different resource (e.g. a new image version).
-    old_deps, new_deps = old.get("propertyDependencies", {}), new.get("propertyDependencies", {})
-    for key, value in new.get("inputs", {}).items():
+    old_deps, new_deps = old.get("propertyDependencies"), new.get("propertyDependencies")
+    comparable = old_deps is not None and new_deps is not None  # plans from older code lack them
+    for key, value in new.get("inputs", {}).items() if comparable else ():
         if key in old.get("inputs", {}) and sorted(old_deps.get(key, [])) != sorted(new_deps.get(key, [])):
             paths += [p for p in unknown_paths(value, key) if p not in paths]
     for path in paths:

@@ -95,6 +95,22 @@ def cmd_lock(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import DiffInputError, run_diff
+
+    try:
+        report = run_diff(_root(args), args.stack, args.base)
+    except DiffInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    sys.stdout.write(report.markdown)
+    if args.output:
+        Path(args.output).write_text(report.markdown, encoding="utf-8")
+    for failure in report.failures:
+        print(f"mandatory check failed: {failure}", file=sys.stderr)
+    return report.exit_code
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -120,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     plan.add_argument("--format", choices=("text", "markdown"), default="text")
     plan.set_defaults(func=cmd_plan)
+
+    diff = sub.add_parser("diff", help="Markdown diff of the offline plans of a base revision and the working tree")
+    diff.add_argument("--stack", required=True)
+    diff.add_argument("--base", required=True, help="git revision to compare with (planned with its own code)")
+    diff.add_argument("--output", metavar="FILE", help="also write the Markdown here")
+    diff.set_defaults(func=cmd_diff)
 
     lock_cmd = sub.add_parser("lock", help="record the images stack's build outputs in images.lock.json")
     lock_cmd.add_argument("--outputs", metavar="FILE",

@@ -27,6 +27,14 @@ def golden_files(root: Path = ROOT) -> dict[Path, str]:
     return files
 
 
+def all_golden_files(root: Path = ROOT) -> dict[Path, str]:
+    from .test_diff import golden_diff_files
+
+    files = golden_files(root)
+    files.update(golden_diff_files())
+    return files
+
+
 def write(files: dict[Path, str]) -> None:
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,8 +46,9 @@ def write(files: dict[Path, str]) -> None:
 def main(argv: list[str]) -> int:
     what = argv[0] if argv else ""
     if what == "golden":
-        files = golden_files()
-        stale = {p for p in GOLDEN.glob("*") if p not in files and p.name != ".gitkeep"}
+        files = all_golden_files()
+        stale = {p for p in GOLDEN.rglob("*") if p.is_file() and p.parent in (GOLDEN, GOLDEN / "diff")
+                 and p not in files}
         for path in stale:
             path.unlink()
             print(f"removed {path.relative_to(ROOT)}")

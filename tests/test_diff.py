@@ -1,0 +1,171 @@
+"""fleet diff: Markdown of two offline plans, the base planned with its own code."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleet import diff
+from fleet.plan import build_plan
+
+from .conftest import ROOT
+from .test_images import lock_all
+
+GOLDEN_DIFF = ROOT / "tests" / "golden" / "diff"
+
+
+def doc(plan) -> dict:
+    return json.loads(plan.to_json())
+
+
+def compare(base_doc, head_doc, stack="prod", ref="base"):
+    return diff.compare(stack, ref, diff.PlanResult(base_doc), head_doc)
+
+
+@pytest.fixture(scope="module")
+def prod_doc():
+    return json.loads((ROOT / "tests" / "golden" / "prod.plan.json").read_text())
+
+
+def known_change(prod_doc):
+    """The golden example: prod's machine type changes (every node stops) and one node is added."""
+    head = copy.deepcopy(prod_doc)
+    for r in head["resources"]:
+        if r["type"] == "gcp:compute/instance:Instance":
+            r["inputs"]["machineType"] = "c3-standard-22"
+    return head
+
+
+def golden_diff_files() -> dict[Path, str]:
+    prod_doc = json.loads((ROOT / "tests" / "golden" / "prod.plan.json").read_text())
+    return {GOLDEN_DIFF / "prod-machine-type.md": compare(prod_doc, known_change(prod_doc)).markdown}
+
+
+def test_golden_markdown_for_a_known_change():
+    for path, text in golden_diff_files().items():
+        assert path.exists() and path.read_text() == text, f"{path.name} is stale: review and run `make golden`"
+
+
+def test_no_change_is_one_line(prod_doc):
+    report = compare(prod_doc, prod_doc)
+    assert report.markdown.splitlines()[-1] == (
+        "No change to stack `prod` (resources, outputs and expected measurements are identical).")
+    assert report.exit_code == 0 and not report.changed
+
+
+def test_a_whole_group_stopped_in_prod_fails_naming_it(prod_doc):
+    report = compare(prod_doc, known_change(prod_doc))
+    assert report.exit_code == 1
+    assert report.failures == ["group overlay would take 5 node(s) down at once (overlay-0, overlay-1, overlay-2, "
+                               "overlay-3, overlay-4); maxUnavailable is 1: roll it in waves with imageOverrides"]
+    assert "| `overlay` | 1 | - | overlay-0, overlay-1, overlay-2, overlay-3, overlay-4 | - | - | over the limit |" \
+        in report.markdown
+
+
+def test_the_same_change_outside_prod_is_reported_but_passes(prod_doc):
+    base, head = copy.deepcopy(prod_doc), known_change(prod_doc)
+    base["tier"] = head["tier"] = "dev"
+    report = compare(base, head, stack="dev")
+    assert report.exit_code == 0 and "over the limit" in report.markdown
+
+
+def test_adding_a_node_shows_topology(project):
+    def grow(c):
+        c["dstack-fleet:nodes"][0]["count"] = 6
+
+    base = doc(build_plan(project.root, "prod"))
+    project.mutate("prod", "prod", grow)
+    report = compare(base, doc(build_plan(project.root, "prod")))
+    assert "| `overlay-5` | added | `us-central1-c` | `10.30.0.15` |" in report.markdown
+    # baked delivery: the member table changes the image, so the rollout check speaks up
+    assert "**create** `overlay-5`" in report.markdown
+
+
+def test_measurement_and_identity_changes_appear(prod_doc):
+    base, head = copy.deepcopy(prod_doc), copy.deepcopy(prod_doc)
+    base["measurements"] = {"app:wallet": {"app_id": "a" * 40, "compose_hash": "1" * 64, "stateful": True,
+                                           "identity": "derived"}}
+    head["measurements"] = {"app:wallet": {"app_id": "b" * 40, "compose_hash": "2" * 64, "stateful": True,
+                                           "identity": "derived"}}
+    report = compare(base, head)
+    assert "### App identity changes" in report.markdown and "### Expected measurements" in report.markdown
+    assert "| `app:wallet.compose_hash` |" in report.markdown
+    assert any("app app:wallet would get a new identity" in f for f in report.failures)
+    head["measurements"]["app:wallet"]["identity"] = "stable"
+    assert not any("new identity" in f for f in compare(base, head).failures)
+
+
+def test_truncation_keeps_the_comment_under_the_limit():
+    text = "## title\n\n```\n" + ("x" * 99 + "\n") * 2000 + "```\n"
+    cut = diff.truncate(text)
+    assert len(cut.encode()) <= diff.COMMENT_LIMIT and cut.endswith(diff.TRUNCATION_NOTE)
+    assert cut.count("```") % 2 == 0
+    assert diff.truncate("short\n") == "short\n"
+
+
+def test_canary_secret_never_appears_in_the_markdown(project):
+    canary = "canary-77c1-diff-must-not-leak"
+    base = doc(build_plan(project.root, "prod"))
+    head = doc(build_plan(project.root, "prod", secret_overrides={"dstack-fleet:secrets": {"token": canary}}))
+    head["resources"][0]["inputs"]["description"] = "[secret]"
+    assert canary not in compare(base, head).markdown
+
+
+def test_make_diff_against_head_says_no_change():
+    result = subprocess.run(["make", "-s", "diff", "STACK=dev", "BASE=HEAD", "PY_DEPS=", f"PY={sys.executable}"],
+                            cwd=ROOT, capture_output=True, text=True)
+    if "No change" not in result.stdout and result.returncode == 0:
+        pytest.skip("the working tree differs from HEAD")
+    assert result.returncode == 0, result.stderr
+    assert "No change to stack `dev`" in result.stdout
+
+
+def test_unknown_base_revision_is_bad_input():
+    result = subprocess.run([sys.executable, "-m", "fleet", "diff", "--stack", "dev", "--base", "no-such-ref-x"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown git revision 'no-such-ref-x'" in result.stderr
+
+
+def tracked_copy(tmp: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split("\0")
+    repo = tmp / "repo"
+    for name in filter(None, files):
+        if name.startswith(("tests/", ".github/")):
+            continue
+        target = repo / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", "base"], cwd=repo, check=True)
+    return repo
+
+
+def test_the_base_revision_is_planned_with_its_own_code(tmp_path):
+    repo = tracked_copy(tmp_path)
+    network = repo / "fleet" / "network.py"
+    network.write_text(network.read_text().replace(
+        'description=f"dstack-fleet network of stack {config.stack}"', 'description=f"fleet VPC {config.stack}"'))
+    result = subprocess.run([sys.executable, "-m", "fleet", "diff", "--stack", "dev", "--base", "HEAD"], cwd=repo,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "**replace** `vpc`" in result.stdout  # a network's description forces a new network
+    assert "`dstack-fleet network of stack dev`" in result.stdout and "`fleet VPC dev`" in result.stdout
+
+
+def test_a_prod_change_that_replaces_the_whole_group_exits_1(tmp_path):
+    repo = tracked_copy(tmp_path)
+    stack = repo / "stacks" / "Pulumi.prod.yaml"
+    stack.write_text(stack.read_text().replace("machineType: c3-standard-8", "machineType: c3-standard-22"))
+    result = subprocess.run([sys.executable, "-m", "fleet", "diff", "--stack", "prod", "--base", "HEAD"], cwd=repo,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "mandatory check failed: group overlay would take 5 node(s) down at once" in result.stderr
