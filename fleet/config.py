@@ -387,6 +387,21 @@ class RegistryConfig(Model):
     keep_recent: int = Field(10, ge=1, description="Always keep this many newest versions per image.")
 
 
+class PolicyConfig(Model):
+    """How the policy rules apply to this stack (the defaults follow the tier)."""
+
+    enforcement: dict[str, Literal["mandatory", "advisory", "disabled"]] = Field(
+        default_factory=dict,
+        description="Per rule name, override the tier's enforcement (mandatory in staging and prod, advisory "
+        "in dev).")
+    public_ports: list[Port] = Field(
+        default_factory=list, description="Ports the no-open-ingress rule allows from 0.0.0.0/0 (in addition to "
+        "dstack-fleet:network.publicIngress).")
+    allowed_images: list[GceImageLink] = Field(
+        default_factory=list, description="External GCE images (by self link) nodes may boot besides this "
+        "stack's own TDX-capable images.")
+
+
 class TdxOverrides(Model):
     """Additions to the built-in TDX zone and machine-type lists (see fleet/tdx.py for their source)."""
 
@@ -427,6 +442,7 @@ class FleetConfig(Model):
     github: GithubConfig | None = Field(None, description="bootstrap stack: the repository CI runs from.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig,
                                      description="bootstrap stack: Artifact Registry cleanup.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Policy rule settings.")
     adopt: dict[str, str] = Field(
         default_factory=dict,
         description="Adopt resources created by hand: logical resource name -> import id (e.g. "

@@ -28,10 +28,12 @@ def golden_files(root: Path = ROOT) -> dict[Path, str]:
 
 
 def all_golden_files(root: Path = ROOT) -> dict[Path, str]:
+    from .test_compose import golden_compose_files
     from .test_diff import golden_diff_files
 
     files = golden_files(root)
     files.update(golden_diff_files())
+    files.update({GOLDEN / "compose" / name: text for name, text in golden_compose_files().items()})
     return files
 
 
@@ -47,8 +49,7 @@ def main(argv: list[str]) -> int:
     what = argv[0] if argv else ""
     if what == "golden":
         files = all_golden_files()
-        stale = {p for p in GOLDEN.rglob("*") if p.is_file() and p.parent in (GOLDEN, GOLDEN / "diff")
-                 and p not in files}
+        stale = {p for p in GOLDEN.rglob("*") if p.is_file() and p not in files}
         for path in stale:
             path.unlink()
             print(f"removed {path.relative_to(ROOT)}")
