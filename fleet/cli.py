@@ -128,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="print tracebacks of program failures")
     sub = parser.add_subparsers(dest="command", required=True)
     from . import prcomment
+    from . import verify as verify_cmd
 
     prcomment.add_parser(sub)
+    verify_cmd.add_parser(sub)
 
     plan = sub.add_parser("plan", help="run the program offline under mocks and show what it would create")
     plan.add_argument("--stack", required=True)
