@@ -18,24 +18,30 @@ from components.bootstrap.services import ProjectServices
 from components.images import GcpImage
 from components.network import Network
 from components.snapshots import SnapshotSchedule
+from components.dstacknode import DataDiskImage, DstackNode
 from components.tdxnode import PENDING_IMAGE, OverlayNode
 from components.stackconfig import load_lock, load_stack_config
+from fleet import apps as fleet_apps
 from fleet import bootstrap as fleet_bootstrap
 from fleet import images as fleet_images
 from fleet import nodes as fleet_nodes
+from fleet.configdisk import Upload
+from fleet.expectations import plan_measurements
 from fleet.naming import Namer
 from fleet.offline import is_real_update
 from fleet.network import network_spec, public_ingress
 
 ROOT = Path(__file__).resolve().parent
-config = load_stack_config()
+config = load_stack_config(ROOT)
 namer = Namer(prefix=config.fleet.name_prefix, stack=config.stack, project=config.gcp.project)
 
 
 def env() -> None:
     lock = load_lock(ROOT)
+    names = fleet_bootstrap.names_for(config)
     versions = fleet_images.resolve_for_stack(config, lock, namer)
     fleet = fleet_nodes.plan_fleet(config, namer, versions)
+    apps = fleet_apps.plan_apps(config, lock, ROOT, names.registry_path)
     network = Network("network", network_spec(config, namer, public_ingress(config, namer) + fleet.ingress),
                       config.gcp.project)
 
@@ -58,6 +64,10 @@ def env() -> None:
         region: SnapshotSchedule(region, namer.name(region, "snapshots"), config.gcp.project, namer.labels())
         for region in sorted({n.snapshot_policy for n in fleet.nodes if n.snapshot_policy})
     }
+    upload = Upload(bucket=names.image_bucket, prefix=f"config-disks/{config.stack}")
+    data_image = None
+    if any(n.identity.kind == "dstack" for n in fleet.nodes):
+        data_image = DataDiskImage(upload=upload, project=config.gcp.project, namer=namer, labels=namer.labels())
     for spec in fleet.nodes:
         if spec.image.pending and is_real_update():
             pulumi.log.warn(f"node {spec.key} waits for image {spec.image_key!r} (pending build); skipped")
@@ -66,14 +76,27 @@ def env() -> None:
             boot_image = gcp_images[spec.image.logical_name].self_link
         else:
             boot_image = spec.image.existing_self_link or f"{PENDING_IMAGE}: {spec.image_key} ({spec.image.content_hash})"
-        OverlayNode(spec, project=config.gcp.project, subnetwork=network.subnets[spec.identity.region],
-                    boot_image=boot_image,
-                    snapshot_policy=schedules[spec.snapshot_policy].policy if spec.snapshot_policy else None)
+        common = dict(project=config.gcp.project, subnetwork=network.subnets[spec.identity.region],
+                      boot_image=boot_image,
+                      snapshot_policy=schedules[spec.snapshot_policy].policy if spec.snapshot_policy else None)
+        if spec.identity.kind == "overlay":
+            OverlayNode(spec, **common)
+            continue
+        files = fleet_apps.gce_node_files(apps, spec, config.stack)
+        if files is None:
+            pulumi.log.warn(f"dstack node {spec.key} waits for its app's images (pending build); skipped")
+            continue
+        DstackNode(spec, files=files, upload=upload, namer=namer, data_image=data_image.image, **common)
+    for app in apps:
+        if app.pending:
+            pulumi.log.warn(f"app {app.name} waits for container images {', '.join(app.pending)} (pending build)")
 
     pulumi.export("network", network.network.self_link)
     pulumi.export("subnets", network.summary)
     pulumi.export("images", {key: version.summary() for key, version in versions.items()})
     pulumi.export("nodes", {spec.key: spec.summary() for spec in fleet.nodes})
+    pulumi.export("apps", {app.name: app.summary() for app in apps})
+    pulumi.export("measurements", plan_measurements(fleet, apps))
     if fleet.overlay is not None and fleet.overlay.delivery == "metadata":
         pulumi.log.warn("overlay peer delivery 'metadata' is UNSAFE: peers come from host-controlled, unmeasured "
                         "instance metadata and the overlay does not check peer measurements; use 'baked' for "

@@ -30,13 +30,13 @@ def runtime_values() -> tuple[dict[str, Any], set[str]]:
     return values, secret_keys
 
 
-def load_stack_config() -> StackConfig:
+def load_stack_config(root: Path) -> StackConfig:
     """The validated config, or one ``pulumi.RunError`` that lists every problem (no traceback)."""
     stack = pulumi.get_stack()
     values, secret_keys = runtime_values()
     source = f"stacks/Pulumi.{stack}.yaml"
     try:
-        return load(values, stack=stack, source=source, secret_keys=secret_keys)
+        return load(values, stack=stack, source=source, secret_keys=secret_keys, root=root)
     except ConfigError as exc:
         raise pulumi.RunError("invalid configuration:\n" + "\n".join(exc.lines())) from None
 

@@ -7,6 +7,8 @@ to stop it. In prod the disk and address are protected, kept on delete and ``PRE
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pulumi
 import pulumi_gcp as gcp
 
@@ -25,7 +27,9 @@ class TdxNode(pulumi.ComponentResource):
 
     def __init__(self, type_token: str, spec: NodeSpec, *, project: str, subnetwork: gcp.compute.Subnetwork,
                  boot_image: pulumi.Input[str], snapshot_policy: gcp.compute.ResourcePolicy | None,
-                 extra_disks: list[dict] | None = None, opts: pulumi.ResourceOptions | None = None):
+                 data_disk_image: pulumi.Input[str] | None = None,
+                 extra_disks: "Callable[[TdxNode], list[dict]] | None" = None,
+                 opts: pulumi.ResourceOptions | None = None):
         super().__init__(type_token, spec.key, {"group": spec.identity.group, "ordinal": spec.identity.ordinal,
                                                 "maxUnavailable": spec.max_unavailable}, opts)
         keep = dict(parent=self, protect=spec.protect_data or None, retain_on_delete=spec.protect_data or None)
@@ -66,10 +70,13 @@ class TdxNode(pulumi.ComponentResource):
             zone=identity.zone,
             type=DISK_TYPE,
             size=spec.data_disk_gb,
+            # dstack finds its data by a partition label, so its disk starts from a small GPT image and
+            # grows; a later image change must never recreate the disk
+            image=data_disk_image,
             description=f"Data disk of node {spec.key}; survives instance replacement",
             labels=spec.labels,
             deletion_policy=deletion_policy,
-            opts=options(f"{spec.key}-data", **keep),
+            opts=options(f"{spec.key}-data", **keep, ignore_changes=["image"] if data_disk_image is not None else None),
         )
         if snapshot_policy is not None:
             gcp.compute.DiskResourcePolicyAttachment(
@@ -95,7 +102,7 @@ class TdxNode(pulumi.ComponentResource):
                 "initialize_params": {"image": boot_image, "size": BOOT_DISK_GB, "type": DISK_TYPE},
             },
             attached_disks=[{"source": self.data_disk.self_link, "device_name": DATA_DEVICE_NAME,
-                             "mode": "READ_WRITE"}] + (extra_disks or []),
+                             "mode": "READ_WRITE"}] + (extra_disks(self) if extra_disks else []),
             network_interfaces=[interface],
             confidential_instance_config={"confidential_instance_type": "TDX"},
             scheduling={"on_host_maintenance": "TERMINATE", "automatic_restart": True},

@@ -167,8 +167,12 @@ def classify(old: dict | None, new: dict | None) -> ResourceChange:
     for key, value in new.get("inputs", {}).items() if comparable else ():
         if key in old.get("inputs", {}) and sorted(old_deps.get(key, [])) != sorted(new_deps.get(key, [])):
             paths += [p for p in unknown_paths(value, key) if p not in paths]
+    # A dstack guest reads its configuration disk once per boot: swapping it is applied by a reset.
+    reboots_on_disks = new["type"] == INSTANCE_TYPE and (new.get("inputs", {}).get("labels") or {}).get("kind") == "dstack"
     for path in paths:
         action = action_for(new["type"], path)
+        if reboots_on_disks and strip_indexes(path).startswith("attachedDisks"):
+            action = STOP
         top = strip_indexes(path)
         if "*" in forced or any(top == f or top.startswith(f + ".") for f in forced):
             action = REPLACE
@@ -255,7 +259,10 @@ def rollout(old_resources: list[dict], new_resources: list[dict]) -> dict[str, G
             target = g.replaced if change.action == REPLACE else g.stopped
             if key not in target:
                 target.append(key)
-        if resource["type"] in DATA_TYPES and change.action in (REPLACE, "delete") and change.urn in old_by:
+        # configuration disks are versions made to be replaced; only data disks and addresses hold state
+        versioned = "dstack-fleet:nodes:ConfigDisk$" in change.urn
+        if resource["type"] in DATA_TYPES and not versioned and change.action in (REPLACE, "delete") \
+                and change.urn in old_by:
             if key not in (g.removed + g.created):
                 g.data_at_risk.append(f"{key}: {resource['type'].split(':')[-1]} {change.action}")
     for g in groups.values():

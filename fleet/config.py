@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -387,6 +388,159 @@ class RegistryConfig(Model):
     keep_recent: int = Field(10, ge=1, description="Always keep this many newest versions per image.")
 
 
+Digest = Annotated[str, _pattern(r"sha256:[0-9a-f]{64}", "a digest 'sha256:' + 64 lowercase hex digits")]
+EnvName = Annotated[str, _pattern(r"[A-Za-z_][A-Za-z0-9_]{0,63}", "an environment variable name")]
+RepoPath = Annotated[str, _pattern(r"[A-Za-z0-9_.][A-Za-z0-9_./-]*", "a path inside the repository")]
+
+
+class ExternalContainer(Model):
+    """An image built elsewhere, referenced only by digest."""
+
+    image: str = Field(pattern=r"^[a-z0-9][a-z0-9._/:-]*[a-z0-9]$",
+                       description="Repository, e.g. docker.io/nearone/mpc-node (no tag, no digest).")
+    digest: Digest = Field(description="The pinned digest.")
+    digest_kind: Literal["manifest", "image-id"] = Field(
+        "manifest", description="manifest: registry manifest digest (pull by digest); image-id: config digest "
+        "(docker image inspect .Id), which some launchers compare.")
+    source: str = Field(description="Where the digest comes from (release, build log, registry).")
+
+
+class DockerBuildContainer(Model):
+    """Built by the images stack with pulumi-docker and pushed to the bootstrap registry."""
+
+    context: RepoPath = Field(description="Build context directory in the repository.")
+    dockerfile: str = Field("Dockerfile", description="Dockerfile inside the context.")
+    platform: Literal["linux/amd64"] = Field("linux/amd64", description="TDX guests are amd64.")
+    args: dict[str, str] = Field(default_factory=dict, description="Build args (part of the input hash).")
+    target: str | None = Field(None, description="Build stage.")
+
+
+class ContainerSource(Model):
+    """A container image apps run: external (by digest) or built (digest from images.lock.json)."""
+
+    external: ExternalContainer | None = Field(None, description="An existing image pinned by digest.")
+    docker: DockerBuildContainer | None = Field(None, description="Build it in the images stack.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ContainerSource":
+        if (self.external is None) == (self.docker is None):
+            raise ValueError("set exactly one of 'external' or 'docker'")
+        return self
+
+
+class AppSettings(Model):
+    """app-compose.json settings (measured: changing one changes the compose hash)."""
+
+    gateway_enabled: bool = Field(False, description="Expose the app through the dstack gateway.")
+    public_logs: bool = Field(False, description="Container logs readable without attestation.")
+    public_sysinfo: bool = Field(False, description="System info readable without attestation.")
+    public_tcbinfo: bool | None = Field(None, description="TCB info readable without attestation (0.5.1+).")
+    no_instance_id: bool = Field(False, description="No per-instance id (the instance-id event is empty).")
+    secure_time: bool = Field(False, description="Wait for trusted time before starting.")
+    storage_fs: Literal["zfs", "ext4"] | None = Field(None, description="Data disk filesystem (0.5.5+).")
+    allowed_envs: list[EnvName] = Field(default_factory=list,
+                                        description="Extra env names the encrypted env may carry.")
+
+
+class KmsSettings(Model):
+    urls: list[str] = Field(min_length=1, description="KMS URLs the guest asks for its keys.")
+    app_id: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="The app id registered with the KMS "
+                               "(e.g. the on-chain app contract): the identity stays stable across compose changes.")
+    key_provider_id: str = Field("", pattern=r"^([0-9a-f]{2})*$", description="Hex id of the KMS root key.")
+
+
+class ServiceConfig(Model):
+    """One service of a generated compose file."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$", description="Service name.")
+    image: str = Field(description="A key of dstack-fleet:containers.")
+    ports: list[str] = Field(default_factory=list, description="Port mappings, e.g. '3000:3000'.")
+    environment: dict[EnvName, str] = Field(default_factory=dict, description="Measured environment.")
+    volumes: list[str] = Field(default_factory=list, description="Volume mounts.")
+    command: list[str] | None = Field(None, description="Command (argv).")
+    working_dir: str | None = Field(None, description="Working directory.")
+    restart: str | None = Field(None, description="Restart policy.")
+    read_only: bool | None = Field(None, description="Read-only root filesystem.")
+    security_opt: list[str] = Field(default_factory=list, description="Security options.")
+    tmpfs: list[str] = Field(default_factory=list, description="tmpfs mounts.")
+
+
+class NearMpcConfig(Model):
+    """The NEAR MPC launcher (seed 003): measured launcher settings, unmeasured user config."""
+
+    launcher_image: str = Field(description="Key of dstack-fleet:containers: the launcher image.")
+    mpc_image: str = Field(description="Key of dstack-fleet:containers: the MPC node image it may start.")
+    launcher: Literal["python", "rust"] = Field("python", description="Launcher implementation (decides the "
+                                                 "digest kind it compares).")
+    user_config: dict[str, str] = Field(default_factory=dict, description="Unmeasured user config "
+                                        "(MPC_IMAGE_NAME, MPC_IMAGE_TAGS, MPC_REGISTRY, MPC_HASH_OVERRIDE, MPC_*).")
+
+
+class KettleConfig(Model):
+    """kettle (seed 002): the manifest and app hashes are measured compose values."""
+
+    launcher_image: str = Field(description="Key of dstack-fleet:containers: the kettle launcher image.")
+    manifest_url: str = Field(description="https URL of manifest.json.")
+    manifest_sha256: Sha256Hex = Field(description="SHA-256 of the manifest bytes.")
+    app_url: str = Field(description="URL of the app the manifest names.")
+    app_sha256: Sha256Hex = Field(description="SHA-256 of the app source.")
+    port: Port = Field(3001, description="Port kettle listens on.")
+
+
+class VmmTarget(Model):
+    """A dstack VMM host (vmm-cli.py's HTTP API)."""
+
+    url: str = Field(pattern=r"^https?://", description="VMM RPC URL.")
+    image: str = Field(description="dstack OS image name on the host, e.g. dstack-0.5.11.")
+    vcpu: int = Field(2, ge=1, description="vCPUs (measured in RTMR0).")
+    memory_mb: int = Field(4096, ge=512, description="Memory in MB (measured).")
+    disk_gb: int = Field(20, ge=1, description="Data disk in GB.")
+    ports: list[str] = Field(default_factory=list, description="Port forwards 'tcp:host:guest'.")
+    gateway_urls: list[str] = Field(default_factory=list, description="Gateway URLs.")
+    token_secret: SecretName | None = Field(None, description="dstack-fleet:secrets entry with the VMM auth token.")
+
+
+class PhalaTarget(Model):
+    """Phala Cloud through the phala CLI."""
+
+    node_id: int | None = Field(None, description="Node to deploy on.")
+    kms: Literal["phala", "ethereum", "base"] = Field("phala", description="KMS of the app.")
+    instance_type: str = Field("tdx.small", description="Phala instance type.")
+    gateway_domain: str = Field(description="Gateway base domain, e.g. dstack-pha-prod8.phala.network.")
+    api_key_secret: SecretName = Field(description="dstack-fleet:secrets entry with the Phala API key.")
+    ports: list[Port] = Field(default_factory=list, description="Ports served through the gateway.")
+
+
+class AppConfig(Model):
+    """A dstack app: its compose, its identity, and where it runs."""
+
+    name: Annotated[str, _pattern(r"[a-z]([a-z0-9-]{0,38}[a-z0-9])?", "an app name (1-40 chars: a-z, 0-9, '-')")] = Field(
+        description="App name; the app-compose name is '<name>-<stack>' so environments never share an identity.")
+    kind: Literal["compose", "near-mpc", "kettle"] = Field("compose", description="How the compose is made.")
+    target: Literal["gce", "vmm", "phala"] = Field(description="gce: a DstackNode group; vmm: a dstack VMM "
+                                                   "host; phala: Phala Cloud.")
+    nodes: ShortName | None = Field(None, description="gce target: the kind: dstack node group that runs it.")
+    dstack_version: str = Field("0.5.11", description="dstack guest version whose app-compose format to write.")
+    key_provider: Literal["none", "local", "kms"] = Field(
+        description="none/local: the app-id is derived from the compose (any change is a new identity); kms: "
+        "keys come from a KMS, and a pinned kms.appId keeps the identity stable.")
+    kms: KmsSettings | None = Field(None, description="KMS settings (key provider kms).")
+    gateway_urls: list[str] = Field(default_factory=list, description="gce target: dstack gateway URLs "
+                                    "(.sys-config.json; not measured).")
+    stateful: bool = Field(True, description="The app keeps data under its keys; prod refuses identity changes.")
+    compose_file: RepoPath | None = Field(None, description="A docker-compose file taken verbatim (its bytes are "
+                                          "measured).")
+    services: list[ServiceConfig] = Field(default_factory=list, description="Or: services to generate it from.")
+    near_mpc: NearMpcConfig | None = Field(None, description="kind near-mpc.")
+    kettle: KettleConfig | None = Field(None, description="kind kettle.")
+    settings: AppSettings = Field(default_factory=AppSettings, description="app-compose.json settings.")
+    secret_env: dict[EnvName, SecretName] = Field(
+        default_factory=dict, description="Env vars from dstack-fleet:secrets, delivered encrypted (needs kms).")
+    user_config: str | None = Field(None, description="Unmeasured .user-config text (host-controlled).")
+    vmm: VmmTarget | None = Field(None, description="vmm target settings.")
+    phala: PhalaTarget | None = Field(None, description="phala target settings.")
+
+
 class PolicyConfig(Model):
     """How the policy rules apply to this stack (the defaults follow the tier)."""
 
@@ -432,6 +586,9 @@ class FleetConfig(Model):
     )
     nodes: list[NodeGroup] = Field(default_factory=list, description="Node groups (env stacks).")
     overlay: OverlayConfig | None = Field(None, description="The overlay of the stack's overlay nodes.")
+    containers: dict[ImageKey, ContainerSource] = Field(
+        default_factory=dict, description="Container images apps run, by key: external by digest, or built.")
+    apps: list[AppConfig] = Field(default_factory=list, description="dstack apps (env stacks).")
     bootstrap: BootstrapRef | None = Field(
         None, description="env and images stacks: the bootstrap project whose registry, buckets and keys they "
         "use. Every name there is derived from it, so nothing is copied by hand.")
@@ -504,8 +661,10 @@ def load(
     stack: str,
     source: str,
     secret_keys: frozenset[str] | set[str] = frozenset(),
+    root: "Path | None" = None,
 ) -> StackConfig:
-    """Validate a stack's config; raise ``ConfigError`` with every problem found."""
+    """Validate a stack's config; raise ``ConfigError`` with every problem found. With ``root``
+    (the repository), files the config names (compose files) are checked too."""
     problems: list[Problem] = []
     fleet_raw: dict[str, Any] = {}
     gcp_raw: dict[str, Any] = {}
@@ -573,6 +732,10 @@ def load(
 
     config = StackConfig(stack=stack, source=source, gcp=gcp, fleet=fleet)
     problems = semantic_problems(config)
+    if root is not None:
+        from .apps import app_problems
+
+        problems += app_problems(config, root)
     if problems:
         raise ConfigError(problems)
     return config

@@ -134,7 +134,8 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
             name=request.name,
             parent=request.parent if request.parent and parent_type != STACK_TYPE else None,
             custom=bool(request.custom),
-            inputs=from_proto(request.object),
+            # a dynamic provider's pickled code travels as the `__provider` input; it is not configuration
+            inputs={k: v for k, v in from_proto(request.object).items() if k != "__provider"},
             dependencies=sorted(set(request.dependencies)),
             property_dependencies={
                 k: sorted(set(v.urns)) for k, v in sorted(request.propertyDependencies.items())

@@ -69,7 +69,7 @@ def load_config(root: Path, stack: str, *, overrides: dict[str, Any] | None = No
                 secret_overrides: dict[str, Any] | None = None):
     """Read and validate a stack file; raises ``ConfigError``."""
     sf = stackfile.read(root, stack, overrides=overrides, secret_overrides=secret_overrides)
-    cfg = fleet_config.load(sf.config, stack=stack, source=sf.source, secret_keys=sf.secret_keys)
+    cfg = fleet_config.load(sf.config, stack=stack, source=sf.source, secret_keys=sf.secret_keys, root=root)
     return sf, cfg
 
 

@@ -82,3 +82,8 @@ def memory_gib(machine_type: str) -> int | None:
         per_vcpu = {"standard": 4, "highcpu": 2, "highmem": 8}[match.group(1)]
         return per_vcpu * int(match.group(2))
     return {"a3-highgpu-1g": 85}.get(machine_type)
+
+
+def vcpus(machine_type: str) -> int | None:
+    match = re.fullmatch(r"[a-z0-9]+-[a-z]+-(\d+)", machine_type)
+    return int(match.group(1)) if match else {"a3-highgpu-1g": 26}.get(machine_type)

@@ -1,0 +1,66 @@
+"""The plan's ``measurements``: what every node and app is expected to measure, before deploy.
+
+Keys are ``node:<group>-<ordinal>`` and ``app:<name>``. Hashes come from the lock file (or read
+``pending build``), app values from the exact app-compose bytes; values only a booted guest knows
+read ``known at boot``. The machine type is part of a node's expectation because MRTD depends on
+the memory size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import measure
+from .apps import AppPlan
+from .nodes import Fleet, NodeSpec
+
+PENDING = measure.PENDING_BUILD
+
+
+def _os_image_hash(node: NodeSpec) -> str | None:
+    if node.image.pending:
+        return PENDING
+    return node.image.hashes.get("osImageHash")
+
+
+def node_expectation(node: NodeSpec) -> dict[str, Any]:
+    if node.identity.kind == "overlay":
+        out = measure.overlay_measurements(machine_type=node.machine_type)
+        out["image_artifact_sha256"] = PENDING if node.image.pending else node.image.hashes.get("artifactSha256")
+        return out
+    return {"kind": "dstack-node", "image": node.image_key, "os_image_hash": _os_image_hash(node),
+            "machine_type": node.machine_type}
+
+
+def app_expectation(app: AppPlan, nodes: list[NodeSpec]) -> dict[str, Any]:
+    extra = {"identity": app.identity, "stateful": app.config.stateful, "values": app.provenance,
+             "target": app.target}
+    if app.app_compose is None:
+        return {"kind": "dstack-app", "compose_hash": PENDING, "app_id": PENDING, "pending": app.pending, **extra}
+    os_image_hash = None
+    machine_type = None
+    if app.target == "gce" and nodes:
+        hashes = {_os_image_hash(n) for n in nodes}
+        os_image_hash = hashes.pop() if len(hashes) == 1 else PENDING
+        machine_type = nodes[0].machine_type
+    kms_pinned = app.config.kms.app_id if app.config.kms and app.config.kms.app_id else None
+    out = measure.expected_measurements(
+        app.app_compose.data, dstack_version=app.config.dstack_version, os_image_hash=os_image_hash,
+        app_id=kms_pinned, key_provider_id=(app.config.kms.key_provider_id or None) if app.config.kms else None,
+        image_digests={k: f"sha256:{v}" for k, v in app.image_digest_events.items()}, machine_type=machine_type)
+    if app.provenance == "reported":
+        # Phala Cloud writes the app-compose itself: our bytes are not the ones measured.
+        out["compose_hash"] = "reported by Phala Cloud after deploy"
+        out["app_id"] = kms_pinned or "reported by Phala Cloud after deploy"
+        out["rtmr3"] = "reported by Phala Cloud after deploy"
+        out["rtmr3_events"] = []
+    out.update(extra)
+    return out
+
+
+def plan_measurements(fleet: Fleet, apps: list[AppPlan]) -> dict[str, Any]:
+    out: dict[str, Any] = {f"node:{n.key}": node_expectation(n) for n in fleet.nodes}
+    for app in apps:
+        nodes = [n for n in fleet.nodes if app.target == "gce" and n.identity.group == app.config.nodes]
+        out[f"app:{app.name}"] = app_expectation(app, nodes)
+    return out
