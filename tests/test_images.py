@@ -106,7 +106,11 @@ def test_identical_inputs_share_one_image(project):
 def test_real_up_refuses_pending_images_in_prod_but_not_dev():
     with pytest.raises(pulumi.RunError, match="prod refuses pending images overlay-3eb04ca"):
         run_program(ROOT, stack="prod", config=stack_config("prod"), preview=False, as_deployment=True)
-    run = run_program(ROOT, stack="dev", config=stack_config("dev"), preview=False, as_deployment=True)
+    from fleet import stackfile
+
+    dev = stackfile.read(ROOT, "dev")
+    run = run_program(ROOT, stack="dev", config=dev.config, secret_keys=dev.secret_keys, preview=False,
+                      as_deployment=True)
     assert any("pending build" in w for w in run.warnings)
 
 
