@@ -76,6 +76,10 @@ preview: $(PY_DEPS)
 up: $(PY_DEPS)
 	$(PY) -m fleet deploy up --stack $(STACK)
 
+# Run one image build on this machine: make build-local STACK=dev IMAGE=<key> OUT=dist/
+build-local: $(PY_DEPS)
+	$(PY) -m fleet build-local --stack $(STACK) --image $(IMAGE) --out $(OUT) $(if $(BUCKET),--bucket $(BUCKET))
+
 bench: $(PY_DEPS)
 	$(PY) -m fleet bench
 

@@ -10,6 +10,8 @@ import pulumi
 
 from components import adopt
 from components.bootstrap.buckets import Buckets
+from components.buildhost import BuildHost
+from components.registryimage import RegistryImage
 from components.bootstrap.federation import GithubFederation
 from components.bootstrap.identities import Identities
 from components.bootstrap.kms import SecretsKeys
@@ -23,10 +25,11 @@ from components.tdxnode import PENDING_IMAGE, OverlayNode
 from components.stackconfig import load_lock, load_stack_config
 from fleet import apps as fleet_apps
 from fleet import bootstrap as fleet_bootstrap
+from fleet import builds as fleet_builds
 from fleet import images as fleet_images
 from fleet import nodes as fleet_nodes
 from fleet.configdisk import Upload
-from fleet.expectations import plan_measurements
+from fleet.expectations import os_versions, plan_measurements
 from fleet.naming import Namer
 from fleet.offline import is_real_update
 from fleet.network import network_spec, public_ingress
@@ -96,7 +99,7 @@ def env() -> None:
     pulumi.export("images", {key: version.summary() for key, version in versions.items()})
     pulumi.export("nodes", {spec.key: spec.summary() for spec in fleet.nodes})
     pulumi.export("apps", {app.name: app.summary() for app in apps})
-    pulumi.export("measurements", plan_measurements(fleet, apps))
+    pulumi.export("measurements", plan_measurements(fleet, apps, os_versions(config)))
     if fleet.overlay is not None and fleet.overlay.delivery == "metadata":
         pulumi.log.warn("overlay peer delivery 'metadata' is UNSAFE: peers come from host-controlled, unmeasured "
                         "instance metadata and the overlay does not check peer measurements; use 'baked' for "
@@ -108,8 +111,20 @@ def env() -> None:
 
 
 def images() -> None:
+    lock = load_lock(ROOT)
+    names = fleet_bootstrap.names_for(config)
     network = Network("network", network_spec(config, namer, []), config.gcp.project)
+    builds = fleet_builds.plan_builds(config, ROOT, lock, names, namer)
+    hosts = [BuildHost(plan, project=config.gcp.project, subnetwork=network.subnets[config.gcp.region].self_link,
+                       service_account=builds.builder_account)
+             for plan in builds.hosts]
+    containers = [RegistryImage(c.key, c.build, input_hash=c.input_hash, repository=c.repository)
+                  for c in builds.containers]
     pulumi.export("network", network.network.self_link)
+    pulumi.export("builds", builds.summary())
+    pulumi.export("lockEntries", {"images": {h.input_hash: h.lock_entry for h in hosts},
+                                  "containers": {c.input_hash: image.lock_entry
+                                                 for c, image in zip(builds.containers, containers)}})
 
 
 def bootstrap() -> None:

@@ -294,12 +294,12 @@ def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
     add(("bucket", state, "roles/storage.objectViewer", images))
     add(("bucket", state, "roles/storage.objectAdmin", images, state_prefix_condition("images")))
     add(("crypto_key", names.key("images"), "roles/cloudkms.cryptoKeyEncrypterDecrypter", images))
-    # build hosts write new artifacts and read back their own; they never delete
+    # build hosts write artifacts under their input hash, read them back, and clear a previous
+    # failure marker on retry
     builder = sa("builder")
     for role in BUILDER_PROJECT_ROLES:
         add(("project", images_project, role, builder))
-    add(("bucket", image_bucket, "roles/storage.objectCreator", builder))
-    add(("bucket", image_bucket, "roles/storage.objectViewer", builder))
+    add(("bucket", image_bucket, "roles/storage.objectAdmin", builder))
     # Compute Engine's service agent of each env project reads the tarball an image is made from
     for project in envs.values():
         add(("bucket", image_bucket, "roles/storage.objectViewer", f"{COMPUTE_AGENT}{project}"))

@@ -39,6 +39,16 @@ def _role(config: "StackConfig") -> list[Problem]:
             out.append(_p(config, "tier", f"only env stacks have a tier (this stack's role is {fleet.role!r})"))
         if fleet.nodes:
             out.append(_p(config, "nodes", f"only env stacks declare nodes (this stack's role is {fleet.role!r})"))
+    images_only = ("build_for", "build_host")
+    if fleet.role == "images":
+        if fleet.build_host is None:
+            out.append(_p(config, "buildHost", "is required for the images stack: at least bootImage, the build "
+                          "hosts' boot image pinned by self link"))
+    else:
+        for key in images_only:
+            if key in fleet.model_fields_set:
+                out.append(_p(config, _camel(key), f"only the images stack sets this (this stack's role is "
+                              f"{fleet.role!r})"))
     bootstrap_only = ("environments", "images_project", "github", "registry")
     if fleet.role == "bootstrap":
         for key, hint in (("environments", "map each env stack to its project"),

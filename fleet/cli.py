@@ -111,6 +111,32 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_build_local(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .buildscript import BuildScriptError
+    from .builds import local_build_script
+    from .recipes import BuildInputError
+
+    out = Path(args.out).resolve()
+    try:
+        spec, script = local_build_script(_root(args), args.stack, args.image, out, bucket=args.bucket,
+                                          work_dir=args.work_dir)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return EXIT_INPUT
+    except (BuildScriptError, BuildInputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "build.sh").write_text(script, encoding="utf-8")
+    print(f"building {spec.recipe} {args.image} (input hash {spec.input_hash}) into {out}")
+    if args.script_only:
+        return EXIT_OK
+    return subprocess.run(["bash", str(out / "build.sh")], check=False).returncode
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -151,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     lock_cmd.add_argument("--stack", default="images")
     lock_cmd.add_argument("--replace", action="store_true", help="overwrite entries whose values changed")
     lock_cmd.set_defaults(func=cmd_lock)
+
+    local = sub.add_parser("build-local", help="run an image build on this machine (the build host's script)")
+    local.add_argument("--stack", required=True, help="env stack that declares the image")
+    local.add_argument("--image", required=True, help="key in dstack-fleet:images")
+    local.add_argument("--out", required=True, help="output directory")
+    local.add_argument("--bucket", help="also upload to this bucket, as a build host does")
+    local.add_argument("--work-dir", help="build tree (a plain absolute path; default OUT/work)")
+    local.add_argument("--script-only", action="store_true", help="write build.sh without running it")
+    local.set_defaults(func=cmd_build_local)
 
     bench = sub.add_parser("bench", help="plan time, peak memory and graph depth for 10, 100, 1000 nodes")
     bench.add_argument("--one", type=int, metavar="NODES", help=argparse.SUPPRESS)

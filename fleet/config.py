@@ -280,13 +280,17 @@ class TplusOverlayBuild(Model):
 
     recipe: Literal["tplus-overlay"] = Field(description="Recipe name.")
     guest: Guest = Field(description="The light client to bake in.")
+    prod: bool = Field(True, description="PROD=true: drop Yocto's debug-tweaks (no root login, no debug tools).")
 
 
 class DstackOsBuild(Model):
     """The dstack guest OS with GCP (UKI) output, built reproducibly at a pinned commit."""
 
     recipe: Literal["dstack-os"] = Field(description="Recipe name.")
-    version: str = Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+(\.[a-z0-9]+)?$", description="dstack OS version, e.g. 0.5.11.")
+    version: str = Field(description="dstack OS release with GCP (UKI) output: 0.6.0.a2 (Dstack-TEE/meta-dstack).")
+    cmdline_overrides: dict[str, str] = Field(
+        default_factory=dict, description="Kernel parameters of the pinned release to set, by exact name "
+        "(dstack.rootfs_device, dstack.data_device). dstack.rootfs_hash/rootfs_size are build outputs.")
 
 
 class PrebuiltTarball(Model):
@@ -541,6 +545,23 @@ class AppConfig(Model):
     phala: PhalaTarget | None = Field(None, description="phala target settings.")
 
 
+class RecipeHost(Model):
+    machine_type: str | None = Field(None, description="Build host machine type (default per recipe).")
+    disk_gb: int | None = Field(None, ge=50, description="Build disk size in GB (default per recipe).")
+    disk_type: Literal["pd-ssd", "pd-balanced"] = Field("pd-ssd", description="Build disk type.")
+    timeout_minutes: int | None = Field(None, ge=10, description="How long `pulumi up` waits for the build.")
+
+
+class BuildHostConfig(Model):
+    """images stack: the ephemeral VMs that build images (no SSH, no external address)."""
+
+    boot_image: GceImageLink = Field(description="Build host boot image, pinned by self link (a family moves).")
+    zone: Zone | None = Field(None, description="Zone of the build hosts (default: <gcp:region>-a).")
+    poll_seconds: int = Field(60, ge=5, description="How often the wait step looks for the build's outputs.")
+    recipes: dict[Literal["tplus-overlay", "dstack-os"], RecipeHost] = Field(
+        default_factory=dict, description="Per-recipe sizing.")
+
+
 class PolicyConfig(Model):
     """How the policy rules apply to this stack (the defaults follow the tier)."""
 
@@ -600,6 +621,10 @@ class FleetConfig(Model):
     registry: RegistryConfig = Field(default_factory=RegistryConfig,
                                      description="bootstrap stack: Artifact Registry cleanup.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Policy rule settings.")
+    build_for: list[ShortName] = Field(
+        default_factory=list, description="images stack: the env stacks whose declared images and containers it "
+        "builds (their stack files are read from this repository).")
+    build_host: BuildHostConfig | None = Field(None, description="images stack: build host settings.")
     adopt: dict[str, str] = Field(
         default_factory=dict,
         description="Adopt resources created by hand: logical resource name -> import id (e.g. "
@@ -732,6 +757,7 @@ def load(
 
     config = StackConfig(stack=stack, source=source, gcp=gcp, fleet=fleet)
     problems = semantic_problems(config)
+    problems += build_problems(config, source, root)
     if root is not None:
         from .apps import app_problems
 
@@ -739,6 +765,19 @@ def load(
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def build_problems(config: StackConfig, source: str, root: "Path | None") -> list[Problem]:
+    """Recipe inputs checked by the recipes themselves (commits, sha256s, output parameters)."""
+    from .images import build_inputs
+    from .recipes import validate_build
+
+    out = []
+    for key, image in sorted(config.fleet.images.items()):
+        if image.build is not None:
+            out += [Problem(source, path, message) for path, message in
+                    validate_build(build_inputs(image), key=key, root=root)]
+    return out
 
 
 def _unknown_top_level(name: str, fleet_keys: list[str]) -> str:

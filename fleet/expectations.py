@@ -32,7 +32,13 @@ def node_expectation(node: NodeSpec) -> dict[str, Any]:
             "machine_type": node.machine_type}
 
 
-def app_expectation(app: AppPlan, nodes: list[NodeSpec]) -> dict[str, Any]:
+def _guest_version(app: AppPlan, nodes: list[NodeSpec], os_versions: dict[str, str]) -> str:
+    """The dstack version whose events the guest emits: the OS image's release on gce nodes."""
+    versions = {os_versions[n.image_key] for n in nodes if n.image_key in os_versions}
+    return versions.pop() if len(versions) == 1 else app.config.dstack_version
+
+
+def app_expectation(app: AppPlan, nodes: list[NodeSpec], os_versions: dict[str, str] | None = None) -> dict[str, Any]:
     extra = {"identity": app.identity, "stateful": app.config.stateful, "values": app.provenance,
              "target": app.target}
     if app.app_compose is None:
@@ -44,8 +50,17 @@ def app_expectation(app: AppPlan, nodes: list[NodeSpec]) -> dict[str, Any]:
         os_image_hash = hashes.pop() if len(hashes) == 1 else PENDING
         machine_type = nodes[0].machine_type
     kms_pinned = app.config.kms.app_id if app.config.kms and app.config.kms.app_id else None
+    version = _guest_version(app, nodes, os_versions or {})
+    try:
+        measure.measurement_profile("dstack-os", version, app.config.key_provider)
+    except measure.UnknownProfile as exc:
+        derived = None if app.config.key_provider == "kms" else app.app_compose.app_id
+        return {"kind": "dstack-app", "profile": f"none for dstack {version}", "compose_hash": app.compose_hash,
+                "app_id": kms_pinned or derived or measure.KNOWN_AT_BOOT, "os_image_hash": os_image_hash,
+                "rtmr3_events": [], "rtmr3": f"no measurement profile for dstack {version} yet ({exc})",
+                "machine_type": machine_type, **extra}
     out = measure.expected_measurements(
-        app.app_compose.data, dstack_version=app.config.dstack_version, os_image_hash=os_image_hash,
+        app.app_compose.data, dstack_version=version, os_image_hash=os_image_hash,
         app_id=kms_pinned, key_provider_id=(app.config.kms.key_provider_id or None) if app.config.kms else None,
         image_digests={k: f"sha256:{v}" for k, v in app.image_digest_events.items()}, machine_type=machine_type)
     if app.provenance == "reported":
@@ -58,9 +73,15 @@ def app_expectation(app: AppPlan, nodes: list[NodeSpec]) -> dict[str, Any]:
     return out
 
 
-def plan_measurements(fleet: Fleet, apps: list[AppPlan]) -> dict[str, Any]:
+def plan_measurements(fleet: Fleet, apps: list[AppPlan], os_versions: dict[str, str] | None = None) -> dict[str, Any]:
+    """``os_versions``: image key -> dstack release of the dstack-os images the stack builds."""
     out: dict[str, Any] = {f"node:{n.key}": node_expectation(n) for n in fleet.nodes}
     for app in apps:
         nodes = [n for n in fleet.nodes if app.target == "gce" and n.identity.group == app.config.nodes]
-        out[f"app:{app.name}"] = app_expectation(app, nodes)
+        out[f"app:{app.name}"] = app_expectation(app, nodes, os_versions)
     return out
+
+
+def os_versions(config) -> dict[str, str]:
+    return {key: source.build.version for key, source in config.fleet.images.items()
+            if source.build is not None and source.build.recipe == "dstack-os"}

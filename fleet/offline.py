@@ -122,6 +122,19 @@ COMPUTED: dict[str, Callable[[Context], dict[str, Any]]] = {
     "gcp:compute/resourcePolicy:ResourcePolicy": _self_link("regions", "resourcePolicies"),
     "gcp:compute/diskResourcePolicyAttachment:DiskResourcePolicyAttachment": _fields(),
     "command:local:Command": lambda c: {"stdout": command_stdout(c), "stderr": ""},
+    # a build host's guest binary, uploaded next to its artifacts (components/buildhost.py)
+    "gcp:storage/bucketObject:BucketObject": _fields(
+        selfLink=lambda c: f"https://www.googleapis.com/storage/v1/b/{c.inputs.get('bucket')}/o/{c.gcp_name}",
+        mediaLink=lambda c: f"https://storage.googleapis.com/download/storage/v1/b/{c.inputs.get('bucket')}/o/"
+                            f"{c.gcp_name}?alt=media",
+        outputName=lambda c: c.gcp_name, generation=lambda c: int(c.digest("generation")[:12], 16),
+        crc32c=lambda c: c.digest("crc32c")[:6] + "==", md5hash=lambda c: c.digest("md5")[:22] + "==",
+        contentType=lambda c: "application/octet-stream"),
+    # pulumi-docker: the manifest digest of the push (deterministic stand-in)
+    "docker:index/image:Image": _fields(
+        repoDigest=lambda c: f"{str(c.inputs.get('imageName', '')).rsplit(':', 1)[0]}@sha256:{c.digest('push')}",
+        baseImageName=lambda c: c.inputs.get("imageName"), context=lambda c: (c.inputs.get("build") or {}).get("context"),
+        dockerfile=lambda c: (c.inputs.get("build") or {}).get("dockerfile"), platform=lambda c: "linux/amd64"),
     "gcp:projects/service:Service": _fields(),
     "gcp:storage/bucket:Bucket": _fields(url=lambda c: f"gs://{c.gcp_name}",
                                          selfLink=lambda c: f"https://www.googleapis.com/storage/v1/b/{c.gcp_name}"),
@@ -145,12 +158,31 @@ COMPUTED: dict[str, Callable[[Context], dict[str, Any]]] = {
     "gcp:artifactregistry/repository:Repository": _fields(
         name=lambda c: f"projects/{c.project_id}/locations/{c.inputs.get('location')}/repositories/"
                        f"{c.inputs.get('repositoryId')}", createTime=lambda c: "2026-01-01T00:00:00Z"),
+    # an app's VM on a dstack VMM host (components/vmm.py, dynamic provider): the VMM's VM id (a UUID),
+    # its status and app id, and, with secret env, a blob of the encrypted env's shape (32-byte key, IV,
+    # ciphertext) with its keyed digest
+    "pulumi-python:dynamic/vmm:Vm": _fields(
+        vmId=lambda c: str(__import__("uuid").UUID(c.digest("vm-id")[:32])), status=lambda c: "running",
+        vmAppId=lambda c: c.inputs.get("appId"),
+        encryptedEnv=lambda c: (c.digest("env-pub") + c.digest("env-iv")[:24] + c.digest("env-ct")
+                                if c.inputs.get("secretEnv") else ""),
+        envKey=lambda c: c.digest("env-key") if c.inputs.get("secretEnv") else "",
+        envDigest=lambda c: c.digest("env-digest") if c.inputs.get("secretEnv") else "",
+        kmsSigner=lambda c: "0x02" + c.digest("kms-signer") if c.inputs.get("secretEnv") else ""),
 }
 
 # Generated command scripts name their step on a line `# dstack-fleet:step=<name>`; a step whose
 # output the program parses registers a stand-in here that produces output of the same shape.
 STEP_MARK = "# dstack-fleet:step="
-COMMAND_STEPS: dict[str, Callable[[Context], str]] = {}
+COMMAND_STEPS: dict[str, Callable[[Context], str]] = {
+    # The BuildHost's wait step prints the build's outputs.json. Offline stand-in: an outputs.json of
+    # the real shape whose values are fake, derived from the step's URN (fleet/buildscript.py, imported
+    # when first used so that this module stays free of the build code).
+    "build-wait": lambda ctx: __import__("fleet.buildscript", fromlist=["offline_wait_stdout"]).offline_wait_stdout(ctx),
+    # An app's Phala deploy step prints `phala cvms get <name> --json`; the stand-in is a document of that
+    # shape with fake values derived from the step's URN (components/phala.py).
+    "phala-deploy": lambda ctx: __import__("components.phala", fromlist=["offline_cvm_stdout"]).offline_cvm_stdout(ctx),
+}
 
 
 def command_step(script: object) -> str | None:

@@ -30,7 +30,7 @@ ALLOWED_ROLES = {
     "ci-images": {"roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
                   "roles/iam.serviceAccountUser", "roles/storage.objectAdmin", "roles/artifactregistry.writer",
                   "roles/storage.objectViewer", "roles/cloudkms.cryptoKeyEncrypterDecrypter"},
-    "builder": {"roles/logging.logWriter", "roles/storage.objectCreator", "roles/storage.objectViewer"},
+    "builder": {"roles/logging.logWriter", "roles/storage.objectAdmin"},
     "node-overlay": {"roles/logging.logWriter", "roles/monitoring.metricWriter"},
     "node-dstack": {"roles/logging.logWriter", "roles/monitoring.metricWriter", "roles/artifactregistry.reader"},
     "compute-agent": {"roles/storage.objectViewer"},

@@ -1,0 +1,61 @@
+"""The images stack builds exactly what the env stacks declare and the lock lacks, and its outputs
+flow through `make lock` into the env stacks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from fleet import lock as fleet_lock
+from fleet.plan import build_plan
+from fleet.values import reveal
+
+from .conftest import ROOT
+
+
+def env_input_hashes(root):
+    from fleet import images as fleet_images
+    from fleet.naming import Namer
+    from fleet.plan import load_config
+
+    out = {}
+    for stack in ("dev", "staging", "prod"):
+        _, config = load_config(root, stack)
+        namer = Namer(config.fleet.name_prefix, stack, config.gcp.project)
+        for key, version in fleet_images.resolve_for_stack(config, fleet_lock.load(root), namer).items():
+            if version.origin == "build":
+                out[(stack, key)] = version.content_hash
+    return out
+
+
+def test_one_build_host_per_input_hash_the_env_stacks_declare():
+    plan = build_plan(ROOT, "images")
+    hosts = [r for r in plan.resources if r.type == "dstack-fleet:images:BuildHost"]
+    wanted = set(env_input_hashes(ROOT).values())
+    assert {r.name for r in hosts} == {f"build-{h[:12]}" for h in wanted}
+    assert set(plan.outputs["builds"]["images"]) == wanted
+    for r in plan.resources:
+        if r.type == "gcp:compute/instance:Instance":
+            assert "accessConfigs" not in r.inputs["networkInterfaces"][0]
+            assert "cloud-platform" not in json.dumps(r.inputs["serviceAccount"])
+            assert r.inputs["bootDisk"]["initializeParams"]["image"].startswith("projects/ubuntu-os-cloud/global/images/")
+    assert [r.name for r in plan.resources if r.type == "docker:index/image:Image"] == ["container-hello"]
+
+
+def test_lock_entries_flow_into_the_env_stacks(project):
+    shutil.copytree(ROOT / "apps", project.root / "apps")
+    images = build_plan(project.root, "images")
+    entries = reveal(images.update_run.outputs["lockEntries"])
+    merged, changes = fleet_lock.merge(fleet_lock.load(project.root), {"lockEntries": entries})
+    assert len(changes) == len(set(env_input_hashes(project.root).values())) + 1
+    fleet_lock.write(project.root, merged)
+    # built and locked: the images stack no longer builds them ...
+    again = build_plan(project.root, "images")
+    assert not [r for r in again.resources if r.type == "dstack-fleet:images:BuildHost"]
+    assert not [r for r in again.resources if r.type == "docker:index/image:Image"]
+    # ... and the env stacks create GCP images from the locked artifacts
+    prod = build_plan(project.root, "prod")
+    assert prod.outputs["images"]["overlay-3eb04ca"]["status"] == "built"
+    assert [r for r in prod.resources if r.type == "gcp:compute/image:Image" and r.name.startswith("image-")]
+    dev = build_plan(project.root, "dev")
+    assert dev.outputs["apps"]["hello-dev"]["pending"] == []
