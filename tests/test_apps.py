@@ -118,7 +118,8 @@ def test_a_locked_container_build_gives_a_pinned_compose(project):
         "image": "us-central1-docker.pkg.dev/acme-tee-ops/fleet/hello", "digest": "sha256:" + "4" * 64,
         "digest_kind": "manifest", "source": "test fixture"}}}))
     _, config = load_config(project.root, "dev")
-    (hello,) = fleet_apps.plan_apps(config, fleet_lock.load(project.root), project.root, "r")
+    (hello,) = [a for a in fleet_apps.plan_apps(config, fleet_lock.load(project.root), project.root, "r")
+                if a.key == "hello"]
     assert hello.images == [("services.hello.image",
                              "us-central1-docker.pkg.dev/acme-tee-ops/fleet/hello@sha256:" + "4" * 64)]
     assert "image: us-central1-docker.pkg.dev/acme-tee-ops/fleet/hello@sha256:" in hello.compose_text

@@ -71,7 +71,7 @@ BAD_CONFIGS = [
     ("machine-metal", lambda c: _nodes(c)[0].update(machineType="c3-highcpu-192-metal"),
      "dstack-fleet:nodes[0].machineType", "has local SSD or is bare metal"),
     ("duplicate-group", lambda c: _nodes(c).append(dict(_nodes(c)[0], addresses={"offset": 200})),
-     "dstack-fleet:nodes[1].name", "group 'overlay' is already declared at nodes[0]"),
+     "dstack-fleet:nodes[2].name", "group 'overlay' is already declared at nodes[0]"),
     ("bad-cidr", lambda c: c["dstack-fleet:network"]["subnets"].update({"us-central1": "10.300.0.0/20"}),
      "dstack-fleet:network.subnets.us-central1", "is not an IPv4 CIDR block"),
     ("public-cidr", lambda c: c["dstack-fleet:network"]["subnets"].update({"us-central1": "8.8.0.0/20"}),
@@ -81,7 +81,7 @@ BAD_CONFIGS = [
      "dstack-fleet:network.subnets.europe-west4", "is missing: region 'europe-west4' is used"),
     ("overlapping-blocks", lambda c: _nodes(c).append(
         {"name": "second", "kind": "overlay", "count": 2, "zones": ["us-central1-a"], "addresses": {"offset": 11}, "image": "overlay-3eb04ca"}),
-     "dstack-fleet:nodes[1].addresses", "overlaps group 'overlay'"),
+     "dstack-fleet:nodes[2].addresses", "overlaps group 'overlay'"),
     ("block-too-big", lambda c: _nodes(c)[0].update(addresses={"offset": 4093}),
      "dstack-fleet:nodes[0].addresses.offset", "does not fit 10.30.0.0/20"),
     ("too-few-pins", lambda c: _nodes(c)[0].update(addresses={"pins": ["10.30.0.10"]}),
@@ -176,7 +176,9 @@ def test_top_level_scalars_are_strings_as_the_cli_passes_them(project):
     project.write_stack("scalars", {"gcp:project": "acme-tee-dev", "gcp:region": "us-central1",
                                     "dstack-fleet:role": "images", "dstack-fleet:namePrefix": "abc",
                                     "dstack-fleet:network": {"subnets": {"us-central1": "10.0.0.0/24"}},
-                                    "dstack-fleet:bootstrap": {"project": "acme-tee-ops"}})
+                                    "dstack-fleet:bootstrap": {"project": "acme-tee-ops"},
+                                    "dstack-fleet:buildHost": {
+                                        "bootImage": "projects/ubuntu-os-cloud/global/images/ubuntu-2404-noble-amd64-v20251205"}})
     sf = stackfile.read(project.root, "scalars")
     assert all(isinstance(v, (str, dict, list)) for v in sf.config.values())
     assert load(project, "scalars").fleet.name_prefix == "abc"

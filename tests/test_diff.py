@@ -34,10 +34,10 @@ def prod_doc():
 
 
 def known_change(prod_doc):
-    """The golden example: prod's machine type changes (every node stops) and one node is added."""
+    """The golden example: the overlay group's machine type changes (every overlay node stops)."""
     head = copy.deepcopy(prod_doc)
     for r in head["resources"]:
-        if r["type"] == "gcp:compute/instance:Instance":
+        if r["type"] == "gcp:compute/instance:Instance" and r["inputs"]["labels"]["group"] == "overlay":
             r["inputs"]["machineType"] = "c3-standard-22"
     return head
 

@@ -23,6 +23,11 @@ from .conftest import ROOT, stack_config
 IMAGE_TYPE = "gcp:compute/image:Image"
 
 
+def version_images(plan):
+    """The GCP images of image versions (not configuration or data-disk images)."""
+    return [r for r in plan.resources if r.type == IMAGE_TYPE and "dstack-fleet:images:GcpImage$" in r.urn]
+
+
 def built_entry(input_hash: str, recipe: str = "tplus-overlay", generation="1712000000000000", crc="q1w2e3==") -> dict:
     return {"recipe": recipe, "label": f"{recipe} test build", "source": "test fixture",
             "artifact": {"url": f"gs://acme-tee-build-fleet-images/{input_hash}/disk.tar.gz",
@@ -51,7 +56,7 @@ def two_versions(c):
 
 def test_pending_image_plans_with_a_warning_and_no_image_resource():
     plan = build_plan(ROOT, "prod")
-    assert not [r for r in plan.resources if r.type == IMAGE_TYPE]
+    assert not version_images(plan)
     summary = plan.outputs["images"]["overlay-3eb04ca"]
     assert summary["status"] == "pending" and summary["artifactSha256"] == fleet_lock.PENDING
     assert any("'overlay-3eb04ca' is pending build" in w for w in plan.warnings)
@@ -60,8 +65,8 @@ def test_pending_image_plans_with_a_warning_and_no_image_resource():
 def test_built_image_is_one_resource_checked_before_creation(project):
     lock_all(project, "prod")
     plan = build_plan(project.root, "prod")
-    (image,) = [r for r in plan.resources if r.type == IMAGE_TYPE]
     digest = input_hashes(project.root, "prod")["overlay-3eb04ca"]
+    (image,) = [r for r in version_images(plan) if r.name == f"image-{digest[:12]}"]
     assert image.name == f"image-{digest[:12]}"
     assert image.inputs["rawDisk"]["source"] == (
         f"https://storage.googleapis.com/acme-tee-build-fleet-images/{digest}/disk.tar.gz")
@@ -70,7 +75,7 @@ def test_built_image_is_one_resource_checked_before_creation(project):
     assert NAME_RE.match(image.inputs["name"]) and len(image.inputs["name"]) <= 63
     assert all(LABEL_VALUE_RE.match(v) for v in image.inputs["labels"].values())
     assert digest in image.inputs["description"]  # the full hash lives in the description
-    (check,) = [r for r in plan.resources if r.type == "command:local:Command"]
+    (check,) = [r for r in plan.resources if r.name == f"image-{digest[:12]}-integrity"]
     assert check.urn in image.dependencies
     assert plan.outputs["images"]["overlay-3eb04ca"]["artifactSha256"] == "5" * 64
 
@@ -79,8 +84,8 @@ def test_each_version_is_its_own_resource_and_old_versions_stay(project):
     project.mutate("prod", "waves", two_versions)
     lock_all(project, "waves")
     plan = build_plan(project.root, "waves")
-    names = sorted(r.name for r in plan.resources if r.type == IMAGE_TYPE)
-    assert len(names) == 2
+    names = sorted(r.name for r in version_images(plan))
+    assert len(names) == 3  # two overlay versions and the dstack OS image
     # the wave finishes: no node uses the old version, which stays until removed deliberately
     def finished(c):
         two_versions(c)
@@ -88,7 +93,7 @@ def test_each_version_is_its_own_resource_and_old_versions_stay(project):
 
     project.mutate("prod", "waves", finished)
     plan = build_plan(project.root, "waves")
-    assert sorted(r.name for r in plan.resources if r.type == IMAGE_TYPE) == names
+    assert sorted(r.name for r in version_images(plan)) == names
     assert any("'overlay-3eb04ca' is declared but no node uses it" in w for w in plan.warnings)
 
 
@@ -100,11 +105,11 @@ def test_identical_inputs_share_one_image(project):
     project.mutate("prod", "alias", alias)
     lock_all(project, "alias")
     plan = build_plan(project.root, "alias")
-    assert len([r for r in plan.resources if r.type == IMAGE_TYPE]) == 1
+    assert len(version_images(plan)) == 2  # the shared overlay version and the dstack OS image
 
 
 def test_real_up_refuses_pending_images_in_prod_but_not_dev():
-    with pytest.raises(pulumi.RunError, match="prod refuses pending images overlay-3eb04ca"):
+    with pytest.raises(pulumi.RunError, match="prod refuses pending images dstack-0-6-0-a2, overlay-3eb04ca"):
         run_program(ROOT, stack="prod", config=stack_config("prod"), preview=False, as_deployment=True)
     from fleet import stackfile
 
@@ -139,7 +144,7 @@ def test_prebuilt_tarball_and_existing_image(project):
 
     project.mutate("prod", "prebuilt", prebuilt)
     plan = build_plan(project.root, "prebuilt")
-    (image,) = [r for r in plan.resources if r.type == IMAGE_TYPE]
+    (image,) = [r for r in version_images(plan) if r.name == f"image-{'7' * 12}"]
     assert image.inputs["rawDisk"]["source"] == "https://storage.googleapis.com/acme-legacy/overlay/disk.tar.gz"
     assert plan.outputs["images"]["old-image"]["osImageHash"] == "8" * 64
     assert plan.outputs["images"]["old-image"]["name"] == (

@@ -56,8 +56,8 @@ def test_explicit_topology_reachability():
 
 def test_node_outputs_show_every_peer_list_at_plan_time():
     plan = build_plan(__import__("tests.conftest", fromlist=["ROOT"]).ROOT, "prod")
-    nodes = plan.outputs["nodes"]
-    assert len(nodes) == 5 and not contains_unknown(nodes)
+    nodes = {k: v for k, v in plan.outputs["nodes"].items() if v["kind"] == "overlay"}
+    assert len(nodes) == 5 and not contains_unknown(plan.outputs["nodes"])
     assert nodes["overlay-3"]["peers"] == ["10.30.0.10:5000", "10.30.0.11:5000", "10.30.0.12:5000",
                                            "10.30.0.14:5000"]
     assert {n["delivery"] for n in nodes.values()} == {"baked"}
@@ -73,8 +73,9 @@ def test_firewall_opens_only_the_overlay_port_between_overlay_nodes():
     assert rule.inputs["allows"] == [{"protocol": "udp", "ports": ["5000"]}]
     assert rule.inputs["sourceTags"] == rule.inputs["targetTags"] == ["fleet-prod-overlay-members"]
     assert "sourceRanges" not in rule.inputs
-    instance = next(r for r in plan.resources if r.type == "gcp:compute/instance:Instance")
-    assert "fleet-prod-overlay-members" in instance.inputs["tags"]
+    instances = {r.name: r for r in plan.resources if r.type == "gcp:compute/instance:Instance"}
+    assert "fleet-prod-overlay-members" in instances["overlay-0"].inputs["tags"]
+    assert "fleet-prod-overlay-members" not in instances["apps-0"].inputs["tags"]  # dstack nodes stay out
 
 
 @pytest.mark.parametrize("change,path,message", [
@@ -105,6 +106,6 @@ def test_metadata_delivery_is_allowed_outside_prod_and_marked(project):
 
     plan = build_plan(ROOT, "dev")
     assert plan.outputs["overlay"]["delivery"] == "metadata"
-    instance = next(r for r in plan.resources if r.type == "gcp:compute/instance:Instance")
+    instance = next(r for r in plan.resources if r.type == "gcp:compute/instance:Instance" and r.name == "overlay-0")
     assert instance.inputs["metadata"]["overlay-genesis"] in ("true", "false")
     assert instance.options["replaceOnChanges"] == ["metadata"]
