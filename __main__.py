@@ -4,9 +4,11 @@ Read this file as the table of contents: the core (``fleet``) decides names, add
 measurements; each component under ``components/`` turns one of those decisions into resources.
 """
 
+import json
 from pathlib import Path
 
 import pulumi
+import pulumi_command as command
 
 from components import adopt
 from components.bootstrap.buckets import Buckets
@@ -29,7 +31,7 @@ from fleet import builds as fleet_builds
 from fleet import images as fleet_images
 from fleet import nodes as fleet_nodes
 from fleet.configdisk import Upload
-from fleet.expectations import os_versions, plan_measurements
+from fleet.expectations import os_versions, plan_measurements, verify_script
 from fleet.naming import Namer
 from fleet.offline import is_real_update
 from fleet.network import network_spec, public_ingress
@@ -71,6 +73,7 @@ def env() -> None:
     data_image = None
     if any(n.identity.kind == "dstack" for n in fleet.nodes):
         data_image = DataDiskImage(upload=upload, project=config.gcp.project, namer=namer, labels=namer.labels())
+    deployed: dict[str, list[pulumi.Resource]] = {}  # what each app runs on, for the post-deploy check
     for spec in fleet.nodes:
         if spec.image.pending and is_real_update():
             pulumi.log.warn(f"node {spec.key} waits for image {spec.image_key!r} (pending build); skipped")
@@ -89,17 +92,29 @@ def env() -> None:
         if files is None:
             pulumi.log.warn(f"dstack node {spec.key} waits for its app's images (pending build); skipped")
             continue
-        DstackNode(spec, files=files, upload=upload, namer=namer, data_image=data_image.image, **common)
+        deployed.setdefault(spec.identity.group, []).append(
+            DstackNode(spec, files=files, upload=upload, namer=namer, data_image=data_image.image, **common))
     for app in apps:
         if app.pending:
             pulumi.log.warn(f"app {app.name} waits for container images {', '.join(app.pending)} (pending build)")
+    measurements = plan_measurements(fleet, apps, os_versions(config))
+    for app in apps:
+        if app.config.verify is not None and not app.pending:
+            target = f"app:{app.name}"
+            command.local.Command(
+                f"verify-{app.key}",
+                create=verify_script(target, app.config.verify.info_url, app.config.verify.quote_url),
+                stdin=json.dumps({"measurements": {target: measurements[target]}}, sort_keys=True),
+                triggers=[json.dumps(measurements[target], sort_keys=True)],
+                interpreter=["/bin/bash", "-c"],
+                opts=pulumi.ResourceOptions(depends_on=deployed.get(app.config.nodes or "", [])))
 
     pulumi.export("network", network.network.self_link)
     pulumi.export("subnets", network.summary)
     pulumi.export("images", {key: version.summary() for key, version in versions.items()})
     pulumi.export("nodes", {spec.key: spec.summary() for spec in fleet.nodes})
     pulumi.export("apps", {app.name: app.summary() for app in apps})
-    pulumi.export("measurements", plan_measurements(fleet, apps, os_versions(config)))
+    pulumi.export("measurements", measurements)
     if fleet.overlay is not None and fleet.overlay.delivery == "metadata":
         pulumi.log.warn("overlay peer delivery 'metadata' is UNSAFE: peers come from host-controlled, unmeasured "
                         "instance metadata and the overlay does not check peer measurements; use 'baked' for "

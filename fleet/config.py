@@ -515,6 +515,15 @@ class PhalaTarget(Model):
     ports: list[Port] = Field(default_factory=list, description="Ports served through the gateway.")
 
 
+class VerifyConfig(Model):
+    """After each deploy, fetch the app's attestation and check it against the plan (off unless set)."""
+
+    info_url: str = Field(pattern=r"^https?://[^\s'\"]+$", description="URL of the guest agent's Info response "
+                          "(JSON with tcb_info), e.g. the app's guest-agent port through the dstack gateway.")
+    quote_url: str | None = Field(None, pattern=r"^https?://[^\s'\"]+$",
+                                  description="URL of a GetQuote response; its MRs are compared with the TcbInfo.")
+
+
 class AppConfig(Model):
     """A dstack app: its compose, its identity, and where it runs."""
 
@@ -543,6 +552,8 @@ class AppConfig(Model):
     user_config: str | None = Field(None, description="Unmeasured .user-config text (host-controlled).")
     vmm: VmmTarget | None = Field(None, description="vmm target settings.")
     phala: PhalaTarget | None = Field(None, description="phala target settings.")
+    verify: VerifyConfig | None = Field(None, description="Optional post-deploy check of the app's attestation "
+                                        "against its expected measurements.")
 
 
 class RecipeHost(Model):

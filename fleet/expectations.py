@@ -85,3 +85,27 @@ def plan_measurements(fleet: Fleet, apps: list[AppPlan], os_versions: dict[str, 
 def os_versions(config) -> dict[str, str]:
     return {key: source.build.version for key, source in config.fleet.images.items()
             if source.build is not None and source.build.recipe == "dstack-os"}
+
+
+VERIFY_PYTHON = ".venv/bin/python"  # the project's interpreter, relative to the project root
+
+
+def verify_script(target: str, info_url: str, quote_url: str | None) -> str:
+    """Bash: fetch the app's TcbInfo (and quote), then ``fleet verify`` it against the expectation
+    given on stdin (``{"measurements": {target: ...}}``). Runs from the project root after deploy."""
+    import shlex
+
+    lines = [
+        "set -euo pipefail",
+        "# dstack-fleet:step=verify",
+        'work=$(mktemp -d)',
+        'trap \'rm -rf "$work"\' EXIT',
+        'cat > "$work/plan.json"',
+        f'curl -fsS --retry 10 --retry-delay 15 --retry-all-errors {shlex.quote(info_url)} -o "$work/info.json"',
+        f'args=(--tcb-info "$work/info.json" --plan "$work/plan.json" --target {shlex.quote(target)})',
+    ]
+    if quote_url:
+        lines += [f'curl -fsS --retry 5 {shlex.quote(quote_url)} -o "$work/quote.json"',
+                  'args+=(--quote "$work/quote.json")']
+    lines.append(f'{VERIFY_PYTHON} -m fleet verify "${{args[@]}}"')
+    return "\n".join(lines) + "\n"
