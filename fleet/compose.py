@@ -474,17 +474,26 @@ KNOWN_DSTACK_RELEASES = (
     "0.4.2", "0.5.0", "0.5.1", "0.5.2", "0.5.3", "0.5.4", "0.5.5", "0.5.6", "0.5.7", "0.5.8", "0.5.9",
     "0.5.10", "0.5.11",
 )
+# dstack OS releases (Dstack-TEE/meta-dstack tags) that build an untagged dstack commit, with the
+# vmm-cli.py of that commit. 0.6.0.a2 (meta-dstack 86be7d60252f82ff1c9c8ac2a083d0a2e08c7a9e) pins
+# Dstack-TEE/dstack f1ba0a22a961e8bdae110c7b1a796bc56dfd10a8, whose vmm/src/vmm-cli.py differs from
+# v0.5.11 only in `compose --key-provider` accepting "tpm": the same fields in the same order.
+DSTACK_OS_COMPOSE_RELEASES = ("0.6.0.a2",)
+_ALL_RELEASES = KNOWN_DSTACK_RELEASES + DSTACK_OS_COMPOSE_RELEASES
+_TPM_SINCE = (0, 6, 0)  # vmm-cli's --key-provider tpm: the 0.6.0.a2 pre-release on
 MIB = 1024 * 1024
 
 
 class KeyProvider(str, Enum):
     """Where the CVM's keys come from. ``local`` is dstack's local-sgx provider (needs SGX on the
     host, so not on GCP); ``kms`` is dstack-kms, and the app-id then comes from the KMS, not from
-    the compose hash."""
+    the compose hash; ``tpm`` (dstack OS 0.6.0.a2) seals the key seed in the vTPM, and the guest
+    only recognizes it from an explicit ``key_provider`` field."""
 
     NONE = "none"
     LOCAL = "local"
     KMS = "kms"
+    TPM = "tpm"
 
 
 class Serialization(str, Enum):
@@ -548,10 +557,11 @@ _HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 
 def _release(version: str) -> tuple[int, ...]:
-    if version not in KNOWN_DSTACK_RELEASES:
+    """``0.5.11`` -> (0, 5, 11); a pre-release such as ``0.6.0.a2`` compares as its release."""
+    if version not in _ALL_RELEASES:
         raise ComposeError([("dstack_version", f"{version!r} is not a dstack release whose vmm-cli field set is "
-                                               f"known; use one of {', '.join(KNOWN_DSTACK_RELEASES)}")])
-    return tuple(int(part) for part in version.split("."))
+                                               f"known; use one of {', '.join(_ALL_RELEASES)}")])
+    return tuple(int(part) for part in version.split(".")[:3])
 
 
 def _settings_problems(settings: AppComposeSettings) -> list[ProblemEntry]:
@@ -563,7 +573,7 @@ def _settings_problems(settings: AppComposeSettings) -> list[ProblemEntry]:
         problems.append(("runner", f"{settings.runner!r} is not supported; only docker-compose (vmm-cli writes "
                                    "no other runner)"))
     if not isinstance(settings.key_provider, KeyProvider):
-        problems.append(("key_provider", f"{settings.key_provider!r} is not one of none, local, kms"))
+        problems.append(("key_provider", f"{settings.key_provider!r} is not one of none, local, kms, tpm"))
     if settings.key_provider_id:
         if not isinstance(settings.key_provider_id, str) or not _HEX.fullmatch(settings.key_provider_id):
             problems.append(("key_provider_id", "must be hex bytes (the guest decodes it as hex)"))
@@ -628,7 +638,9 @@ def app_compose_fields(settings: AppComposeSettings, dstack_version: str) -> dic
       ``pre_launch_script`` holds the script text;
     * 0.5.4: key_provider_id defaults to "", secure_time follows ``--secure-time``;
     * 0.5.5: + swap_size (bytes, only when > 0);
-    * 0.5.6 to 0.5.11: + key_provider (only with ``--key-provider``), after secure_time.
+    * 0.5.6 to 0.5.11: + key_provider (only with ``--key-provider``), after secure_time;
+    * 0.6.0.a2 (the dstack OS pre-release, dstack commit f1ba0a22): as 0.5.11, and
+      ``--key-provider`` also takes ``tpm`` (written only as ``key_provider``).
 
     Fields the guest reads but vmm-cli never writes (public_tcbinfo since 0.5.1, init_script and
     storage_fs since 0.5.5, per dstack's docs/security/cvm-boundaries.md) are appended in that
@@ -662,6 +674,13 @@ def app_compose_fields(settings: AppComposeSettings, dstack_version: str) -> dic
         fields["secure_time"] = True
     elif settings.secure_time:
         problems.append(("secure_time", f"dstack {dstack_version} has no secure_time; it needs 0.5.0 or later"))
+    if settings.key_provider is KeyProvider.TPM:
+        if version < _TPM_SINCE:
+            problems.append(("key_provider", f"vmm-cli {dstack_version} has no --key-provider tpm and its guest "
+                                             "refuses the tpm provider; it needs 0.6.0.a2 or later"))
+        elif not settings.write_key_provider:
+            problems.append(("write_key_provider", "key_provider tpm has no *_enabled flag, so the guest would read "
+                                                   "no key provider; set write_key_provider"))
     if settings.write_key_provider:
         if version < (0, 5, 6):
             problems.append(("write_key_provider", f"vmm-cli {dstack_version} has no --key-provider; it needs "

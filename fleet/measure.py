@@ -1,8 +1,10 @@
 """Measurements a dstack guest will report, computed from exact bytes before anything is deployed.
 
-RTMR3 events follow dstack v0.5.x (``cc-eventlog/src/runtime_events.rs``, v1 digests). A
-*measurement profile*, keyed by (recipe, dstack version, key provider), says which events a guest
-emits and in which order; payloads we cannot know before the guest boots are marked as such.
+RTMR3 events follow dstack v0.5.x and the dstack OS 0.6.0.a2 (``cc-eventlog/src/runtime_events.rs``,
+v1 digests in both). A *measurement profile*, keyed by (recipe, dstack version, key provider), says
+which events a guest emits and in which order; payloads we cannot know before the guest boots are
+marked as such. A profile's version is a series (``0.5``: every 0.5.x) or one exact pre-release
+(``0.6.0.a2``), whose events need not match the final release.
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ def event_digest(event: str, payload: bytes) -> bytes:
     return hashlib.sha384(preimage).digest()
 
 
+def event_digest_sha256(event: str, payload: bytes) -> bytes:
+    """The same preimage as ``event_digest`` under SHA-256: what a GCP guest extends into vTPM
+    PCR 14 (``RuntimeEvent::sha256_digest``, dstack-attest ``emit_runtime_event``)."""
+    preimage = RUNTIME_EVENT_TYPE.to_bytes(4, "little") + b":" + event.encode("utf-8") + b":" + payload
+    return hashlib.sha256(preimage).digest()
+
+
 def replay(digests: Iterable[bytes]) -> bytes:
     """A register's value after extending 48 zero bytes with ``digests`` in order.
 
@@ -70,10 +79,31 @@ def app_id_from_compose_hash(compose_hash_hex: str) -> str:
     return compose_hash_hex[:40]
 
 
-def instance_id(instance_id_seed: bytes, app_id_hex: str) -> str:
-    """dstack v0.5.x: sha256(instance_id_seed || app_id)[:20], hex. (With ``no_instance_id`` the
-    guest uses an empty id instead; later releases on GCP also bind the vTPM attestation key.)"""
-    return hashlib.sha256(instance_id_seed + bytes.fromhex(app_id_hex)).digest()[:20].hex()
+def replay_sha256(digests: Iterable[bytes]) -> bytes:
+    """A SHA-256 register (GCP vTPM PCR 14) after extending 32 zero bytes with ``digests`` in
+    order, as dstack's verifier replays it (``cc_eventlog::replay_events::<Sha256>``)."""
+    register = bytes(32)
+    for digest in digests:
+        if len(digest) != 32:
+            raise ValueError(f"a SHA-256 digest is 32 bytes, got {len(digest)}")
+        register = hashlib.sha256(register + digest).digest()
+    return register
+
+
+def instance_id(instance_id_seed: bytes, app_id_hex: str, platform_binding: bytes = b"") -> str:
+    """sha256(instance_id_seed || app_id || platform_binding)[:20], hex. dstack v0.5.x has no
+    binding; the dstack OS 0.6.0.a2 on GCP appends ``gcp_instance_binding`` of the VM's vTPM
+    attestation key. (With ``no_instance_id`` the guest uses an empty id instead.)"""
+    return hashlib.sha256(instance_id_seed + bytes.fromhex(app_id_hex) + platform_binding).digest()[:20].hex()
+
+
+def gcp_instance_binding(ak_pub_area: bytes) -> bytes:
+    """dstack OS 0.6.0.a2 ``platform_instance_binding`` on GCP: sha256 of the marshaled TPMT_PUBLIC
+    of the vTPM's pre-provisioned attestation key (ECC, else RSA), recreated from the per-VM
+    endorsement seed: stable across reboots of one VM, new for every VM, readable only inside it."""
+    if not ak_pub_area:
+        raise ValueError("the vTPM attestation key public area is empty; the guest refuses to boot then")
+    return hashlib.sha256(ak_pub_area).digest()
 
 
 def key_provider_payload(name: str, provider_id: str) -> bytes:
@@ -151,6 +181,8 @@ class MeasurementProfile:
     optional_events: frozenset[str] = frozenset()  # may be absent (mr-kms: only with an attested KMS cert)
     key_provider_name: str | None = None  # the ``name`` in the key-provider event payload
     instance_id_binds_platform: bool = False  # instance-id also binds a per-VM key: unknown before boot
+    app_id_from_instance_info: bool = False  # app-id event is .instance_info's app_id in every mode
+    gcp_runtime_pcr: int | None = None  # on GCP the same events also extend this vTPM PCR (sha256)
     note: str = ""
 
     @property
@@ -162,8 +194,9 @@ class MeasurementProfile:
         return bool(self.boot_events)
 
 
-# The ``name`` a v0.5.x guest writes into its key-provider event, per app-compose key provider.
-KEY_PROVIDER_EVENT_NAMES = {"none": "none", "local": "local-sgx", "kms": "kms"}
+# The ``name`` a guest writes into its key-provider event, per app-compose key provider (``tpm``
+# only from the dstack OS 0.6.0.a2 on; v0.5.11 refuses it).
+KEY_PROVIDER_EVENT_NAMES = {"none": "none", "local": "local-sgx", "kms": "kms", "tpm": "tpm"}
 
 _V05_BEFORE_KEYS = ("system-preparing", "app-id", "compose-hash", "instance-id", "boot-mr-done")
 _V05_AFTER_KEYS = ("key-provider", "storage-fs", "system-ready")
@@ -188,6 +221,53 @@ PROFILES: dict[tuple[str, str, str], MeasurementProfile] = {
         note="KMS: app-id comes from the KMS (app contract), mr-kms from the KMS certificate",
     ),
 }
+
+# The dstack OS 0.6.0.a2 (Dstack-TEE/meta-dstack tag v0.6.0.a2, commit 86be7d60252f82ff1c9c8ac2a083d0a2e08c7a9e)
+# builds dstack-util and dstack-guest-agent from its `dstack` submodule (recipes-core/dstack-guest/
+# dstack-guest.bb rsyncs ../../../dstack): Dstack-TEE/dstack commit
+# f1ba0a22a961e8bdae110c7b1a796bc56dfd10a8 (2026-06-11, "feat(dstack-util): mix gcp vTPM AK pubkey into
+# instance_id"), 261 commits after tag v0.5.11, untagged (its Cargo.toml still says 0.5.11). Read there:
+# * dstack-util/src/system_setup.rs: the same emit_runtime_event calls in the same order as v0.5.11
+#   (measure_app_info, request_app_keys_from_kms_url, verify_app, setup_fs); no init-script-hash.
+#   Changed: measure_app_info emits instance_info.app_id (the compose-derived value only when
+#   .instance_info has none) in every mode, where v0.5.11 forced the compose-derived value without a
+#   KMS; instance_id = sha256(seed || app_id || platform_instance_binding())[:20], the binding being
+#   sha256 of the GCP vTPM AK public area (None elsewhere); the tpm key provider works
+#   (generate_tpm_app_keys; event {"name":"tpm","id":hex(app key public DER)}), v0.5.11 bailed.
+# * cc-eventlog/src/runtime_events.rs: unchanged from v0.5.11, v1 digest only (to_ne_bytes).
+# * dstack-attest/src/lib.rs: emit_runtime_event extends RTMR3 (sha384) and, on GCP
+#   (AttestationMode::DstackGcpTdx, tpm_runtime_pcr = 14), vTPM PCR 14 with the sha256 digest.
+# * dstack-types/src/lib.rs: identical to v0.5.11; AppCompose has no event_log_version field (serde
+#   ignores it), KeyProviderKind is none/kms/local/tpm.
+_V06A2 = "0.6.0.a2"
+_V06A2_NOTE = "; instance-id binds the VM's vTPM attestation key on GCP, so it is known only at boot"
+PROFILES.update({
+    ("dstack-os", _V06A2, "none"): MeasurementProfile(
+        "dstack-os", _V06A2, "none", _V05_BEFORE_KEYS + _V05_AFTER_KEYS,
+        key_provider_name=KEY_PROVIDER_EVENT_NAMES["none"], instance_id_binds_platform=True,
+        app_id_from_instance_info=True, gcp_runtime_pcr=14,
+        note="no key provider: instance_id_seed is random on every boot" + _V06A2_NOTE,
+    ),
+    ("dstack-os", _V06A2, "local"): MeasurementProfile(
+        "dstack-os", _V06A2, "local", _V05_BEFORE_KEYS + _V05_AFTER_KEYS,
+        key_provider_name=KEY_PROVIDER_EVENT_NAMES["local"], instance_id_binds_platform=True,
+        app_id_from_instance_info=True, gcp_runtime_pcr=14,
+        note="local key provider (SGX, from the dstack VMM's host API; none on GCP)" + _V06A2_NOTE,
+    ),
+    ("dstack-os", _V06A2, "kms"): MeasurementProfile(
+        "dstack-os", _V06A2, "kms", _V05_BEFORE_KEYS + _V05_KMS_ONLY + _V05_AFTER_KEYS,
+        optional_events=frozenset({"mr-kms"}), key_provider_name=KEY_PROVIDER_EVENT_NAMES["kms"],
+        instance_id_binds_platform=True, app_id_from_instance_info=True, gcp_runtime_pcr=14,
+        note="KMS: app-id from .instance_info, mr-kms from the KMS certificate" + _V06A2_NOTE,
+    ),
+    ("dstack-os", _V06A2, "tpm"): MeasurementProfile(
+        "dstack-os", _V06A2, "tpm", _V05_BEFORE_KEYS + _V05_AFTER_KEYS,
+        key_provider_name=KEY_PROVIDER_EVENT_NAMES["tpm"], instance_id_binds_platform=True,
+        app_id_from_instance_info=True, gcp_runtime_pcr=14,
+        note="TPM key provider: keys from a seed sealed in the vTPM to PCRs 0, 2 and 14; its id, the "
+             "app key's public key, is known only at boot" + _V06A2_NOTE,
+    ),
+})
 
 OVERLAY_PROFILE = MeasurementProfile(
     "tplus-overlay", None, None, (), note="tplus overlay image: no dstack RTMR3 events at all",
@@ -214,18 +294,21 @@ def measurement_profile(recipe: str, dstack_version: str | None = None,
         raise UnknownProfile(f"recipe {recipe!r} needs a dstack version (e.g. 0.5.11)")
     series = dstack_series(dstack_version)
     versions = sorted({v for r, v, _ in PROFILES if r == recipe})
-    if series not in versions:
+    exact = dstack_version.strip().removeprefix("v")
+    # An exact pre-release (0.6.0.a2) has its own profile; it never stands for its series.
+    version = exact if exact in versions else series
+    if version not in versions:
         raise UnknownProfile(
             f"no measurement profile for {recipe} {dstack_version} (series {series}); known: "
             f"{', '.join(versions)}. Newer releases change the RTMR3 events: add a profile first"
         )
-    providers = sorted(p for r, v, p in PROFILES if (r, v) == (recipe, series))
+    providers = sorted(p for r, v, p in PROFILES if (r, v) == (recipe, version))
     if key_provider not in providers:
         raise UnknownProfile(
-            f"no measurement profile for key provider {key_provider!r} on {recipe} {series}; "
+            f"no measurement profile for key provider {key_provider!r} on {recipe} {version}; "
             f"known: {', '.join(providers)}"
         )
-    return PROFILES[(recipe, series, key_provider)]
+    return PROFILES[(recipe, version, key_provider)]
 
 
 def profile_by_name(name: str) -> MeasurementProfile | None:
@@ -267,6 +350,17 @@ def expected_rtmr3(events: Iterable[ExpectedEvent]) -> str:
     if markers:
         return KNOWN_AT_BOOT if KNOWN_AT_BOOT in markers else PENDING_BUILD
     return replay(event_digest(e.event, e.payload) for e in events if isinstance(e.payload, bytes)).hex()
+
+
+def expected_runtime_pcr(events: Iterable[ExpectedEvent]) -> str:
+    """Like ``expected_rtmr3``, for the SHA-256 register a GCP guest extends with the same events
+    (vTPM PCR 14; see ``MeasurementProfile.gcp_runtime_pcr``)."""
+    events = list(events)
+    markers = {e.payload for e in events if isinstance(e.payload, str)}
+    if markers:
+        return KNOWN_AT_BOOT if KNOWN_AT_BOOT in markers else PENDING_BUILD
+    return replay_sha256(event_digest_sha256(e.event, e.payload) for e in events
+                         if isinstance(e.payload, bytes)).hex()
 
 
 def _hex_or_marker(value: str | None, length: int, what: str) -> Payload:
@@ -311,10 +405,11 @@ def expected_events(
         return []
     kms = profile.key_provider == "kms"
     compose_app_id = app_id_from_compose_hash(compose_hash_hex)
-    # The guest emits the compose-derived app-id unless the KMS assigns one; instance-id is
-    # derived from the instance-info app-id, which defaults to the same compose-derived value.
-    event_app_id = app_id if kms else compose_app_id
+    # v0.5.x emits the compose-derived app-id unless the KMS assigns one; 0.6.0.a2 emits the
+    # instance-info app-id in every mode. instance-id is derived from the instance-info app-id,
+    # which defaults to the same compose-derived value.
     info_app_id = app_id or compose_app_id
+    event_app_id = app_id if kms else info_app_id if profile.app_id_from_instance_info else compose_app_id
     if no_instance_id:
         instance: Payload = b""
     elif (
@@ -400,7 +495,8 @@ def expected_measurements(
     if event_log_version(compose) != 1:
         raise UnknownProfile(
             f"app-compose sets event_log_version {compose.get('event_log_version')!r}; only v1 "
-            "event digests are supported: remove event_log_version"
+            "event digests are supported (dstack 0.5.x and 0.6.0.a2 ignore the field and log v1): "
+            "remove event_log_version"
         )
     profile = measurement_profile(recipe, dstack_version, key_provider_kind(compose))
     if not profile.has_dstack_events:
@@ -437,6 +533,8 @@ def expected_measurements(
     )
     if profile.key_provider == "kms":
         reported_app_id = app_id if app_id is not None else KNOWN_AT_BOOT
+    elif profile.app_id_from_instance_info and app_id is not None:
+        reported_app_id = app_id
     else:
         reported_app_id = app_id_from_compose_hash(hash_hex)
     return _measurement_json(

@@ -691,3 +691,57 @@ if __name__ == "__main__":
     for file_name, content in golden_compose_files().items():
         (GOLDEN / file_name).write_text(content, encoding="utf-8")
         print(f"wrote {(GOLDEN / file_name).relative_to(ROOT)}")
+
+
+# -- the dstack OS 0.6.0.a2 ------------------------------------------------------------------------
+# Dstack-TEE/meta-dstack tag v0.6.0.a2 (86be7d60252f82ff1c9c8ac2a083d0a2e08c7a9e) pins the `dstack` submodule
+# at Dstack-TEE/dstack f1ba0a22a961e8bdae110c7b1a796bc56dfd10a8. Its vmm/src/vmm-cli.py create_app_compose
+# is v0.5.11's; the only change is `compose --key-provider` choices ["none", "kms", "local", "tpm"].
+
+def every_option(**change) -> AppComposeSettings:
+    return AppComposeSettings(**({
+        "name": "app", "docker_compose_file": simple_compose(), "key_provider": KeyProvider.KMS,
+        "key_provider_id": "ab12", "write_key_provider": True, "allowed_envs": ("API_KEY",),
+        "pre_launch_script": "echo ready", "swap_size": 4096 * MIB, "public_tcbinfo": False, "init_script": "true",
+        "storage_fs": "ext4"} | change))
+
+
+def test_v06a2_writes_the_0_5_11_field_set_byte_for_byte(vector):
+    for settings in (every_option(), AppComposeSettings(name="app", docker_compose_file=simple_compose()),
+                     near_settings(NEAR_COMPOSE_FIXTURE.read_text(), "mpc-localnet-one-node-1774945636")):
+        fields = app_compose_fields(settings, "0.6.0.a2")
+        assert list(fields) == list(app_compose_fields(settings, "0.5.11"))
+        assert build_app_compose(settings, dstack_version="0.6.0.a2").data == (
+            build_app_compose(settings, dstack_version="0.5.11").data)
+    near = build_app_compose(near_settings(NEAR_COMPOSE_FIXTURE.read_text(), "mpc-localnet-one-node-1774945636"),
+                             dstack_version="0.6.0.a2")
+    assert near.data == vector["app_compose"].encode("utf-8")
+
+
+def test_v06a2_writes_the_tpm_key_provider():
+    settings = every_option(key_provider=KeyProvider.TPM, allowed_envs=(), key_provider_id="")
+    fields = app_compose_fields(settings, "0.6.0.a2")
+    assert (fields["kms_enabled"], fields["local_key_provider_enabled"], fields["key_provider"]) == (False, False, "tpm")
+    assert list(fields).index("key_provider") == list(fields).index("secure_time") + 1
+    app = build_app_compose(settings, dstack_version="0.6.0.a2")
+    assert measure.key_provider_kind(json.loads(app.data)) == "tpm"
+    assert app.app_id == measure.compose_hash(app.data)[:40]
+
+
+@pytest.mark.parametrize(("change", "version", "path", "message"), [
+    ({"write_key_provider": False}, "0.6.0.a2", "write_key_provider", "would read no key provider"),
+    ({}, "0.5.11", "key_provider", "0.5.11 has no --key-provider tpm"),
+    ({"allowed_envs": ("TOKEN",)}, "0.6.0.a2", "allowed_envs", "need key_provider kms"),
+])
+def test_tpm_settings_the_release_cannot_express_are_refused(change, version, path, message):
+    settings = AppComposeSettings(**({"name": "app", "docker_compose_file": simple_compose(),
+                                      "key_provider": KeyProvider.TPM, "write_key_provider": True} | change))
+    with pytest.raises(ComposeError) as info:
+        app_compose_fields(settings, version)
+    assert message in dict(info.value.problems)[path]
+
+
+@pytest.mark.parametrize("version", ["0.6.0", "0.6.0.a1", "v0.6.0.a2"])
+def test_other_0_6_versions_are_refused(version):
+    with pytest.raises(ComposeError, match="use one of .*0.5.11, 0.6.0.a2"):
+        app_compose_fields(AppComposeSettings(name="app", docker_compose_file=simple_compose()), version)

@@ -280,3 +280,150 @@ def test_key_provider_payload_is_compact_json_name_first(name, provider_id):
     assert list(json.loads(payload).items()) == [("name", name), ("id", provider_id)]
     encoded_name = json.dumps(name, ensure_ascii=False).encode()
     assert payload == b'{"name":' + encoded_name + b',"id":"' + provider_id.encode() + b'"}'
+
+
+# -- the dstack OS 0.6.0.a2 ------------------------------------------------------------------------
+# Source: Dstack-TEE/meta-dstack tag v0.6.0.a2 (commit 86be7d60252f82ff1c9c8ac2a083d0a2e08c7a9e) builds
+# dstack-util from its `dstack` submodule, Dstack-TEE/dstack commit f1ba0a22a961e8bdae110c7b1a796bc56dfd10a8.
+# Paths below are in that commit.
+
+V06 = "0.6.0.a2"
+
+
+def v06_compose(**fields) -> bytes:
+    return kms_compose(**({"kms_enabled": False} | fields))
+
+
+def test_v06a2_profiles_keep_the_v05_event_order():
+    # dstack-util/src/system_setup.rs: measure_app_info emits system-preparing, app-id, compose-hash,
+    # instance-id, boot-mr-done; request_app_keys_from_kms_url mr-kms (attested KMS cert only) and
+    # os-image-hash; verify_app key-provider; setup_fs storage-fs, then system-ready. No init-script-hash.
+    head = ("system-preparing", "app-id", "compose-hash", "instance-id", "boot-mr-done")
+    tail = ("key-provider", "storage-fs", "system-ready")
+    profiles = {kp: measure.measurement_profile("dstack-os", V06, kp) for kp in ("none", "local", "kms", "tpm")}
+    for kp in ("none", "local", "tpm"):
+        assert profiles[kp].boot_events == head + tail, kp
+        assert profiles[kp].optional_events == frozenset()
+    assert profiles["kms"].boot_events == head + ("mr-kms", "os-image-hash") + tail
+    assert profiles["kms"].optional_events == {"mr-kms"}
+    assert {kp: p.key_provider_name for kp, p in profiles.items()} == {
+        "none": "none", "local": "local-sgx", "kms": "kms", "tpm": "tpm"}  # verify_app's KeyProviderInfo names
+    assert all(p.instance_id_binds_platform and p.app_id_from_instance_info for p in profiles.values())
+    assert {p.gcp_runtime_pcr for p in profiles.values()} == {14}  # dstack-attest attestation.rs tpm_runtime_pcr
+    assert profiles["tpm"].name == "dstack-os/0.6.0.a2/tpm"
+    assert measure.measurement_profile("dstack-os", "v0.6.0.a2", "kms") is profiles["kms"]
+    v05 = measure.measurement_profile("dstack-os", "0.5.11", "none")
+    assert not (v05.instance_id_binds_platform or v05.app_id_from_instance_info) and v05.gcp_runtime_pcr is None
+
+
+@pytest.mark.parametrize(("version", "provider", "message"), [
+    ("0.6.0", "none", r"dstack-os 0\.6\.0 \(series 0\.6\); known: 0\.5, 0\.6\.0\.a2"),
+    ("0.6.0.a1", "none", r"dstack-os 0\.6\.0\.a1 .*known: 0\.5, 0\.6\.0\.a2"),
+    ("0.6.1", "kms", "known: 0.5, 0.6.0.a2"),
+    ("0.6.0.a2", "nitro", r"key provider 'nitro' on dstack-os 0\.6\.0\.a2; known: kms, local, none, tpm"),
+    ("0.5.11", "tpm", r"key provider 'tpm' on dstack-os 0\.5; known: kms, local, none"),
+])
+def test_the_pre_release_profile_stands_only_for_itself(version, provider, message):
+    with pytest.raises(measure.UnknownProfile, match=message):
+        measure.measurement_profile("dstack-os", version, provider)
+
+
+def test_v06a2_digest_is_v1_computed_by_hand():
+    # cc-eventlog/src/runtime_events.rs (unchanged from v0.5.11): SHA384(type.to_ne_bytes() || ":" ||
+    # event || ":" || payload), type 0x08000001, little-endian on TDX.
+    preimage = bytes.fromhex("01000008" "3a" "73746f726167652d6673" "3a" "65787434")  # ":storage-fs:ext4"
+    assert preimage == b"\x01\x00\x00\x08:storage-fs:ext4"
+    digest = ("94eb1c817c35f570ca895b48b46e656e696d1a126581e70022f6f93a8c64d026"
+              "ece224c6bffbe3bfdfe00bb3447adcd0")
+    assert hashlib.sha384(preimage).hexdigest() == digest
+    expected = measure.expected_measurements(v06_compose(no_instance_id=True, storage_fs="ext4"), dstack_version=V06)
+    storage = next(e for e in expected["rtmr3_events"] if e["event"] == "storage-fs")
+    assert storage == {"event": "storage-fs", "payload": "65787434", "digest": digest}
+    # The same formula reproduces the NEAR vector's storage-fs digest (a 0.5.4 guest).
+    logged = next(e for e in rtmr3_events(LOCALNET) if e["event"] == "storage-fs")
+    assert measure.event_digest("storage-fs", b"zfs").hex() == logged["digest"]
+
+
+def test_v06a2_without_instance_id_predicts_rtmr3_and_pcr14():
+    compose = v06_compose(no_instance_id=True)
+    expected = measure.expected_measurements(compose, dstack_version=V06)
+    assert expected["profile"] == "dstack-os/0.6.0.a2/none"
+    hash_hex = hashlib.sha256(compose).hexdigest()
+    payloads = [("system-preparing", b""), ("app-id", bytes.fromhex(hash_hex[:40])),
+                ("compose-hash", bytes.fromhex(hash_hex)), ("instance-id", b""), ("boot-mr-done", b""),
+                ("key-provider", b'{"name":"none","id":""}'), ("storage-fs", b"zfs"), ("system-ready", b"")]
+    assert [(e["event"], bytes.fromhex(e["payload"])) for e in expected["rtmr3_events"]] == payloads
+    register = bytes(48)
+    for name, payload in payloads:
+        register = hashlib.sha384(register + hashlib.sha384(b"\x01\x00\x00\x08:" + name.encode() + b":" + payload)
+                                  .digest()).digest()
+    assert expected["rtmr3"] == register.hex()
+    # dstack-attest/src/lib.rs emit_runtime_event: on GCP the sha256 digest of the same preimage also
+    # extends vTPM PCR 14; dstack-attest/src/attestation.rs replays it from 32 zero bytes.
+    pcr = bytes(32)
+    for name, payload in payloads:
+        pcr = hashlib.sha256(pcr + hashlib.sha256(b"\x01\x00\x00\x08:" + name.encode() + b":" + payload)
+                             .digest()).digest()
+    events = [measure.ExpectedEvent(name, payload) for name, payload in payloads]
+    assert measure.expected_runtime_pcr(events) == pcr.hex()
+    assert measure.expected_runtime_pcr(events[:-1]) != pcr.hex()
+    assert measure.expected_runtime_pcr(events + [measure.ExpectedEvent("x", measure.PENDING_BUILD)]) == (
+        "pending build")
+
+
+def test_v06a2_instance_id_binds_the_gcp_vtpm_key():
+    # system_setup.rs measure_app_info + platform_instance_binding: sha256(seed || app_id ||
+    # sha256(AK TPMT_PUBLIC))[:20] on GCP. The AK lives in the VM's vTPM, so no seed makes it predictable.
+    seed, app_id, ak_pub = bytes(range(20)), "ab" * 20, b"\x00\x23\x00\x0b" + bytes(60)
+    binding = hashlib.sha256(ak_pub).digest()
+    assert measure.gcp_instance_binding(ak_pub) == binding
+    by_hand = hashlib.sha256(seed + bytes.fromhex(app_id) + binding).digest()[:20].hex()
+    assert measure.instance_id(seed, app_id, binding) == by_hand != measure.instance_id(seed, app_id)
+    with pytest.raises(ValueError, match="public area is empty"):
+        measure.gcp_instance_binding(b"")
+    pinned = dict(app_id="11" * 20, instance_id_seed=bytes(20), key_provider_id="ab" * 8, os_image_hash="cd" * 32)
+    v05 = measure.expected_measurements(kms_compose(), dstack_version="0.5.11", **pinned)
+    v06 = measure.expected_measurements(kms_compose(), dstack_version=V06, **pinned)
+    instance = {e["event"]: e["payload"] for e in v06["rtmr3_events"]}["instance-id"]
+    assert instance == "known at boot" and v06["rtmr3"] == "known at boot"
+    assert {e["event"]: e["payload"] for e in v05["rtmr3_events"]}["instance-id"] == (
+        measure.instance_id(bytes(20), "11" * 20))
+
+
+def test_v06a2_emits_a_pinned_app_id_without_kms():
+    # system_setup.rs measure_app_info emits instance_info.app_id in every mode (v0.5.11 emitted the
+    # compose-derived value unless kms_enabled); docs/security/cvm-boundaries.md says the same.
+    compose, pinned = v06_compose(no_instance_id=True), "22" * 20
+    v06 = measure.expected_measurements(compose, dstack_version=V06, app_id=pinned)
+    v05 = measure.expected_measurements(compose, dstack_version="0.5.11", app_id=pinned)
+    derived = hashlib.sha256(compose).hexdigest()[:40]
+    assert v06["app_id"] == {e["event"]: e["payload"] for e in v06["rtmr3_events"]}["app-id"] == pinned
+    assert v05["app_id"] == {e["event"]: e["payload"] for e in v05["rtmr3_events"]}["app-id"] == derived
+    unpinned = measure.expected_measurements(compose, dstack_version=V06)
+    assert unpinned["app_id"] == derived and unpinned["rtmr3"] != v06["rtmr3"]
+
+
+def test_v06a2_tpm_provider_id_is_known_only_at_boot():
+    # system_setup.rs verify_app: KeyProviderInfo("tpm", hex(pubkey)), the app key derived from a seed
+    # generate_tpm_app_keys seals in the vTPM; dstack-types/src/lib.rs reads `"key_provider": "tpm"`.
+    compose = v06_compose(key_provider="tpm")
+    expected = measure.expected_measurements(compose, dstack_version=V06)
+    events = {e["event"]: e["payload"] for e in expected["rtmr3_events"]}
+    assert expected["profile"] == "dstack-os/0.6.0.a2/tpm"
+    assert expected["key_provider"] == {"name": "tpm", "id": "known at boot"}
+    assert events["key-provider"] == events["instance-id"] == "known at boot"
+    assert "os-image-hash" not in events and "mr-kms" not in events
+    known = measure.expected_measurements(compose, dstack_version=V06, key_provider_id="3059" + "00" * 4)
+    assert bytes.fromhex(next(e["payload"] for e in known["rtmr3_events"] if e["event"] == "key-provider")) == (
+        b'{"name":"tpm","id":"305900000000"}')
+    with pytest.raises(measure.UnknownProfile, match="key provider 'tpm'"):
+        measure.expected_measurements(compose, dstack_version="0.5.11")
+
+
+def test_v06a2_refuses_v2_event_logs_it_would_not_write():
+    # dstack-types/src/lib.rs AppCompose has no event_log_version: the guest logs v1 whatever it says.
+    with pytest.raises(measure.UnknownProfile, match="event_log_version 2.*0.6.0.a2 ignore the field"):
+        measure.expected_measurements(v06_compose(event_log_version=2), dstack_version=V06)
+    explicit_v1 = measure.expected_measurements(v06_compose(event_log_version=1, no_instance_id=True),
+                                                dstack_version=V06)
+    assert re.fullmatch("[0-9a-f]{96}", explicit_v1["rtmr3"])
