@@ -35,6 +35,7 @@ def fleet_config(nodes: int) -> dict:
     return {"config": {
         "gcp:project": "bench-project", "gcp:region": "us-central1",
         "dstack-fleet:role": "env", "dstack-fleet:tier": "staging",
+        "dstack-fleet:bootstrap": {"project": "bench-ops"},
         "dstack-fleet:network": {"subnets": {"us-central1": "10.40.0.0/16"}},
         "dstack-fleet:images": {"overlay": {"build": {"recipe": "tplus-overlay", "guest": {"source": {
             "repository": "https://github.com/tpluslabs/tplus-examples",

@@ -5,19 +5,27 @@
   ``.pulumi-state/``; every other stack refuses to run unless ``PULUMI_BACKEND_URL`` names a shared
   backend, so nobody previews prod against an empty local state ("create everything").
 * The configuration is validated before the CLI starts, with the same messages as ``make plan``.
+* Every preview and update runs the policy pack under ``policies/`` with a generated
+  ``--policy-pack-config``: the stack's tier sets each rule's level (mandatory in staging and prod,
+  advisory in dev), ``dstack-fleet:policy.enforcement`` overrides it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .problems import ConfigError
 
 LOCAL_BACKEND_DIR = ".pulumi-state"
+# The pack of this checkout: it imports the same ``fleet`` core as the program it checks.
+POLICY_PACK_DIR = Path(__file__).resolve().parent.parent / "policies"
 
 
 class DeployRefused(Exception):
@@ -72,6 +80,22 @@ def backend_url(root: Path, stack: str, role: str, tier: str | None, env: dict[s
     return f"file://{state}"
 
 
+def policy_pack_args(config) -> list[str]:
+    """``--policy-pack`` and ``--policy-pack-config`` for a validated stack configuration. The
+    config document (``fleet.rules.pack_config``) goes to the temporary directory under a name
+    derived from its content, so runs with the same settings reuse one file."""
+    from .rules import pack_config_for
+
+    text = json.dumps(pack_config_for(config), indent=2, sort_keys=True) + "\n"
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"dstack-fleet-policy-{config.stack}-{digest}.json"
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    return ["--policy-pack", str(POLICY_PACK_DIR), "--policy-pack-config", str(path)]
+
+
 def invocations(root: Path, command: str, stack: str, env: dict[str, str], extra: list[str] | None = None) -> list[Invocation]:
     """The CLI calls ``make preview``/``make up`` run, after every check passed."""
     from .plan import load_config
@@ -79,6 +103,7 @@ def invocations(root: Path, command: str, stack: str, env: dict[str, str], extra
     if command not in ("preview", "up"):
         raise ValueError(command)
     _, config = load_config(root, stack)  # ConfigError propagates: exit 2, like make plan
+    policy = policy_pack_args(config)  # ConfigError too: an unknown rule in dstack-fleet:policy.enforcement
     exe = check_cli(root, env)
     run_env = dict(env)
     run_env["PULUMI_BACKEND_URL"] = backend_url(root, stack, config.fleet.role, config.fleet.tier, env)
@@ -99,6 +124,7 @@ def invocations(root: Path, command: str, stack: str, env: dict[str, str], extra
     if command == "preview" or env.get("FLEET_UP_YES") == "1":
         # CI: no prompts; `up` is confirmed by the caller (an approved GitHub environment).
         args += ["--non-interactive"] + (["--yes"] if command == "up" else [])
+    args += policy
     args += extra or []
     calls.append(Invocation(base + args, run_env))
     return calls

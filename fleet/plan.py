@@ -84,6 +84,11 @@ def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = Non
                secret_overrides: dict[str, Any] | None = None,
                stack_references: dict[str, dict[str, Any]] | None = None) -> Plan:
     sf, cfg = load_config(root, stack, overrides=overrides, secret_overrides=secret_overrides)
+    from dataclasses import replace
+
+    from . import rules
+
+    rule_context = rules.context_from_config(cfg)  # ConfigError for an unknown rule name, before any run
     runs: dict[str, ProgramRun] = {}
     for phase, preview in (("preview", True), ("update", False)):
         try:
@@ -96,6 +101,9 @@ def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = Non
     preview_run = runs["preview"]
     outputs = dict(preview_run.outputs)
     measurements = outputs.pop("measurements", {}) or {}
+    rule_context = replace(rule_context, outputs=outputs, measurements=measurements,
+                           stack_urn=rules.stack_urn(stack, preview_run.project))
+    violations = rules.evaluate(preview_run.resources, rule_context)
     return Plan(
         project=preview_run.project,
         stack=stack,
@@ -104,6 +112,7 @@ def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = Non
         resources=preview_run.resources,
         outputs=outputs,
         measurements=measurements if isinstance(measurements, dict) else {"value": measurements},
+        violations=violations,
         warnings=preview_run.warnings + runs["update"].warnings,
         update_run=runs["update"],
     )

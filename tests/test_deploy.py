@@ -46,6 +46,13 @@ def calls(log: Path):
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+def policy_config(argv: list[str]) -> dict:
+    """The policy pack flags of a preview/up call: the pack of this checkout and the config file."""
+    i = argv.index("--policy-pack")
+    assert argv[i + 1] == str(ROOT / "policies") and argv[i + 2] == "--policy-pack-config"
+    return json.loads(Path(argv[i + 3]).read_text())
+
+
 def test_make_preview_dev_uses_the_local_backend(fake_pulumi):
     env, log = fake_pulumi
     result = make("preview", "dev", env)
@@ -56,6 +63,9 @@ def test_make_preview_dev_uses_the_local_backend(fake_pulumi):
     preview = recorded[2]["argv"]
     assert preview[:2] == ["--cwd", str(ROOT)] and preview[2:6] == ["preview", "--stack", "dev", "--diff"]
     assert recorded[2]["backend"] == f"file://{ROOT / '.pulumi-state'}"
+    config = policy_config(preview)
+    assert config["all"] == "advisory"  # dev: every policy advisory
+    assert {entry["enforcementLevel"] for name, entry in config.items() if name != "all"} == {"advisory"}
 
 
 def test_make_up_prod_refuses_without_a_shared_backend(fake_pulumi):
@@ -84,8 +94,44 @@ def test_up_prod_with_a_shared_backend_and_locked_images(fake_pulumi, project):
                              "prod"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     up = calls(log)[-1]
-    assert up["argv"][2:] == ["up", "--stack", "prod", "--diff", "--non-interactive", "--yes"]
+    assert up["argv"][2:8] == ["up", "--stack", "prod", "--diff", "--non-interactive", "--yes"]
+    assert up["argv"][8:11] == ["--policy-pack", str(ROOT / "policies"), "--policy-pack-config"]
+    assert len(up["argv"]) == 12
     assert up["backend"] == "gs://acme-tee-bootstrap-fleet-state"
+    config = policy_config(up["argv"])
+    assert config["all"] == "mandatory" and config["data-safety"] == {"enforcementLevel": "mandatory", "tier": "prod"}
+    assert config["unsafe-peer-delivery"]["tier"] == "prod"
+
+
+def test_policy_enforcement_overrides_reach_the_pack_config(fake_pulumi, project):
+    env, log = fake_pulumi
+    env["PULUMI_BACKEND_URL"] = "gs://acme-tee-bootstrap-fleet-state"
+    project.mutate("staging", "strict", lambda c: c.update({"dstack-fleet:policy": {
+        "enforcement": {"tdx-only": "advisory", "pinned-digests": "disabled"}, "publicPorts": [443],
+        "allowedImages": ["projects/ubuntu-os-cloud/global/images/ubuntu-2404-tdx-v20250805"]}}))
+    result = subprocess.run([sys.executable, "-m", "fleet", "--root", str(project.root), "deploy", "preview",
+                             "--stack", "strict"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    first = calls(log)[-1]["argv"]
+    config = policy_config(first)
+    subprocess.run([sys.executable, "-m", "fleet", "--root", str(project.root), "deploy", "preview", "--stack",
+                    "strict"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert calls(log)[-1]["argv"] == first  # the same settings reuse one config file
+    assert config["all"] == "mandatory"
+    assert config["tdx-only"] == {"enforcementLevel": "advisory", "extraMachineTypes": [],
+                                  "allowedImages": ["projects/ubuntu-os-cloud/global/images/ubuntu-2404-tdx-v20250805"]}
+    assert config["pinned-digests"] == {"enforcementLevel": "disabled"}
+    assert config["no-open-ingress"] == {"enforcementLevel": "mandatory", "publicPorts": [443]}
+
+
+def test_unknown_policy_rule_stops_before_the_cli_runs(fake_pulumi, project):
+    env, log = fake_pulumi
+    project.mutate("dev", "typo", lambda c: c.update({"dstack-fleet:policy": {"enforcement": {"tdx-olny": "advisory"}}}))
+    result = subprocess.run([sys.executable, "-m", "fleet", "--root", str(project.root), "deploy", "preview",
+                             "--stack", "typo"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "dstack-fleet:policy.enforcement.tdx-olny: no policy rule is named 'tdx-olny'" in result.stderr
+    assert "Traceback" not in result.stderr and calls(log) == []
 
 
 def test_wrong_cli_version_is_refused(fake_pulumi):

@@ -1,0 +1,28 @@
+"""The dstack-fleet CrossGuard policy pack.
+
+The Pulumi CLI runs this file (``python -m pulumi.policy <engine address> __main__.py``) in the
+virtualenv it creates from ``requirements.txt``. The rules are not here: they are ``fleet.rules``
+of this checkout, the same functions the offline plan runs, so the repository root goes on the
+import path first. ``PolicyPack`` starts the analyzer's gRPC server, prints its port and serves
+until the engine stops it.
+"""
+
+import sys
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+if str(REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY))
+
+from pulumi_policy import EnforcementLevel, PolicyPack  # noqa: E402
+
+from fleet.rules import PACK_NAME, crossguard_policies  # noqa: E402
+
+PolicyPack(
+    name=PACK_NAME,
+    # Without --policy-pack-config every rule is mandatory and assumes prod: a forgotten config never
+    # relaxes a check. `make preview` / `make up` always pass the stack's config.
+    enforcement_level=EnforcementLevel.MANDATORY,
+    policies=crossguard_policies(),
+    description="dstack-fleet rules (fleet/rules.py), shared with the offline plan",
+)
