@@ -11,6 +11,7 @@ import pulumi
 import pulumi_command as command
 
 from components import adopt
+from components.apptargets import create_app_target
 from components.bootstrap.buckets import Buckets
 from components.buildhost import BuildHost
 from components.registryimage import RegistryImage
@@ -97,6 +98,10 @@ def env() -> None:
     for app in apps:
         if app.pending:
             pulumi.log.warn(f"app {app.name} waits for container images {', '.join(app.pending)} (pending build)")
+    targets = {app.name: create_app_target(app, config=config) for app in apps}
+    for name, target in targets.items():
+        if target is not None:
+            deployed.setdefault(f"app:{name}", []).append(target)
     measurements = plan_measurements(fleet, apps, os_versions(config))
     for app in apps:
         if app.config.verify is not None and not app.pending:
@@ -107,13 +112,14 @@ def env() -> None:
                 stdin=json.dumps({"measurements": {target: measurements[target]}}, sort_keys=True),
                 triggers=[json.dumps(measurements[target], sort_keys=True)],
                 interpreter=["/bin/bash", "-c"],
-                opts=pulumi.ResourceOptions(depends_on=deployed.get(app.config.nodes or "", [])))
+                opts=pulumi.ResourceOptions(depends_on=deployed.get(app.config.nodes or f"app:{app.name}", [])))
 
     pulumi.export("network", network.network.self_link)
     pulumi.export("subnets", network.summary)
     pulumi.export("images", {key: version.summary() for key, version in versions.items()})
     pulumi.export("nodes", {spec.key: spec.summary() for spec in fleet.nodes})
     pulumi.export("apps", {app.name: app.summary() for app in apps})
+    pulumi.export("appTargets", {name: target.outputs for name, target in targets.items() if target is not None})
     pulumi.export("measurements", measurements)
     if fleet.overlay is not None and fleet.overlay.delivery == "metadata":
         pulumi.log.warn("overlay peer delivery 'metadata' is UNSAFE: peers come from host-controlled, unmeasured "

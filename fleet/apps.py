@@ -277,6 +277,18 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
                 p(f"{at}.nodes", f"{app.nodes!r} is not a node group of kind dstack")
         if app.target == "phala" and app.key_provider == "local":
             p(f"{at}.keyProvider", "Phala Cloud apps use its KMS (kms) or none")
+        if app.vmm and app.vmm.token_secret and app.vmm.token_secret not in fleet.secrets:
+            p(f"{at}.vmm.tokenSecret", f"no secret {app.vmm.token_secret!r} in dstack-fleet:secrets")
+        if app.phala:
+            if app.phala.api_key_secret not in fleet.secrets:
+                p(f"{at}.phala.apiKeySecret", f"no secret {app.phala.api_key_secret!r} in dstack-fleet:secrets")
+            if app.phala.kms != "phala":
+                p(f"{at}.phala.kms", "on-chain KMS deployments (ethereum, base) need a deployer key and RPC; use kms: "
+                  "phala")
+            if app.kms and app.kms.app_id:
+                p(f"{at}.kms.appId", "Phala Cloud assigns the app id; a pinned app id is not supported there")
+            if not 5 <= len(app_name(app, config.stack)) <= 63:
+                p(f"{at}.name", f"the Phala CVM name {app_name(app, config.stack)!r} must be 5-63 characters")
     runs = [a.nodes for a in fleet.apps if a.target == "gce" and a.nodes]
     for name in sorted({n for n in runs if runs.count(n) > 1}):
         p("apps", f"node group {name!r} runs more than one app; a dstack node runs exactly one app-compose")

@@ -76,6 +76,10 @@ FIELD_ACTIONS: dict[str, dict[str, str]] = {
     "gcp:compute/diskResourcePolicyAttachment:DiskResourcePolicyAttachment": {"": REPLACE},
     # pulumi-command: a changed create (with no update script) or trigger re-runs as a replacement
     "command:local:Command": {"": REPLACE},
+    # an app's VM on a dstack VMM host: a new name or host replaces it; any other change stops the VM,
+    # updates it and starts it again (components/vmm.py)
+    "pulumi-python:dynamic/vmm:Vm": {"url": REPLACE, "name": REPLACE, "ports": LIVE, "tokenSecret": LIVE,
+                                     "apiVersion": LIVE, "stopTimeout": LIVE, "": STOP},
 }
 
 

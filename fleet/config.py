@@ -501,7 +501,14 @@ class VmmTarget(Model):
     disk_gb: int = Field(20, ge=1, description="Data disk in GB.")
     ports: list[str] = Field(default_factory=list, description="Port forwards 'tcp:host:guest'.")
     gateway_urls: list[str] = Field(default_factory=list, description="Gateway URLs.")
-    token_secret: SecretName | None = Field(None, description="dstack-fleet:secrets entry with the VMM auth token.")
+    token_secret: SecretName | None = Field(
+        None, description="dstack-fleet:secrets entry with the VMM credential: 'user:password' (HTTP Basic, what "
+        "vmm-cli.py sends) or a bearer token.")
+    api_version: str = Field("0.5.11", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$",
+                             description="dstack version of the VMM host (decides the update call).")
+    trusted_kms_signers: list[str] = Field(
+        default_factory=list, description="Compressed secp256k1 keys (0x…) the KMS env key must be signed by; empty "
+        "accepts any signer, as vmm-cli.py does with an empty whitelist.")
 
 
 class PhalaTarget(Model):

@@ -59,3 +59,6 @@ def test_lock_entries_flow_into_the_env_stacks(project):
     assert [r for r in prod.resources if r.type == "gcp:compute/image:Image" and r.name.startswith("image-")]
     dev = build_plan(project.root, "dev")
     assert dev.outputs["apps"]["hello-dev"]["pending"] == []
+    # with its image built, the Phala app is deployed, and its identity is what Phala reports
+    assert dev.outputs["appTargets"]["hello-dev"]["values"] == "reported"
+    assert [r for r in dev.resources if r.type == "command:local:Command" and r.name.startswith("hello-dev")]
