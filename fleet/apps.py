@@ -122,6 +122,8 @@ class AppPlan:
             "values": self.provenance, **hashes,
             "images": {where: ref for where, ref in self.images},
             "pending": self.pending,
+            # unmeasured, host-controlled: a change here (e.g. NEAR's MPC_HASH_OVERRIDE) is a restart
+            "userConfigSha256": hashlib.sha256(self.user_config.encode()).hexdigest() if self.user_config else None,
         }
 
 

@@ -121,19 +121,43 @@ def _cell(value: Any, limit: int = 120) -> str:
     return "`" + (text if len(text) <= limit else text[: limit - 1] + "…") + "`"
 
 
+def _identity_value(m: dict[str, Any]) -> Any:
+    """What an app's identity follows: its app-id when known, else (a derived identity, e.g. a KMS
+    app without a pinned id) its compose hash."""
+    app_id = m.get("app_id")
+    if isinstance(app_id, str) and len(app_id) == 40 and all(c in "0123456789abcdef" for c in app_id):
+        return app_id
+    return m.get("compose_hash") if m.get("identity") == "derived" else app_id
+
+
 def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
-    """Apps whose app-id changes (new identity, new keys, data under the old keys unreadable)."""
+    """Apps whose identity changes (new keys; data under the old keys becomes unreadable)."""
     out = []
     for name in sorted(set(old) | set(new)):
         before, after = old.get(name) or {}, new.get(name) or {}
         if "app_id" not in before and "app_id" not in after:
             continue
-        if before.get("app_id") != after.get("app_id"):
+        if _identity_value(before) != _identity_value(after):
             out.append({"name": name, "before": before.get("app_id", "(none)"), "after": after.get("app_id", "(none)"),
                         "stateful": bool(after.get("stateful", before.get("stateful", False))),
                         "identity": after.get("identity", before.get("identity", "derived")),
                         "new": not before, "removed": not after})
     return out
+
+
+def app_upgrades(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How each changed app lands: a new compose (measured: a new identity unless the key provider
+    keeps it), or only its unmeasured user config (a restart; e.g. NEAR's MPC_HASH_OVERRIDE picks
+    another approved image and keeps the identity)."""
+    rows = []
+    for name in sorted(set(old) & set(new)):
+        a, b = old[name], new[name]
+        if a.get("composeHash") != b.get("composeHash"):
+            kept = b.get("identity") == "stable"
+            rows.append(f"| `{name}` | new compose | {'kept (stable key provider)' if kept else 'new identity'} |")
+        elif a.get("userConfigSha256") != b.get("userConfigSha256"):
+            rows.append(f"| `{name}` | user config only: restart | kept |")
+    return rows
 
 
 def topology_rows(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -237,6 +261,9 @@ def compare(stack: str, base_ref: str, base: PlanResult, head: dict[str, Any]) -
         lines += ["", "**Data at risk** (data disks or addresses replaced or deleted): " + ", ".join(risky)]
     lines.append("")
 
+    upgrades = app_upgrades(base_doc.get("outputs", {}).get("apps") or {}, head.get("outputs", {}).get("apps") or {})
+    if upgrades:
+        lines += ["### App changes", "", "| app | change | identity |", "|---|---|---|"] + upgrades + [""]
     if identities:
         lines += ["### App identity changes", "", "| app | app-id before | app-id after | identity | stateful |",
                   "|---|---|---|---|---|"]

@@ -169,3 +169,22 @@ def test_a_prod_change_that_replaces_the_whole_group_exits_1(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "mandatory check failed: group overlay would take 5 node(s) down at once" in result.stderr
+
+
+def test_app_changes_say_how_they_land(prod_doc):
+    base, head = copy.deepcopy(prod_doc), copy.deepcopy(prod_doc)
+    app = {"name": "mpc-prod", "identity": "derived", "composeHash": "1" * 64, "userConfigSha256": "a" * 64}
+    base["outputs"]["apps"] = {"mpc-prod": app}
+    head["outputs"]["apps"] = {"mpc-prod": dict(app, userConfigSha256="b" * 64)}
+    assert "| `mpc-prod` | user config only: restart | kept |" in compare(base, head).markdown
+    head["outputs"]["apps"] = {"mpc-prod": dict(app, composeHash="2" * 64)}
+    assert "| `mpc-prod` | new compose | new identity |" in compare(base, head).markdown
+
+
+def test_a_kms_app_without_a_pinned_id_follows_its_compose(prod_doc):
+    base, head = copy.deepcopy(prod_doc), copy.deepcopy(prod_doc)
+    m = {"kind": "dstack-app", "app_id": "known at boot", "compose_hash": "1" * 64, "identity": "derived",
+         "stateful": True}
+    base["measurements"] = {"app:mpc-prod": m}
+    head["measurements"] = {"app:mpc-prod": dict(m, compose_hash="2" * 64)}
+    assert any("app app:mpc-prod would get a new identity" in f for f in compare(base, head).failures)

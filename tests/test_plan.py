@@ -106,13 +106,31 @@ def test_golden_files_are_current(stack):
             "their inputs. Review the difference and run `make golden`.")
 
 
-def test_canary_secret_never_appears_in_plan_text_or_json():
+def test_canary_secret_never_appears_in_plan_text_or_json(project):
+    """The canary is a real input of a resource (the Phala API key in the deploy step's environment),
+    so a leak anywhere in the plan would show it."""
+    import json as _json
+    import shutil
+
+    from fleet import apps as fleet_apps
+    from fleet.plan import load_config
+    from fleet.values import Secret, reveal
+
     canary = "canary-5b8f0e2d-must-not-leak"
-    plan = build_plan(ROOT, "prod", secret_overrides={"dstack-fleet:secrets": {"canaryToken": canary}})
+    shutil.copytree(ROOT / "apps", project.root / "apps")
+    _, config = load_config(project.root, "dev")
+    digest = fleet_apps.docker_build_hash(project.root, "hello", config.fleet.containers["hello"].docker)
+    (project.root / "images.lock.json").write_text(_json.dumps({"version": 1, "containers": {digest: {
+        "image": "us-central1-docker.pkg.dev/acme-tee-ops/fleet/hello", "digest": "sha256:" + "4" * 64,
+        "digest_kind": "manifest", "source": "test fixture"}}}))
+    plan = build_plan(project.root, "dev", secret_overrides={"dstack-fleet:secrets": {"phalaApiKey": canary}})
+    carriers = [r for r in plan.resources if canary in _json.dumps(reveal(r.inputs), default=str)]
+    assert carriers, "the canary must reach a resource for this test to mean anything"
+    assert all(any(isinstance(v, Secret) for v in r.inputs.get("environment", {}).values()) for r in carriers)
     assert canary not in plan.to_json()
     assert canary not in render_text(plan)
     assert canary not in render_markdown(plan)
-    assert canary not in repr([w for w in plan.warnings])
+    assert all(canary not in w for w in plan.warnings)
 
 
 def test_text_output_shows_the_tree_counts_and_outputs(plans):
