@@ -25,10 +25,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     root = _root(args)
     try:
         plan = build_plan(root, args.stack)
-    except ConfigError as exc:
-        for line in exc.lines():
-            print(line, file=sys.stderr)
-        return EXIT_INPUT
     except PlanFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.debug:
@@ -47,10 +43,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     try:
         return run(_root(args), args.action, args.stack, args.pulumi_args)
-    except ConfigError as exc:
-        for line in exc.lines():
-            print(line, file=sys.stderr)
-        return EXIT_INPUT
     except DeployRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -79,10 +71,6 @@ def cmd_lock(args: argparse.Namespace) -> int:
                 return EXIT_INPUT
             outputs = json.loads(result.stdout)
         merged, changes = lock.merge(current, outputs, replace=args.replace)
-    except ConfigError as exc:
-        for line in exc.lines():
-            print(line, file=sys.stderr)
-        return EXIT_INPUT
     except (json.JSONDecodeError, OSError) as exc:
         print(f"error: cannot read the images stack outputs: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -122,10 +110,6 @@ def cmd_build_local(args: argparse.Namespace) -> int:
     try:
         spec, script = local_build_script(_root(args), args.stack, args.image, out, bucket=args.bucket,
                                           work_dir=args.work_dir)
-    except ConfigError as exc:
-        for line in exc.lines():
-            print(line, file=sys.stderr)
-        return EXIT_INPUT
     except (BuildScriptError, BuildInputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -204,4 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION", "true")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as exc:  # bad input from any command: one line per problem, exit 2
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return EXIT_INPUT
