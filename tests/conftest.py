@@ -64,3 +64,20 @@ def project(tmp_path: Path) -> Project:
             shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "stacks", tmp_path / "stacks")
     return Project(tmp_path)
+
+
+def lock_hello_container(project: Project, digest_hex: str = "4" * 64) -> None:
+    """Record a stand-in build of the dev stack's `hello` container in the project copy's lock file,
+    as `make lock` would after the images stack pushed it."""
+    import json
+
+    from fleet import apps as fleet_apps
+    from fleet.plan import load_config
+
+    if not (project.root / "apps").exists():
+        shutil.copytree(ROOT / "apps", project.root / "apps")
+    _, config = load_config(project.root, "dev")
+    digest = fleet_apps.docker_build_hash(project.root, "hello", config.fleet.containers["hello"].docker)
+    (project.root / "images.lock.json").write_text(json.dumps({"version": 1, "containers": {digest: {
+        "image": "us-central1-docker.pkg.dev/acme-tee-ops/fleet/hello", "digest": f"sha256:{digest_hex}",
+        "digest_kind": "manifest", "source": "test fixture"}}}))

@@ -109,14 +109,9 @@ def test_pending_container_marks_the_app_pending():
 
 
 def test_a_locked_container_build_gives_a_pinned_compose(project):
-    import shutil
+    from .conftest import lock_hello_container
 
-    shutil.copytree(ROOT / "apps", project.root / "apps")
-    _, config = load_config(project.root, "dev")
-    digest_hash = fleet_apps.docker_build_hash(project.root, "hello", config.fleet.containers["hello"].docker)
-    (project.root / "images.lock.json").write_text(json.dumps({"version": 1, "containers": {digest_hash: {
-        "image": "us-central1-docker.pkg.dev/acme-tee-ops/fleet/hello", "digest": "sha256:" + "4" * 64,
-        "digest_kind": "manifest", "source": "test fixture"}}}))
+    lock_hello_container(project)
     _, config = load_config(project.root, "dev")
     (hello,) = [a for a in fleet_apps.plan_apps(config, fleet_lock.load(project.root), project.root, "r")
                 if a.key == "hello"]

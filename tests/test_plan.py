@@ -110,19 +110,13 @@ def test_canary_secret_never_appears_in_plan_text_or_json(project):
     """The canary is a real input of a resource (the Phala API key in the deploy step's environment),
     so a leak anywhere in the plan would show it."""
     import json as _json
-    import shutil
 
-    from fleet import apps as fleet_apps
-    from fleet.plan import load_config
     from fleet.values import Secret, reveal
 
+    from .conftest import lock_hello_container
+
     canary = "canary-5b8f0e2d-must-not-leak"
-    shutil.copytree(ROOT / "apps", project.root / "apps")
-    _, config = load_config(project.root, "dev")
-    digest = fleet_apps.docker_build_hash(project.root, "hello", config.fleet.containers["hello"].docker)
-    (project.root / "images.lock.json").write_text(_json.dumps({"version": 1, "containers": {digest: {
-        "image": "us-central1-docker.pkg.dev/acme-tee-ops/fleet/hello", "digest": "sha256:" + "4" * 64,
-        "digest_kind": "manifest", "source": "test fixture"}}}))
+    lock_hello_container(project)
     plan = build_plan(project.root, "dev", secret_overrides={"dstack-fleet:secrets": {"phalaApiKey": canary}})
     carriers = [r for r in plan.resources if canary in _json.dumps(reveal(r.inputs), default=str)]
     assert carriers, "the canary must reach a resource for this test to mean anything"
