@@ -15,8 +15,10 @@ BASE   ?= HEAD
 
 .PHONY: venv test plan golden readme preview up lock lock-deps diff bench clean
 
-PLAN_CMD = $(PY) -m fleet plan --stack $(STACK) --format $(FORMAT) $(if $(PLAN_JSON),--json $(PLAN_JSON))
-DIFF_CMD = $(PY) -m fleet diff --stack $(STACK) --base $(BASE) $(if $(DIFF_MD),--output $(DIFF_MD))
+# FLEET_ROOT plans another checkout's stacks with this code (tests use it on temporary copies).
+ROOT_ARG = $(if $(FLEET_ROOT),--root $(FLEET_ROOT))
+PLAN_CMD = $(PY) -m fleet $(ROOT_ARG) plan --stack $(STACK) --format $(FORMAT) $(if $(PLAN_JSON),--json $(PLAN_JSON))
+DIFF_CMD = $(PY) -m fleet $(ROOT_ARG) diff --stack $(STACK) --base $(BASE) $(if $(DIFF_MD),--output $(DIFF_MD))
 
 # `make plan` and `make diff` must exit with the tool's own code: 0 ok, 1 a mandatory check failed,
 # 2 bad input. GNU make reports every failing recipe as 2 and exits 1 only in question mode (-q), so

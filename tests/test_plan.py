@@ -165,3 +165,19 @@ def test_make_plan_unknown_stack_exits_2():
     assert result.returncode == 2
     assert "stacks/Pulumi.nosuchstack.yaml: no such stack file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_make_plan_exits_1_on_a_mandatory_violation_naming_rule_and_resource(project):
+    """A prebuilt GCE image is accepted by the config but not known to be TDX-capable: tdx-only,
+    mandatory in prod, fails the plan with exit 1 (make passes the tool's own code through)."""
+    def change(c):
+        c["dstack-fleet:images"]["legacy"] = {"prebuilt": {"image": {
+            "selfLink": "projects/acme-legacy/global/images/overlay-v1"}}}
+        c["dstack-fleet:nodes"][0]["imageOverrides"] = {0: "legacy"}
+
+    project.mutate("prod", "prod", change)
+    result = subprocess.run(["make", "-s", "plan", "STACK=prod", f"FLEET_ROOT={project.root}", "PY_DEPS=",
+                             f"PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr
+    assert "[mandatory] tdx-only: urn:pulumi:prod::dstack-fleet::dstack-fleet:nodes:OverlayNode" in result.stdout
+    assert "::overlay-0:" in result.stdout
