@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pulumi
 import pulumi_command as command
+import pulumi_docker as docker
 
 from components import adopt
 from components.apptargets import create_app_target
@@ -102,6 +103,12 @@ def env() -> None:
     for name, target in targets.items():
         if target is not None:
             deployed.setdefault(f"app:{name}", []).append(target)
+    for key, source in sorted(config.fleet.containers.items()):
+        ext = source.external
+        if ext is not None and ext.check_at_deploy:
+            reference = f"{ext.image}@{ext.digest}"
+            docker.get_registry_image_output(name=reference).sha256_digest.apply(
+                lambda reported, e=ext.digest, r=reference: fleet_apps.registry_check(reported, e, r))
     measurements = plan_measurements(fleet, apps, os_versions(config))
     for app in apps:
         if app.config.verify is not None and not app.pending:

@@ -291,6 +291,10 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
                 p(f"{at}.kms.appId", "Phala Cloud assigns the app id; a pinned app id is not supported there")
             if not 5 <= len(app_name(app, config.stack)) <= 63:
                 p(f"{at}.name", f"the Phala CVM name {app_name(app, config.stack)!r} must be 5-63 characters")
+    for key, source in sorted(fleet.containers.items()):
+        if source.external and source.external.check_at_deploy and source.external.digest_kind != "manifest":
+            p(f"containers.{key}.external.checkAtDeploy", "only a manifest digest can be checked against a registry; "
+              "an image id is the image's config digest")
     runs = [a.nodes for a in fleet.apps if a.target == "gce" and a.nodes]
     for name in sorted({n for n in runs if runs.count(n) > 1}):
         p("apps", f"node group {name!r} runs more than one app; a dstack node runs exactly one app-compose")
@@ -326,3 +330,11 @@ def gce_node_files(apps: list[AppPlan], node, stack: str) -> dict[str, bytes] | 
         seed=configdisk.instance_seed(stack, node.key), os_image_hash=os_image_hash,
         cpu_count=tdx.vcpus(node.machine_type), memory_bytes=memory * 1024 ** 3 if memory else None,
         user_config=app.user_config)
+
+
+def registry_check(reported: str, expected: str, reference: str) -> str:
+    """The registry's answer for ``reference`` must be the pinned digest (a deploy-time check)."""
+    if reported != expected:
+        raise ValueError(f"the registry reports {reported or 'no image'} for {reference}, not the pinned {expected}; "
+                         "the config names an image that does not exist there")
+    return reported

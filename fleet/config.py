@@ -407,6 +407,8 @@ class ExternalContainer(Model):
         "manifest", description="manifest: registry manifest digest (pull by digest); image-id: config digest "
         "(docker image inspect .Id), which some launchers compare.")
     source: str = Field(description="Where the digest comes from (release, build log, registry).")
+    check_at_deploy: bool = Field(False, description="Ask the registry at deploy whether this manifest digest "
+                                  "exists under the repository (manifest digests only; public registries).")
 
 
 class DockerBuildContainer(Model):

@@ -196,3 +196,24 @@ def test_canary_secret_never_appears_in_generated_app_files(project):
     assert canary not in generated
     plan = build_plan(project.root, "canary")
     assert canary not in plan.to_json()
+
+
+def test_external_digest_is_checked_against_the_registry_at_deploy(monkeypatch):
+    from fleet import offline
+    from fleet.plan import PlanFailed
+
+    plan = build_plan(ROOT, "staging")  # the stand-in registry has the pinned launcher digest
+    assert plan.outputs["apps"]["mpc-staging"]["images"]
+    monkeypatch.setitem(offline.INVOKES, "docker:index/getRegistryImage:getRegistryImage",
+                        lambda args, project: {"name": args["name"], "sha256Digest": "sha256:" + "0" * 64})
+    with pytest.raises(PlanFailed, match="the registry reports sha256:0000"):
+        build_plan(ROOT, "staging")
+
+
+def test_only_manifest_digests_can_be_checked(project):
+    containers = {"x": {"external": {"image": "docker.io/a/b", "digest": "sha256:" + "1" * 64,
+                                     "digestKind": "image-id", "source": "t", "checkAtDeploy": True}}}
+    project.write_stack("idcheck", minimal_env([NEAR_APP], containers=containers))
+    with pytest.raises(ConfigError) as info:
+        load_config(project.root, "idcheck")
+    assert any("containers.x.external.checkAtDeploy: only a manifest digest" in l for l in info.value.lines())
