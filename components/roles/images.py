@@ -1,0 +1,35 @@
+"""The images stack: build hosts for missing image builds, container builds, outputs for the lock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pulumi
+
+from components.buildhost import BuildHost
+from components.network import Network
+from components.registryimage import RegistryImage
+from components.stackconfig import load_lock
+from fleet import bootstrap as fleet_bootstrap
+from fleet import builds as fleet_builds
+from fleet.config import StackConfig
+from fleet.naming import Namer
+from fleet.network import network_spec
+
+
+def build(config: StackConfig, namer: Namer, root: Path) -> None:
+    lock = load_lock(root)
+    names = fleet_bootstrap.names_for(config)
+    network = Network("network", network_spec(config, namer, []), config.gcp.project)
+    builds = fleet_builds.plan_builds(config, root, lock, names, namer)
+    hosts = [BuildHost(plan, project=config.gcp.project, subnetwork=network.subnets[config.gcp.region].self_link,
+                       service_account=builds.builder_account)
+             for plan in builds.hosts]
+    containers = [RegistryImage(c.key, c.build, input_hash=c.input_hash, repository=c.repository)
+                  for c in builds.containers]
+
+    pulumi.export("network", network.network.self_link)
+    pulumi.export("builds", builds.summary())
+    pulumi.export("lockEntries", {"images": {h.input_hash: h.lock_entry for h in hosts},
+                                  "containers": {c.input_hash: image.lock_entry
+                                                 for c, image in zip(builds.containers, containers)}})
