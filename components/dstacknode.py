@@ -13,7 +13,8 @@ import pulumi_gcp as gcp
 
 from components.adopt import options
 from components.tdxnode import TdxNode
-from fleet.configdisk import Upload, build_script, bundle, content_hash, data_disk_script, data_image_url
+from fleet.configdisk import (Upload, build_script, bundle, content_hash, data_disk_script, data_image_name,
+                              data_image_url, version_name)
 from fleet.naming import Namer
 
 CONFIG_DEVICE = "dstack-config"
@@ -38,12 +39,12 @@ class ConfigDisk(pulumi.ComponentResource):
         build = command.local.Command(f"{name}-build", create=build_script(files, upload), stdin=bundle(files),
                                       interpreter=["/bin/bash", "-c"], opts=child)
         image = gcp.compute.Image(
-            name, name=namer.name(node_key, "cfg", digest[:12]), project=project,
+            name, name=version_name(namer, node_key, digest), project=project,
             description=f"dstack configuration of {node_key}, content hash {digest}",
             raw_disk={"source": _https(upload.object_url(digest))}, guest_os_features=GUEST_OS_FEATURES,
             labels=labels, opts=pulumi.ResourceOptions(parent=self, depends_on=[build]))
         self.disk = gcp.compute.Disk(
-            f"{name}-disk", name=namer.name(node_key, "cfg", digest[:12]), project=project, zone=zone,
+            f"{name}-disk", name=version_name(namer, node_key, digest), project=project, zone=zone,
             type="pd-balanced", image=image.self_link, labels=labels,
             description=f"dstack configuration disk ({digest})", opts=child)
         self.register_outputs({"contentHash": digest})
@@ -60,7 +61,7 @@ class DataDiskImage(pulumi.ComponentResource):
         build = command.local.Command("dstack-data-image-build", create=data_disk_script(upload),
                                       interpreter=["/bin/bash", "-c"], opts=pulumi.ResourceOptions(parent=self))
         self.image = gcp.compute.Image(
-            "dstack-data-image", name=namer.name("dstack-data"), project=project,
+            "dstack-data-image", name=data_image_name(namer), project=project,
             description="GPT disk with one partition named dstack-data, grown by the guest",
             raw_disk={"source": _https(data_image_url(upload))}, guest_os_features=GUEST_OS_FEATURES, labels=labels,
             opts=options("dstack-data-image", parent=self, depends_on=[build]))

@@ -80,6 +80,15 @@ def check_files(files: dict[str, bytes]) -> None:
         raise ConfigDiskError("; ".join(problems))
 
 
+def version_name(namer, node_key: str, digest: str) -> str:
+    """GCP name of a node's configuration image and disk of one content version."""
+    return namer.name(node_key, "cfg", digest[:12])
+
+
+def data_image_name(namer) -> str:
+    return namer.name("dstack-data")
+
+
 def content_hash(files: dict[str, bytes]) -> str:
     listing = [[name, hashlib.sha256(data).hexdigest()] for name, data in sorted(files.items())]
     return hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()

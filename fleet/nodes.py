@@ -119,6 +119,10 @@ def overlay_tag(namer: Namer) -> str:
     return namer.name("overlay-members")
 
 
+def snapshot_policy_name(namer: Namer, region: str) -> str:
+    return namer.name(region, "snapshots")
+
+
 def snapshots_enabled(config: StackConfig) -> bool:
     return config.fleet.snapshots if config.fleet.snapshots is not None else config.is_prod
 

@@ -84,7 +84,8 @@ def deploy_nodes(config: StackConfig, namer: Namer, fleet, apps: list[AppPlan], 
                  network: Network, upload: Upload) -> dict[str, list[pulumi.Resource]]:
     """Every node; returns what each node group runs on (for the post-deploy checks)."""
     schedules = {
-        region: SnapshotSchedule(region, namer.name(region, "snapshots"), config.gcp.project, namer.labels())
+        region: SnapshotSchedule(region, fleet_nodes.snapshot_policy_name(namer, region), config.gcp.project,
+                                 namer.labels())
         for region in sorted({n.snapshot_policy for n in fleet.nodes if n.snapshot_policy})
     }
     data_image = None
