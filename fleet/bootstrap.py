@@ -284,6 +284,10 @@ def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
         add(("bucket", state, "roles/storage.objectAdmin", member, state_prefix_condition(env)))
         add(("crypto_key", names.key(env), "roles/cloudkms.cryptoKeyEncrypterDecrypter", member))
         add(("bucket", image_bucket, "roles/storage.objectViewer", member))
+        # dstack nodes' configuration disks are built at deploy and uploaded under the env's own prefix
+        add(("bucket", image_bucket, "roles/storage.objectCreator", member, (
+            f"config disks of {env}",
+            f"resource.name.startsWith('projects/_/buckets/{{bucket}}/objects/config-disks/{env}/')")))
     # images: build hosts in the images project, artifacts, registry pushes, its own state and key
     images = sa("ci-images")
     for role in IMAGES_PROJECT_ROLES:

@@ -26,7 +26,7 @@ ALLOWED_ROLES = {
     "ci-deploy": {"roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
                   "roles/compute.storageAdmin", "roles/iam.serviceAccountUser", "roles/storage.objectViewer",
                   "roles/storage.objectAdmin", "roles/cloudkms.cryptoKeyEncrypterDecrypter",
-                  "roles/iam.workloadIdentityUser"},
+                  "roles/iam.workloadIdentityUser", "roles/storage.objectCreator"},
     "ci-images": {"roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
                   "roles/iam.serviceAccountUser", "roles/storage.objectAdmin", "roles/artifactregistry.writer",
                   "roles/storage.objectViewer", "roles/cloudkms.cryptoKeyEncrypterDecrypter"},
@@ -87,6 +87,8 @@ def test_deploy_identities_touch_only_their_own_environment(plan):
         writes = [b for b in mine if b.role == "roles/storage.objectAdmin"]
         assert len(writes) == 1 and f"/{env}.json" in writes[0].condition[1]
         assert all(f"/{other}" not in writes[0].condition[1] for other in bp.environments if other != env)
+        (uploads,) = [b for b in mine if b.role == "roles/storage.objectCreator"]
+        assert uploads.target == bp.names.image_bucket and f"/config-disks/{env}/" in uploads.condition[1]
 
 
 def test_federation_pins_repository_and_owner_ids(plan):
