@@ -26,10 +26,10 @@ SERIALIZATION = fc.Serialization.VMM_CLI  # what vmm-cli and the config disk sto
 @dataclass(frozen=True)
 class Container:
     key: str
-    origin: str  # external | docker
+    origin: str  # external | docker | mkosi
     ref: ImageRef | None  # name@sha256:... (None while pending)
     digest_kind: DigestKind
-    input_hash: str | None = None  # docker builds: what the lock is keyed by
+    input_hash: str | None = None  # built containers: what the lock is keyed by
     repository: str | None = None
 
     @property
@@ -70,14 +70,23 @@ def _container(key: str, source: ContainerSource, lock: LockFile, root: Path, re
             # an image id cannot be pulled by; keep the repository and carry the id as the digest
             ref = parse_image_ref(f"{ext.image}@{ext.digest}")
         return Container(key, "external", ref, kind, repository=ext.image)
-    assert source.docker is not None
-    input_hash = docker_build_hash(root, key, source.docker)
+    origin, input_hash = container_build_hash(root, key, source)
     entry = lock.container(input_hash)
     repository = f"{registry_path}/{key}"
     if entry is None:
-        return Container(key, "docker", None, DigestKind.MANIFEST, input_hash, repository)
-    return Container(key, "docker", parse_image_ref(f"{entry.image}@{entry.digest}"), DigestKind(entry.digest_kind),
+        return Container(key, origin, None, DigestKind.MANIFEST, input_hash, repository)
+    return Container(key, origin, parse_image_ref(f"{entry.image}@{entry.digest}"), DigestKind(entry.digest_kind),
                      input_hash, entry.image)
+
+
+def container_build_hash(root: Path, key: str, source: ContainerSource) -> tuple[str, str]:
+    """(builder, input hash) of a container the images stack builds: what images.lock.json keys it by."""
+    if source.mkosi is not None:
+        from . import mkosibuild
+
+        return "mkosi", mkosibuild.input_hash(root, key, source.mkosi)
+    assert source.docker is not None, "external containers are not built"
+    return "docker", docker_build_hash(root, key, source.docker)
 
 
 @dataclass

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import accounts
-from .apps import docker_build_hash
+from .apps import container_build_hash
 from .bootstrap import Names
 from .buildscript import BuildHostPlan, BuildHostSettings, plan_build_host
-from .config import DockerBuildContainer, StackConfig
+from .config import DockerBuildContainer, MkosiBuildContainer, StackConfig
 from .images import build_inputs
 from .lock import LockFile
 from .naming import Namer
@@ -27,9 +27,13 @@ from .recipes import BuildSpec, build_spec, builds_to_run
 class ContainerBuild:
     key: str
     input_hash: str
-    build: DockerBuildContainer
+    build: DockerBuildContainer | MkosiBuildContainer
     repository: str
     stacks: tuple[str, ...]
+
+    @property
+    def builder(self) -> str:
+        return "mkosi" if isinstance(self.build, MkosiBuildContainer) else "docker"
 
 
 @dataclass
@@ -48,8 +52,8 @@ class BuildPlan:
         for spec in self.specs:
             images[spec.input_hash] = {"recipe": spec.recipe, "label": spec.label, "keys": list(spec.keys),
                                        "status": "building" if spec.input_hash in building else "locked"}
-        containers = {c.input_hash: {"key": c.key, "repository": c.repository, "stacks": list(c.stacks),
-                                     "status": "building"} for c in self.containers}
+        containers = {c.input_hash: {"key": c.key, "builder": c.builder, "repository": c.repository,
+                                     "stacks": list(c.stacks), "status": "building"} for c in self.containers}
         for h in self.locked_containers:
             containers.setdefault(h, {"status": "locked"})
         return {"images": images, "containers": containers}
@@ -90,14 +94,16 @@ def plan_builds(config: StackConfig, root: Path, lock: LockFile, names: Names, n
             init = script if source.build.recipe == "tplus-overlay" else None
             specs.append(build_spec(key, build_inputs(source), derived.get(key, {}), init_script=init, root=root))
         for key, source in sorted(env.fleet.containers.items()):
-            if source.docker is None:
+            if source.external is not None:
                 continue
-            digest = docker_build_hash(root, key, source.docker)
+            _, digest = container_build_hash(root, key, source)
             if digest in lock.containers:
                 continue
             existing = containers.get(digest)
             stacks = (existing.stacks if existing else ()) + (env.stack,)
-            containers[digest] = ContainerBuild(key, digest, source.docker, f"{names.registry_path}/{key}", stacks)
+            build = source.docker or source.mkosi
+            assert build is not None
+            containers[digest] = ContainerBuild(key, digest, build, f"{names.registry_path}/{key}", stacks)
     to_run = builds_to_run(specs, lock.images)
     hosts = [plan_build_host(spec, host_settings(config, names, spec.recipe), namer, project=config.gcp.project,
                              root=root) for spec in to_run]

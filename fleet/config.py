@@ -421,16 +421,45 @@ class DockerBuildContainer(Model):
     target: str | None = Field(None, description="Build stage.")
 
 
+def _image_port(value: int | str) -> int | str:
+    """A port an image exposes, checked by the rules the OCI image config is written with."""
+    from .ocilayout import LayoutError, port_key
+
+    try:
+        port_key(str(value))
+    except LayoutError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+class MkosiBuildContainer(Model):
+    """Built reproducibly by the images stack with mkosi (a root-filesystem tar turned into a
+    deterministic OCI image) and pushed to the bootstrap registry; see fleet/mkosibuild.py."""
+
+    directory: RepoPath = Field(description="Repository directory holding mkosi.conf (Format=tar, SourceDateEpoch=).")
+    command: list[str] = Field(min_length=1, description="What the container runs (the image's Cmd).")
+    entrypoint: list[str] = Field(default_factory=list, description="The image's Entrypoint.")
+    working_dir: Annotated[str, _pattern(r"/.*", "an absolute path such as /opt/app")] | None = Field(
+        None, description="The image's working directory.")
+    env: dict[EnvName, str] = Field(default_factory=dict, description="The image's environment.")
+    ports: list[Annotated[int | str, AfterValidator(_image_port)]] = \
+        Field(default_factory=list, description="Exposed ports: 3000, '3000/tcp', '53/udp'.")
+
+
+CONTAINER_SOURCES = ("external", "docker", "mkosi")
+
+
 class ContainerSource(Model):
     """A container image apps run: external (by digest) or built (digest from images.lock.json)."""
 
     external: ExternalContainer | None = Field(None, description="An existing image pinned by digest.")
-    docker: DockerBuildContainer | None = Field(None, description="Build it in the images stack.")
+    docker: DockerBuildContainer | None = Field(None, description="Build it in the images stack with Docker.")
+    mkosi: MkosiBuildContainer | None = Field(None, description="Build it reproducibly in the images stack with mkosi.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ContainerSource":
-        if (self.external is None) == (self.docker is None):
-            raise ValueError("set exactly one of 'external' or 'docker'")
+        if sum(getattr(self, name) is not None for name in CONTAINER_SOURCES) != 1:
+            raise ValueError("set exactly one of 'external', 'docker' or 'mkosi'")
         return self
 
 
@@ -797,6 +826,13 @@ def build_problems(config: StackConfig, source: str, root: "Path | None") -> lis
         if image.build is not None:
             out += [Problem(source, path, message) for path, message in
                     validate_build(build_inputs(image), key=key, root=root)]
+    if root is not None:
+        from . import mkosibuild
+
+        for key, container in sorted(config.fleet.containers.items()):
+            if container.mkosi is not None:
+                out += [Problem(source, f"{NAMESPACE}:containers.{key}.mkosi.{path}", message)
+                        for path, message in mkosibuild.validate(container.mkosi, root)]
     return out
 
 

@@ -182,6 +182,9 @@ COMMAND_STEPS: dict[str, Callable[[Context], str]] = {
     # An app's Phala deploy step prints `phala cvms get <name> --json`; the stand-in is a document of that
     # shape with fake values derived from the step's URN (components/phala.py).
     "phala-deploy": lambda ctx: __import__("components.phala", fromlist=["offline_cvm_stdout"]).offline_cvm_stdout(ctx),
+    # A container built with mkosi prints its lock entry as one JSON line; the stand-in is a line of that
+    # shape with fake digests derived from the step's URN (fleet/mkosibuild.py).
+    "mkosi-build": lambda ctx: __import__("fleet.mkosibuild", fromlist=["offline_step_stdout"]).offline_step_stdout(ctx),
 }
 
 

@@ -35,7 +35,7 @@ def stack_config(name: str) -> dict[str, Any]:
 
 
 class Project:
-    """A copy of the program's entry files and stacks in a temporary directory; the packages
+    """A copy of the program's entry files, stacks and apps in a temporary directory; the packages
     (``fleet``, ``components``) are imported from the repository."""
 
     def __init__(self, root: Path):
@@ -63,6 +63,7 @@ def project(tmp_path: Path) -> Project:
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "stacks", tmp_path / "stacks")
+    shutil.copytree(ROOT / "apps", tmp_path / "apps")  # build inputs the stacks name (contexts, mkosi trees)
     return Project(tmp_path)
 
 
@@ -74,8 +75,6 @@ def lock_hello_container(project: Project, digest_hex: str = "4" * 64) -> None:
     from fleet import apps as fleet_apps
     from fleet.plan import load_config
 
-    if not (project.root / "apps").exists():
-        shutil.copytree(ROOT / "apps", project.root / "apps")
     _, config = load_config(project.root, "dev")
     digest = fleet_apps.docker_build_hash(project.root, "hello", config.fleet.containers["hello"].docker)
     (project.root / "images.lock.json").write_text(json.dumps({"version": 1, "containers": {digest: {

@@ -222,3 +222,47 @@ def test_real_run_raises_one_runerror_listing_every_problem(project):
                      "stacks/Pulumi.prod.yaml: dstack-fleet:nodez: unknown key",
                      "stacks/Pulumi.prod.yaml: dstack-fleet:nodes[0].count: must be at least 1 (got 0)"):
         assert expected in message
+
+
+def _mkosi_problems(project, change) -> list[str]:
+    from fleet.plan import load_config
+
+    change(project.root / "apps" / "simple-mkosi-app")
+    with pytest.raises(ConfigError) as info:
+        load_config(project.root, "dev")
+    return info.value.lines()
+
+
+def test_an_mkosi_directory_without_a_reproducible_configuration_is_refused(project):
+    def drop_epoch(directory):
+        conf = directory / "mkosi.conf"
+        conf.write_text("\n".join(line for line in conf.read_text().splitlines()
+                                  if not line.startswith("SourceDateEpoch=")) + "\n")
+
+    (line,) = _mkosi_problems(project, drop_epoch)
+    assert line.startswith("stacks/Pulumi.dev.yaml: dstack-fleet:containers.simple-app.mkosi.directory: ")
+    assert "SourceDateEpoch" in line
+
+
+def test_an_mkosi_directory_that_does_not_exist_is_named(project):
+    import shutil
+
+    (line,) = _mkosi_problems(project, shutil.rmtree)
+    assert line == ("stacks/Pulumi.dev.yaml: dstack-fleet:containers.simple-app.mkosi.directory: "
+                    "apps/simple-mkosi-app: no such directory in the repository")
+
+
+@pytest.mark.parametrize("source, path, message", [
+    ({"docker": {"context": "apps/hello"}, "mkosi": {"directory": "apps/simple-mkosi-app", "command": ["x"]}},
+     "dstack-fleet:containers.simple-app", "set exactly one of 'external', 'docker' or 'mkosi'"),
+    ({"mkosi": {"directory": "apps/simple-mkosi-app", "command": []}},
+     "dstack-fleet:containers.simple-app.mkosi.command", "at least 1"),
+    ({"mkosi": {"directory": "apps/simple-mkosi-app", "command": ["x"], "ports": ["3000/quic"]}},
+     "dstack-fleet:containers.simple-app.mkosi.ports[0]", "exposed port '3000/quic' is not PORT"),
+    ({"mkosi": {"directory": "apps/simple-mkosi-app", "command": ["x"], "workingDir": "opt/app"}},
+     "dstack-fleet:containers.simple-app.mkosi.workingDir", "'opt/app' is not an absolute path"),
+])
+def test_bad_mkosi_settings_name_their_key(project, source, path, message):
+    project.mutate("dev", "bad", lambda c: c["dstack-fleet:containers"].update({"simple-app": source}))
+    lines = problems_of(project, "bad")
+    assert any(line.startswith(f"stacks/Pulumi.bad.yaml: {path}") and message in line for line in lines), lines

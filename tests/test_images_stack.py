@@ -4,7 +4,6 @@ flow through `make lock` into the env stacks."""
 from __future__ import annotations
 
 import json
-import shutil
 
 from fleet import lock as fleet_lock
 from fleet.plan import build_plan
@@ -42,23 +41,49 @@ def test_one_build_host_per_input_hash_the_env_stacks_declare():
     assert [r.name for r in plan.resources if r.type == "docker:index/image:Image"] == ["container-hello"]
 
 
+def test_an_mkosi_container_is_built_by_a_step_keyed_by_the_hash_the_env_stack_looks_up():
+    from fleet import apps as fleet_apps
+    from fleet import mkosibuild
+    from fleet.plan import load_config
+
+    _, dev = load_config(ROOT, "dev")
+    origin, wanted = fleet_apps.container_build_hash(ROOT, "simple-app", dev.fleet.containers["simple-app"])
+    assert origin == "mkosi"
+    plan = build_plan(ROOT, "images")
+    (component,) = [r for r in plan.resources if r.type == "dstack-fleet:images:MkosiImage"]
+    (step,) = [r for r in plan.resources if r.type == "command:local:Command" and r.parent == component.urn]
+    assert step.inputs["triggers"] == [wanted]
+    assert step.inputs["interpreter"] == ["/bin/bash", "-c"]
+    assert mkosibuild.STEP_MARK + mkosibuild.STEP in step.inputs["create"].splitlines()
+    assert f"readonly INPUT_HASH={wanted}" in step.inputs["create"]
+    assert plan.outputs["builds"]["containers"][wanted]["builder"] == "mkosi"
+    # the update pass parses the step's stdout (an offline stand-in of the real shape) into a lock entry
+    entry = reveal(plan.update_run.outputs["lockEntries"])["containers"][wanted]
+    assert entry["image"] == "us-central1-docker.pkg.dev/acme-tee-ops/fleet/simple-app"
+    assert entry["digest_kind"] == "manifest" and entry["digest"].startswith("sha256:")
+    assert fleet_lock.ContainerEntry.model_validate(entry)
+
+
 def test_lock_entries_flow_into_the_env_stacks(project):
-    shutil.copytree(ROOT / "apps", project.root / "apps")
     images = build_plan(project.root, "images")
     entries = reveal(images.update_run.outputs["lockEntries"])
     merged, changes = fleet_lock.merge(fleet_lock.load(project.root), {"lockEntries": entries})
-    assert len(changes) == len(set(env_input_hashes(project.root).values())) + 1
+    assert len(changes) == len(set(env_input_hashes(project.root).values())) + 2  # + hello and simple-app
     fleet_lock.write(project.root, merged)
     # built and locked: the images stack no longer builds them ...
     again = build_plan(project.root, "images")
     assert not [r for r in again.resources if r.type == "dstack-fleet:images:BuildHost"]
-    assert not [r for r in again.resources if r.type == "docker:index/image:Image"]
+    assert not [r for r in again.resources if r.type in ("docker:index/image:Image", "dstack-fleet:images:MkosiImage")]
     # ... and the env stacks create GCP images from the locked artifacts
     prod = build_plan(project.root, "prod")
     assert prod.outputs["images"]["overlay-3eb04ca"]["status"] == "built"
     assert [r for r in prod.resources if r.type == "gcp:compute/image:Image" and r.name.startswith("image-")]
     dev = build_plan(project.root, "dev")
     assert dev.outputs["apps"]["hello-dev"]["pending"] == []
+    assert dev.outputs["apps"]["simple-mkosi-dev"]["pending"] == []
+    (simple,) = [e for e in entries["containers"].values() if e["image"].endswith("/simple-app")]
+    assert dev.outputs["apps"]["simple-mkosi-dev"]["images"] == {
+        "services.simple-mkosi-app.image": f"{simple['image']}@{simple['digest']}"}
     # with its image built, the Phala app is deployed, and its identity is what Phala reports
     assert dev.outputs["appTargets"]["hello-dev"]["values"] == "reported"
     assert [r for r in dev.resources if r.type == "command:local:Command" and r.name.startswith("hello-dev")]

@@ -8,7 +8,7 @@ import pulumi
 
 from components.buildhost import BuildHost
 from components.network import Network
-from components.registryimage import RegistryImage
+from components.registryimage import container_image
 from components.stackconfig import load_lock
 from fleet import bootstrap as fleet_bootstrap
 from fleet import builds as fleet_builds
@@ -25,8 +25,7 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     hosts = [BuildHost(plan, project=config.gcp.project, subnetwork=network.subnets[config.gcp.region].self_link,
                        service_account=builds.builder_account)
              for plan in builds.hosts]
-    containers = [RegistryImage(c.key, c.build, input_hash=c.input_hash, repository=c.repository)
-                  for c in builds.containers]
+    containers = [container_image(c) for c in builds.containers]
 
     pulumi.export("network", network.network.self_link)
     pulumi.export("builds", builds.summary())
