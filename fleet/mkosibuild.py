@@ -65,7 +65,6 @@ CONDITIONAL_SECTIONS = ("Match", "TriggerMatch")
 SKOPEO_POLICY = {"default": [{"type": "insecureAcceptAnything"}]}
 SETTING_KEYS = ("directory", "command", "entrypoint", "workingDir", "env", "ports")
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _REPOSITORY = re.compile(r"[a-z0-9][a-z0-9._/:-]*[a-z0-9]")
@@ -175,7 +174,7 @@ def _shape_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
             problems.append(("env", "must be a mapping of NAME to value"))
         else:
             for name, value in env.items():
-                if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+                if not isinstance(name, str) or not ocilayout.ENV_NAME.fullmatch(name):
                     problems.append((f"env.{name}", "is not an environment variable name"))
                 elif (problem := _text_problem(value)) is not None:
                     problems.append((f"env.{name}", problem))

@@ -62,7 +62,7 @@ DROPPED_XATTRS = frozenset({"SCHILY.xattr.security.selinux"})
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _CHUNK = 1 << 20
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PORT = re.compile(r"([0-9]{1,5})(?:/(tcp|udp|sctp))?")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
@@ -84,7 +84,7 @@ class ImageSettings:
     def document(self) -> dict[str, Any]:
         for item in self.env:
             name, sep, _ = item.partition("=")
-            if not sep or not _ENV_NAME.fullmatch(name):
+            if not sep or not ENV_NAME.fullmatch(name):
                 raise LayoutError(f"environment entry {item!r} is not NAME=value")
         if self.working_dir is not None and not self.working_dir.startswith("/"):
             raise LayoutError(f"working directory {self.working_dir!r} is not an absolute path")
