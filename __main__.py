@@ -16,7 +16,7 @@ import pulumi
 from components import adopt
 from components.roles import bootstrap, env, images
 from components.stackconfig import load_stack_config
-from fleet.naming import Namer
+from fleet.gcp.naming import Namer
 
 ROOT = Path(__file__).resolve().parent
 config = load_stack_config(ROOT)

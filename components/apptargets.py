@@ -25,8 +25,8 @@ import pulumi
 
 from components.phala import phala_deployment
 from components.vmm import Vm, vm_props
-from fleet.apps import AppPlan
-from fleet.config import StackConfig
+from fleet.apps.plans import AppPlan
+from fleet.config.schema import StackConfig
 
 TYPE = "dstack-fleet:apps:DstackApp"
 OUTPUT_NAMES = ("target", "name", "identity", "values", "composeHash", "appId", "instanceId", "status", "urls")

@@ -30,7 +30,7 @@ import pulumi
 import pulumi_command as command
 import pulumi_gcp as gcp
 
-from fleet.buildscript import BuildHostPlan, parse_outputs
+from fleet.images.buildscript import BuildHostPlan, parse_outputs
 
 
 class BuildHost(pulumi.ComponentResource):

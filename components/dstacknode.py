@@ -13,9 +13,9 @@ import pulumi_gcp as gcp
 
 from components.adopt import options
 from components.tdxnode import TdxNode
-from fleet.configdisk import (Upload, build_script, bundle, content_hash, data_disk_script, data_image_name,
+from fleet.apps.configdisk import (Upload, build_script, bundle, content_hash, data_disk_script, data_image_name,
                               data_image_url, version_name)
-from fleet.naming import Namer
+from fleet.gcp.naming import Namer
 
 CONFIG_DEVICE = "dstack-config"
 GUEST_OS_FEATURES = [{"type": "GVNIC"}, {"type": "UEFI_COMPATIBLE"}]

@@ -7,7 +7,7 @@ import pulumi_command as command
 import pulumi_gcp as gcp
 
 from components.adopt import options
-from fleet.images import GUEST_OS_FEATURES, ImageVersion, integrity_script
+from fleet.images.versions import GUEST_OS_FEATURES, ImageVersion, integrity_script
 
 
 class GcpImage(pulumi.ComponentResource):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pulumi
 import pulumi_gcp as gcp
 
-from fleet.network import NetworkSpec, describe_subnets
+from fleet.nodes.network import NetworkSpec, describe_subnets
 
 
 class Network(pulumi.ComponentResource):

@@ -5,7 +5,7 @@ build); the pushed *manifest* digest is exported for ``make lock``. Env stacks n
 read the digest from the lock file.
 
 - ``RegistryImage``: built with pulumi-docker for linux/amd64 (``repo_digest``).
-- ``MkosiImage``: built reproducibly with mkosi by a generated step (fleet/mkosibuild.py) that builds
+- ``MkosiImage``: built reproducibly with mkosi by a generated step (fleet/images/mkosibuild.py) that builds
   twice, compares, turns the tar into a deterministic OCI image, pushes it with skopeo and prints its
   lock entry.
 """
@@ -16,9 +16,9 @@ import pulumi
 import pulumi_command as command
 import pulumi_docker as docker
 
-from fleet import mkosibuild
-from fleet.builds import ContainerBuild
-from fleet.config import DockerBuildContainer, MkosiBuildContainer
+from fleet.images import mkosibuild
+from fleet.stacks.builds import ContainerBuild
+from fleet.config.schema import DockerBuildContainer, MkosiBuildContainer
 
 
 class RegistryImage(pulumi.ComponentResource):

@@ -16,10 +16,11 @@ from pulumi.runtime import config as runtime_config
 
 from pathlib import Path
 
-from fleet import lock
-from fleet.config import StackConfig, load
-from fleet.lock import LockFile
-from fleet.problems import ConfigError
+from fleet.images import lock
+from fleet.config.schema import StackConfig
+from fleet.images.lock import LockFile
+from fleet.config.problems import ConfigError
+from fleet.stacks.load import load
 
 
 def runtime_values() -> tuple[dict[str, Any], set[str]]:

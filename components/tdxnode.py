@@ -13,7 +13,7 @@ import pulumi
 import pulumi_gcp as gcp
 
 from components.adopt import options
-from fleet.nodes import DATA_DEVICE_NAME, DISK_TYPE, BOOT_DISK_GB, NodeSpec
+from fleet.nodes.specs import DATA_DEVICE_NAME, DISK_TYPE, BOOT_DISK_GB, NodeSpec
 
 PENDING_IMAGE = "pending build"
 

@@ -12,7 +12,7 @@ Why a dynamic provider and not ``vmm-cli.py`` through pulumi-command:
   interactively for an unsigned KMS key, and it takes its password on argv or from the environment;
 * the provider is plain Python, tested against a fake VMM HTTP server (tests/test_vmm.py).
 
-The requests are those of vmm-cli.py at the pinned dstack version (``fleet/vmm.py``, v0.5.11).
+The requests are those of vmm-cli.py at the pinned dstack version (``fleet/apps/vmm.py``, v0.5.11).
 
 Secrets never enter the resource's inputs. The provider reads ``dstack-fleet:secrets`` from the stack
 configuration the engine hands to dynamic providers (``ResourceProvider.configure``, pulumi/pulumi#17673):
@@ -32,7 +32,7 @@ import pulumi
 from pulumi.dynamic import (CheckFailure, CheckResult, ConfigureRequest, CreateResult, DiffResult, ReadResult,
                             Resource, ResourceProvider, UpdateResult)
 
-from fleet import vmm as core
+from fleet.apps import vmm as core
 
 SECRETS_KEY = "dstack-fleet:secrets"
 TYPE = "pulumi-python:dynamic/vmm:Vm"

@@ -16,7 +16,7 @@ if str(REPOSITORY) not in sys.path:
 
 from pulumi_policy import EnforcementLevel, PolicyPack  # noqa: E402
 
-from fleet.rules import PACK_NAME, crossguard_policies  # noqa: E402
+from fleet.policy.rules import PACK_NAME, crossguard_policies  # noqa: E402
 
 PolicyPack(
     name=PACK_NAME,
@@ -24,5 +24,5 @@ PolicyPack(
     # relaxes a check. `make preview` / `make up` always pass the stack's config.
     enforcement_level=EnforcementLevel.MANDATORY,
     policies=crossguard_policies(),
-    description="dstack-fleet rules (fleet/rules.py), shared with the offline plan",
+    description="dstack-fleet rules (fleet/policy/rules.py), shared with the offline plan",
 )

@@ -72,8 +72,8 @@ def lock_hello_container(project: Project, digest_hex: str = "4" * 64) -> None:
     as `make lock` would after the images stack pushed it."""
     import json
 
-    from fleet import apps as fleet_apps
-    from fleet.plan import load_config
+    from fleet.apps import plans as fleet_apps
+    from fleet.stacks.load import load_config
 
     _, config = load_config(project.root, "dev")
     digest = fleet_apps.docker_build_hash(project.root, "hello", config.fleet.containers["hello"].docker)

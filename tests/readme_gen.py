@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from fleet.config import FleetConfig, GcpSettings
+from fleet.config.schema import FleetConfig, GcpSettings
 
 MARKER = re.compile(r"(<!-- BEGIN GENERATED:(?P<name>[a-z-]+) -->\n)(?P<body>.*?)(<!-- END GENERATED:(?P=name) -->)",
                     re.DOTALL)
@@ -93,8 +93,8 @@ def config_reference() -> str:
 
 def resource_graph(root: Path) -> str:
     """Component-level graph of each stack role, edges from resource dependencies."""
-    from fleet import stackfile
-    from fleet.plan import build_plan
+    from fleet.config import stackfile
+    from fleet.plan.planner import build_plan
 
     by_role: dict[str, str] = {}
     for stack in stackfile.available_stacks(root):

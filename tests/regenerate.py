@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fleet.plan import build_plan
-from fleet.stackfile import available_stacks
+from fleet.plan.planner import build_plan
+from fleet.config.stackfile import available_stacks
 
 from . import readme_gen
 

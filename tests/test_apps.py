@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from fleet import apps as fleet_apps
-from fleet import lock as fleet_lock
-from fleet.imageref import find_image_references
-from fleet.plan import build_plan, load_config
-from fleet.problems import ConfigError
-from fleet.stackfile import available_stacks
-from fleet.values import display
+from fleet.apps import plans as fleet_apps
+from fleet.images import lock as fleet_lock
+from fleet.apps.imageref import find_image_references
+from fleet.plan.planner import build_plan
+from fleet.stacks.load import load_config
+from fleet.config.problems import ConfigError
+from fleet.config.stackfile import available_stacks
+from fleet.config.values import display
 
 from .conftest import ROOT
 
@@ -124,7 +125,7 @@ def test_a_locked_container_build_gives_a_pinned_compose(project):
 def test_every_image_reference_in_every_plan_is_pinned(stack):
     """Container references live in app composes, command scripts and instance metadata; every one
     of them is pinned by digest (GCE boot images are checked by the tdx-only rule instead)."""
-    from fleet.imageref import unpinned_reason
+    from fleet.apps.imageref import unpinned_reason
 
     plan = build_plan(ROOT, stack)
     for app in (plan.outputs.get("apps") or {}).values():
@@ -199,8 +200,8 @@ def test_canary_secret_never_appears_in_generated_app_files(project):
 
 
 def test_external_digest_is_checked_against_the_registry_at_deploy(monkeypatch):
-    from fleet import offline
-    from fleet.plan import PlanFailed
+    from fleet.plan import offline
+    from fleet.plan.planner import PlanFailed
 
     plan = build_plan(ROOT, "staging")  # the stand-in registry has the pinned launcher digest
     assert plan.outputs["apps"]["mpc-staging"]["images"]

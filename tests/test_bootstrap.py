@@ -6,11 +6,12 @@ from __future__ import annotations
 import pulumi
 import pytest
 
-from fleet import accounts
-from fleet.bootstrap import PRIMITIVE_ROLES, PUBLIC_MEMBERS, names_for, plan_bootstrap
-from fleet.harness import run_program
-from fleet.plan import build_plan, load_config
-from fleet.problems import ConfigError
+from fleet.project import accounts
+from fleet.project.bootstrap import PRIMITIVE_ROLES, PUBLIC_MEMBERS, names_for, plan_bootstrap
+from fleet.plan.harness import run_program
+from fleet.plan.planner import build_plan
+from fleet.stacks.load import load_config
+from fleet.config.problems import ConfigError
 
 from .conftest import ROOT, stack_config
 

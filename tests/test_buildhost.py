@@ -10,11 +10,12 @@ import pulumi
 import pytest
 
 from components.buildhost import BuildHost
-from fleet import lock, recipes
-from fleet.buildscript import (BuildHostSettings, BuildScriptError, build_script, plan_build_host,
+from fleet.images import lock
+from fleet.images import recipes
+from fleet.images.buildscript import (BuildHostSettings, BuildScriptError, build_script, plan_build_host,
                                settings_problems)
-from fleet.harness import UNKNOWN, run_program
-from fleet.naming import Namer
+from fleet.plan.harness import UNKNOWN, run_program
+from fleet.gcp.naming import Namer
 
 BUCKET = "acme-tee-build-fleet-images"
 BOOT_IMAGE = "projects/ubuntu-os-cloud/global/images/ubuntu-2404-noble-amd64-v20250805"

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from fleet import buildscript, lock, recipes
-from fleet.buildscript import BuildScriptError, OutputsError, build_script, parse_outputs, wait_script
+from fleet.images import buildscript
+from fleet.images import lock
+from fleet.images import recipes
+from fleet.images.buildscript import BuildScriptError, OutputsError, build_script, parse_outputs, wait_script
 
 SHELLCHECK = str(Path(sys.executable).parent / "shellcheck")
 PY = sys.executable

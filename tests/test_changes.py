@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from fleet import changes
-from fleet.changes import LIVE, REPLACE, STOP, action_for
-from fleet.plan import build_plan
+from fleet.plan import changes
+from fleet.plan.changes import LIVE, REPLACE, STOP, action_for
+from fleet.plan.planner import build_plan
 
 from .test_images import lock_all
 

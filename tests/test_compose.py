@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from fleet import measure
-from fleet.compose import (
+from fleet.attest import measure
+from fleet.apps.compose import (
     KNOWN_DSTACK_RELEASES,
     MIB,
     NEAR_LAUNCHERS,
@@ -48,7 +48,7 @@ from fleet.compose import (
     parse_near_user_config,
     render_compose,
 )
-from fleet.imageref import DigestKind, ImageDigest, parse_image_ref
+from fleet.apps.imageref import DigestKind, ImageDigest, parse_image_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"

@@ -8,11 +8,11 @@ import sys
 import pulumi
 import pytest
 
-from fleet import config as fleet_config
-from fleet import stackfile
-from fleet.harness import run_program
-from fleet.problems import ConfigError
-from fleet.stackfile import available_stacks
+from fleet.stacks import load as fleet_config
+from fleet.config import stackfile
+from fleet.plan.harness import run_program
+from fleet.config.problems import ConfigError
+from fleet.config.stackfile import available_stacks
 
 from .conftest import ROOT, stack_config
 
@@ -225,7 +225,7 @@ def test_real_run_raises_one_runerror_listing_every_problem(project):
 
 
 def _mkosi_problems(project, change) -> list[str]:
-    from fleet.plan import load_config
+    from fleet.stacks.load import load_config
 
     change(project.root / "apps" / "simple-mkosi-app")
     with pytest.raises(ConfigError) as info:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet import changes
-from fleet import configdisk as cd
-from fleet.plan import build_plan
+from fleet.plan import changes
+from fleet.apps import configdisk as cd
+from fleet.plan.planner import build_plan
 
 from .conftest import ROOT
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet import diff
-from fleet.plan import build_plan
+from fleet.plan import diff
+from fleet.plan.planner import build_plan
 
 from .conftest import ROOT
 from .test_images import lock_all
@@ -151,7 +151,7 @@ def tracked_copy(tmp: Path) -> Path:
 
 def test_the_base_revision_is_planned_with_its_own_code(tmp_path):
     repo = tracked_copy(tmp_path)
-    network = repo / "fleet" / "network.py"
+    network = repo / "fleet" / "nodes" / "network.py"
     network.write_text(network.read_text().replace(
         'description=f"dstack-fleet network of stack {config.stack}"', 'description=f"fleet VPC {config.stack}"'))
     result = subprocess.run([sys.executable, "-m", "fleet", "diff", "--stack", "dev", "--base", "HEAD"], cwd=repo,

@@ -10,9 +10,9 @@ import pulumi_gcp as gcp
 import pytest
 from pulumi.runtime import mocks as pulumi_mocks
 
-from fleet import offline
-from fleet.harness import DuplicateUrnError, engine_urn, run_program
-from fleet.values import SECRET_MARK, UNKNOWN, Secret, display
+from fleet.plan import offline
+from fleet.plan.harness import DuplicateUrnError, engine_urn, run_program
+from fleet.config.values import SECRET_MARK, UNKNOWN, Secret, display
 
 
 @pytest.fixture
@@ -171,12 +171,12 @@ def test_resource_type_without_offline_entry_fails_loudly(root):
 
     run_program(root, stack="s", config={}, preview=True, program=program)  # preview needs no stand-ins
     assert "gcp:pubsub/topic:Topic" not in offline.COMPUTED
-    with pytest.raises(Exception, match="has no entry in fleet/offline.py COMPUTED"):
+    with pytest.raises(Exception, match="has no entry in fleet/plan/offline.py COMPUTED"):
         run_program(root, stack="s", config={}, preview=False, program=program)
 
 
 def test_logged_errors_fail_the_run(root):
-    from fleet.harness import ProgramError
+    from fleet.plan.harness import ProgramError
 
     def program():
         pulumi.log.error("something is wrong")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.plan import build_plan
+from fleet.plan.planner import build_plan
 
 INSTANCE = "gcp:compute/instance:Instance"
 

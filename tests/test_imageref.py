@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleet.imageref import (
+from fleet.apps.imageref import (
     DigestKind,
     ImageDigest,
     InvalidImageReference,

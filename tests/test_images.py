@@ -12,11 +12,13 @@ from pathlib import Path
 import pulumi
 import pytest
 
-from fleet import images as fleet_images
-from fleet import lock as fleet_lock
-from fleet.harness import run_program
-from fleet.naming import LABEL_VALUE_RE, NAME_RE, Namer
-from fleet.plan import build_plan, load_config
+from fleet.images import versions as fleet_images
+from fleet.images import lock as fleet_lock
+from fleet.nodes import boot_images
+from fleet.plan.harness import run_program
+from fleet.gcp.naming import LABEL_VALUE_RE, NAME_RE, Namer
+from fleet.plan.planner import build_plan
+from fleet.stacks.load import load_config
 
 from .conftest import ROOT, stack_config
 
@@ -37,7 +39,7 @@ def built_entry(input_hash: str, recipe: str = "tplus-overlay", generation="1712
 def input_hashes(root: Path, stack: str) -> dict[str, str]:
     _, config = load_config(root, stack)
     namer = Namer(config.fleet.name_prefix, stack, config.gcp.project)
-    return {k: v.content_hash for k, v in fleet_images.resolve_for_stack(config, fleet_lock.load(root), namer).items()}
+    return {k: v.content_hash for k, v in boot_images.resolve_for_stack(config, fleet_lock.load(root), namer).items()}
 
 
 def lock_all(project, stack: str) -> None:
@@ -111,7 +113,7 @@ def test_identical_inputs_share_one_image(project):
 def test_real_up_refuses_pending_images_in_prod_but_not_dev():
     with pytest.raises(pulumi.RunError, match="prod refuses pending images dstack-0-6-0-a2, overlay-3eb04ca"):
         run_program(ROOT, stack="prod", config=stack_config("prod"), preview=False, as_deployment=True)
-    from fleet import stackfile
+    from fleet.config import stackfile
 
     dev = stackfile.read(ROOT, "dev")
     run = run_program(ROOT, stack="dev", config=dev.config, secret_keys=dev.secret_keys, preview=False,
@@ -170,7 +172,7 @@ def test_prebuilt_tarball_and_existing_image(project):
      "dstack-fleet:nodes[0].image", "overlay nodes boot 'tplus-overlay' images"),
 ])
 def test_image_config_errors(project, change, path, message):
-    from fleet.problems import ConfigError
+    from fleet.config.problems import ConfigError
 
     project.mutate("prod", "badimage", change)
     with pytest.raises(ConfigError) as info:

@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import json
 
-from fleet import lock as fleet_lock
-from fleet.plan import build_plan
-from fleet.values import reveal
+from fleet.images import lock as fleet_lock
+from fleet.nodes import boot_images
+from fleet.plan.planner import build_plan
+from fleet.config.values import reveal
 
 from .conftest import ROOT
 
 
 def env_input_hashes(root):
-    from fleet import images as fleet_images
-    from fleet.naming import Namer
-    from fleet.plan import load_config
+    from fleet.images import versions as fleet_images
+    from fleet.gcp.naming import Namer
+    from fleet.stacks.load import load_config
 
     out = {}
     for stack in ("dev", "staging", "prod"):
         _, config = load_config(root, stack)
         namer = Namer(config.fleet.name_prefix, stack, config.gcp.project)
-        for key, version in fleet_images.resolve_for_stack(config, fleet_lock.load(root), namer).items():
+        for key, version in boot_images.resolve_for_stack(config, fleet_lock.load(root), namer).items():
             if version.origin == "build":
                 out[(stack, key)] = version.content_hash
     return out
@@ -42,9 +43,9 @@ def test_one_build_host_per_input_hash_the_env_stacks_declare():
 
 
 def test_an_mkosi_container_is_built_by_a_step_keyed_by_the_hash_the_env_stack_looks_up():
-    from fleet import apps as fleet_apps
-    from fleet import mkosibuild
-    from fleet.plan import load_config
+    from fleet.apps import plans as fleet_apps
+    from fleet.images import mkosibuild
+    from fleet.stacks.load import load_config
 
     _, dev = load_config(ROOT, "dev")
     origin, wanted = fleet_apps.container_build_hash(ROOT, "simple-app", dev.fleet.containers["simple-app"])

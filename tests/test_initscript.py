@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.initscript import node_metadata, render
-from fleet.topology import Member, OverlayPlan, peer_keys
+from fleet.nodes.initscript import node_metadata, render
+from fleet.nodes.topology import Member, OverlayPlan, peer_keys
 
 SHELLCHECK = str(Path(sys.executable).parent / "shellcheck")
 KEYS = ["overlay-0", "overlay-1", "overlay-2"]

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from fleet import lock
-from fleet.problems import ConfigError
+from fleet.images import lock
+from fleet.config.problems import ConfigError
 
 from .conftest import ROOT
 

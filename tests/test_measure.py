@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleet import measure
+from fleet.attest import measure
 
 VECTORS = Path(__file__).parent / "vectors"
 LOCALNET = json.loads((VECTORS / "near-mpc-tcb-info.json").read_text())

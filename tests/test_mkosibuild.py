@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet import mkosibuild as mb
-from fleet import ocilayout as ol
-from fleet import offline
+from fleet.images import mkosibuild as mb
+from fleet.images import ocilayout as ol
+from fleet.plan import offline
 
 from .conftest import ROOT
 

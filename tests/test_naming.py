@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleet.naming import (
+from fleet.gcp.naming import (
     BUCKET_RE,
     LABEL_KEY_RE,
     LABEL_VALUE_RE,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fleet import config as fleet_config
-from fleet.naming import Namer
-from fleet.network import Ingress, network_spec, public_ingress
-from fleet.plan import build_plan
+from fleet.stacks import load as fleet_config
+from fleet.gcp.naming import Namer
+from fleet.nodes.network import Ingress, network_spec, public_ingress
+from fleet.plan.planner import build_plan
 
 from .conftest import ROOT, stack_config
 

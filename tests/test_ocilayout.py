@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet import ocilayout as ol
+from fleet.images import ocilayout as ol
 
 from .conftest import ROOT
 

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from components import phala
-from fleet import apps as fleet_apps
-from fleet import bootstrap, lock, offline
-from fleet.harness import run_program
-from fleet.plan import load_config
-from fleet.values import Secret, display, reveal
+from fleet.apps import phala
+from fleet.apps import plans as fleet_apps
+from fleet.project import bootstrap
+from fleet.images import lock
+from fleet.plan import offline
+from fleet.plan.harness import run_program
+from fleet.stacks.load import load_config
+from fleet.config.values import Secret, display, reveal
 
 API_KEY = "phak-51c0ffee-9d2e"
 GREETING = "hello from the enclave, secretly"
@@ -296,7 +298,7 @@ def test_an_unusable_cli_response_fails_the_program_in_one_line(project, monkeyp
 
 
 def test_an_on_chain_kms_is_refused_by_the_config_check(project):
-    from fleet.problems import ConfigError
+    from fleet.config.problems import ConfigError
 
     def change(config):
         with_phala_app(config)

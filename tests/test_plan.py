@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-import fleet.network
-from fleet.plan import PlanFailed, build_plan, render_markdown, render_text
-from fleet.stackfile import available_stacks
-from fleet.values import UNKNOWN, contains_unknown
+import fleet.nodes.network
+from fleet.plan.planner import PlanFailed, build_plan, render_markdown, render_text
+from fleet.config.stackfile import available_stacks
+from fleet.config.values import UNKNOWN, contains_unknown
 
 from .conftest import ROOT
 from .regenerate import golden_files
@@ -87,8 +87,10 @@ def test_seeded_exception_inside_a_component_apply_fails_the_plan(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("seeded failure in describe_subnets")
 
-    monkeypatch.setattr(fleet.network, "describe_subnets", broken)
+    # components.network binds the function at import: patch it there first, so that importing it
+    # here does not bind (and later "restore") the broken one
     monkeypatch.setattr("components.network.describe_subnets", broken, raising=False)
+    monkeypatch.setattr(fleet.nodes.network, "describe_subnets", broken)
     with pytest.raises(PlanFailed) as info:
         build_plan(ROOT, "dev")
     assert info.value.phase == "update"
@@ -111,7 +113,7 @@ def test_canary_secret_never_appears_in_plan_text_or_json(project):
     so a leak anywhere in the plan would show it."""
     import json as _json
 
-    from fleet.values import Secret, reveal
+    from fleet.config.values import Secret, reveal
 
     from .conftest import lock_hello_container
 

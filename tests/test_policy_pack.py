@@ -19,9 +19,9 @@ from google.protobuf import empty_pb2, struct_pb2
 from pulumi.runtime.proto import analyzer_pb2, analyzer_pb2_grpc
 from pulumi_policy.proxy import UNKNOWN_STRING_VALUE
 
-from fleet import rules
-from fleet.plan import build_plan
-from fleet.stackfile import available_stacks
+from fleet.policy import rules
+from fleet.plan.planner import build_plan
+from fleet.config.stackfile import available_stacks
 
 from .conftest import ROOT
 
@@ -91,7 +91,7 @@ def test_policy_project_file():
 
 def test_pack_entry_point_only_adds_the_repository_and_builds_the_pack_from_fleet_rules():
     text = (PACK / "__main__.py").read_text()
-    assert "from fleet.rules import PACK_NAME, crossguard_policies" in text
+    assert "from fleet.policy.rules import PACK_NAME, crossguard_policies" in text
     assert "ResourceValidationPolicy" not in text and "def " not in text  # no rules of its own
 
 

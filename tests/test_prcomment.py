@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from fleet import prcomment
+from fleet.plan import prcomment
 
 REPO = "acme/dstack-fleet"
 SHA = "a" * 40

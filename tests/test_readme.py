@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from .conftest import ROOT
 from .readme_gen import config_reference, render
 
@@ -25,3 +27,92 @@ def test_every_config_field_is_documented():
 
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+# ---- hand-written references cannot rot -----------------------------------------------------------------------
+
+import importlib  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+
+DOCUMENTS = ("README.md", "ARCHITECTURE.md", "policies/README.md")
+PLACEHOLDER = re.compile(r"[<>…{}\[\]$|]")
+MODULE = re.compile(r"(?:fleet|components)(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def tracked_top_level() -> set[str]:
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, check=True).stdout
+    return {line.split("/")[0] for line in names.splitlines()}
+
+
+def make_targets() -> set[str]:
+    text = (ROOT / "Makefile").read_text()
+    return set(re.findall(r"^([a-z][a-z0-9-]*):", text, re.MULTILINE))
+
+
+def ignored(path: str) -> bool:
+    """Generated paths (``.venv/``, ``policies/venv``) are named in .gitignore, so they are real."""
+    return any(subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", candidate]).returncode == 0
+               for candidate in (path, path.rstrip("/") + "/"))
+
+
+def code_spans(path) -> list[str]:
+    return re.findall(r"`([^`\n]+)`", (ROOT / path).read_text(encoding="utf-8"))
+
+
+def resolves(dotted: str) -> bool:
+    """A module, or an attribute of one (``fleet.policy.rules.pack_config_for``)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def broken_references(path, top_level: set[str], targets: set[str]) -> list[str]:
+    broken = []
+    for span in code_spans(path):
+        words = span.split()
+        if words[:1] == ["make"] and len(words) > 1 and "=" not in words[1]:
+            if words[1] not in targets:
+                broken.append(f"{span}: no make target {words[1]!r}")
+            continue
+        if len(words) != 1:
+            continue
+        token = words[0].rstrip(".,:;")
+        if MODULE.fullmatch(token):
+            if not resolves(token):
+                broken.append(f"{token}: no such module or attribute")
+        elif "/" in token and "://" not in token and not token.startswith("/") and not PLACEHOLDER.search(token):
+            if token.split("/")[0] not in top_level:
+                continue  # a path inside a guest, an upstream or a bucket, not this repository
+            if "*" in token:
+                if not list(ROOT.glob(token)):
+                    broken.append(f"{token}: matches no file")
+            elif not (ROOT / token).exists() and not ignored(token):
+                broken.append(f"{token}: no such path")
+    return broken
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_paths_modules_and_make_targets_named_in_backticks_exist(document):
+    assert broken_references(document, tracked_top_level(), make_targets()) == []
+
+
+def test_the_reference_check_finds_rot(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("see `fleet/nowhere.py`, `fleet.policy.rules.no_such_rule`, `make nope STACK=dev`, "
+                   "`fleet/policy/rules.py`, `fleet.policy.rules.pack_config_for`, `make plan STACK=dev`, "
+                   "`/dev/disk/by-id/google-data`, `tests/golden/*.urns`\n")
+    assert broken_references(doc, tracked_top_level(), make_targets()) == [
+        "fleet/nowhere.py: no such path",
+        "fleet.policy.rules.no_such_rule: no such module or attribute",
+        "make nope STACK=dev: no make target 'nope'",
+    ]

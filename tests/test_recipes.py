@@ -12,10 +12,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fleet import images as fleet_images
-from fleet import recipes
-from fleet.plan import load_config
-from fleet.recipes import BuildInputError, build_spec, builds_to_run, input_hash, validate_build
+from fleet.images import versions as fleet_images
+from fleet.images import recipes
+from fleet.stacks.load import load_config
+from fleet.images.recipes import BuildInputError, build_spec, builds_to_run, input_hash, validate_build
 
 from .conftest import ROOT
 
@@ -58,7 +58,7 @@ def test_tplus_layout_follows_the_manifest_with_parents_fetched_first():
 
 
 def test_the_guest_installs_where_the_init_script_starts_it():
-    from fleet import initscript
+    from fleet.nodes import initscript
 
     assert initscript.DAEMON == f"/usr/bin/{recipes.TPLUS_GUEST_NAME}"
 

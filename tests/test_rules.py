@@ -1,4 +1,4 @@
-"""The policy rules (fleet/rules.py) on small programs run under mocks, through both adapters.
+"""The policy rules (fleet/policy/rules.py) on small programs run under mocks, through both adapters.
 
 Every case builds a few resources with the real providers' classes, runs them with
 ``fleet.harness.run_program`` (no stack config, so the rule itself is what is tested, not config
@@ -30,9 +30,9 @@ from pulumi_policy import (PolicyCustomTimeouts, PolicyResource, PolicyResourceO
                            ResourceValidationPolicy, StackValidationArgs)
 from pulumi_policy.proxy import UNKNOWN_STRING_VALUE, UnknownValueError, unknown_checking_proxy
 
-from fleet import rules
-from fleet.harness import ProgramRun, run_program
-from fleet.values import UNKNOWN, Secret
+from fleet.policy import rules
+from fleet.plan.harness import ProgramRun, run_program
+from fleet.config.values import UNKNOWN, Secret
 
 PROJECT = "dstack-fleet"
 GCP_PROJECT = "acme-tee-prod"
@@ -733,7 +733,7 @@ def test_pack_config_keys_match_each_policys_schema():
 
 
 def test_context_from_config_reads_the_stack(repo_root):
-    from fleet.plan import load_config
+    from fleet.stacks.load import load_config
 
     _, config = load_config(repo_root, "prod")
     context = rules.context_from_config(config, project="dstack-fleet")
@@ -764,7 +764,7 @@ def test_parent_chain_comes_from_the_urn():
 
 
 def test_measurement_marks_match_fleet_measure():
-    from fleet import measure
+    from fleet.attest import measure
 
     assert set(rules.MEASUREMENT_MARKS) == set(measure.MARKERS)
     from components.tdxnode import PENDING_IMAGE
@@ -775,7 +775,7 @@ def test_measurement_marks_match_fleet_measure():
 
 
 def test_real_build_scripts_carry_their_pins():
-    from fleet.buildscript import build_script as generate
+    from fleet.images.buildscript import build_script as generate
 
     from .test_buildhost import BUCKET, dstack, tplus
 
@@ -788,7 +788,7 @@ def test_real_build_scripts_carry_their_pins():
 
 def test_real_build_host_passes_every_rule(tmp_path):
     from components.buildhost import BuildHost
-    from fleet.buildscript import plan_build_host
+    from fleet.images.buildscript import plan_build_host
 
     from .test_buildhost import ACCOUNT, NAMER, SETTINGS, SUBNET, dstack, tplus
 

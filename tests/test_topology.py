@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.plan import build_plan, load_config
-from fleet.problems import ConfigError
-from fleet.topology import Member, OverlayPlan, peer_keys, reachable_from_genesis
-from fleet.values import contains_unknown
+from fleet.plan.planner import build_plan
+from fleet.stacks.load import load_config
+from fleet.config.problems import ConfigError
+from fleet.nodes.topology import Member, OverlayPlan, peer_keys, reachable_from_genesis
+from fleet.config.values import contains_unknown
 
 KEYS = ["a-0", "a-1", "a-2", "a-3"]
 

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleet import measure, verify
+from fleet.attest import measure
+from fleet.attest import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = Path(__file__).parent / "vectors"
@@ -41,7 +42,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def run_process(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from fleet.verify import main; sys.exit(main(sys.argv[1:]))", *argv],
+        [sys.executable, "-c", "import sys; from fleet.attest.verify import main; sys.exit(main(sys.argv[1:]))", *argv],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
 

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from fleet.expectations import verify_script
-from fleet.plan import build_plan
+from fleet.stacks.expectations import verify_script
+from fleet.plan.planner import build_plan
 
 from .conftest import ROOT
 from .test_apps import NEAR_APP, minimal_env, vector_compose  # noqa: F401 - fixture

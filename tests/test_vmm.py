@@ -22,12 +22,13 @@ from eth_keys import keys
 from pulumi.dynamic import Config, ConfigureRequest
 
 from components.vmm import TYPE, VmProvider, vm_props
-from fleet import apps as fleet_apps
-from fleet import bootstrap, lock
-from fleet import vmm as core
-from fleet.harness import run_program
-from fleet.plan import load_config
-from fleet.values import display
+from fleet.apps import plans as fleet_apps
+from fleet.project import bootstrap
+from fleet.images import lock
+from fleet.apps import vmm as core
+from fleet.plan.harness import run_program
+from fleet.stacks.load import load_config
+from fleet.config.values import display
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "ops:tok-3f9a1c"  # user:password -> HTTP Basic, as vmm-cli.py v0.5.11 sends it

@@ -412,7 +412,7 @@ def test_recorded_commit_is_what_the_poster_checks(tmp_path):
     sha = "c" * 40
     result = github_bash(step["run"], tmp_path, {"HEAD_SHA": sha, "PR_NUMBER": "42"})
     assert result.returncode == 0, result.stderr
-    from fleet.prcomment import InputError, read_hint
+    from fleet.plan.prcomment import InputError, read_hint
 
     assert read_hint(tmp_path / "pr-plan", sha) == 42
     with pytest.raises(InputError):

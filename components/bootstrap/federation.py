@@ -6,7 +6,7 @@ import pulumi
 import pulumi_gcp as gcp
 
 from components.adopt import options
-from fleet.bootstrap import GITHUB_ISSUER, principal_set
+from fleet.project.bootstrap import GITHUB_ISSUER, principal_set
 
 
 class GithubFederation(pulumi.ComponentResource):

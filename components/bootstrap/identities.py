@@ -7,7 +7,7 @@ import pulumi
 import pulumi_gcp as gcp
 
 from components.adopt import options
-from fleet.bootstrap import COMPUTE_AGENT, Account, Binding
+from fleet.project.bootstrap import COMPUTE_AGENT, Account, Binding
 
 
 class Identities(pulumi.ComponentResource):

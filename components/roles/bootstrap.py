@@ -13,9 +13,9 @@ from components.bootstrap.kms import SecretsKeys
 from components.bootstrap.registry import Registry
 from components.bootstrap.services import ProjectServices
 from components.stackconfig import load_lock
-from fleet import bootstrap as fleet_bootstrap
-from fleet.config import StackConfig
-from fleet.naming import Namer
+from fleet.project import bootstrap as fleet_bootstrap
+from fleet.config.schema import StackConfig
+from fleet.gcp.naming import Namer
 
 
 def build(config: StackConfig, namer: Namer, root: Path) -> None:

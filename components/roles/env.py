@@ -16,24 +16,24 @@ from components.network import Network
 from components.snapshots import SnapshotSchedule
 from components.stackconfig import load_lock
 from components.tdxnode import PENDING_IMAGE, OverlayNode
-from fleet import apps as fleet_apps
-from fleet import bootstrap as fleet_bootstrap
-from fleet import images as fleet_images
-from fleet import nodes as fleet_nodes
-from fleet.apps import AppPlan
-from fleet.config import StackConfig
-from fleet.configdisk import Upload
-from fleet.expectations import os_versions, plan_measurements, verify_script
-from fleet.images import ImageVersion
-from fleet.naming import Namer
-from fleet.network import network_spec, public_ingress
-from fleet.offline import is_real_update
+from fleet.apps import plans as fleet_apps
+from fleet.project import bootstrap as fleet_bootstrap
+from fleet.nodes import boot_images
+from fleet.nodes import specs as fleet_nodes
+from fleet.apps.plans import AppPlan
+from fleet.config.schema import StackConfig
+from fleet.apps.configdisk import Upload
+from fleet.stacks.expectations import os_versions, plan_measurements, verify_script
+from fleet.images.versions import ImageVersion
+from fleet.gcp.naming import Namer
+from fleet.nodes.network import network_spec, public_ingress
+from fleet.plan.offline import is_real_update
 
 
 def build(config: StackConfig, namer: Namer, root: Path) -> None:
     lock = load_lock(root)
     names = fleet_bootstrap.names_for(config)
-    versions = fleet_images.resolve_for_stack(config, lock, namer)
+    versions = boot_images.resolve_for_stack(config, lock, namer)
     fleet = fleet_nodes.plan_fleet(config, namer, versions)
     apps = fleet_apps.plan_apps(config, lock, root, names.registry_path)
 
@@ -59,14 +59,14 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
 
 
 def guard_pending_images(config: StackConfig, namer: Namer, lock, versions: dict[str, ImageVersion]) -> None:
-    pending = fleet_images.pending_in_use(config, lock, namer, versions)
+    pending = boot_images.pending_in_use(config, lock, namer, versions)
     for key in pending:
         pulumi.log.warn(f"image {key!r} is pending build (input hash {versions[key].content_hash}); "
                         "build it with `make up STACK=images` and record it with `make lock`")
     if pending and config.fleet.tier in ("staging", "prod") and is_real_update():
         raise pulumi.RunError(f"{config.stack} refuses pending images {', '.join(pending)}: staging and prod run "
                               "only what was built and recorded in images.lock.json")
-    for key in fleet_images.unused_versions(config):
+    for key in boot_images.unused_versions(config):
         pulumi.log.warn(f"image version {key!r} is declared but no node uses it; remove it from "
                         "dstack-fleet:images to delete it")
 

@@ -10,11 +10,11 @@ from components.buildhost import BuildHost
 from components.network import Network
 from components.registryimage import container_image
 from components.stackconfig import load_lock
-from fleet import bootstrap as fleet_bootstrap
-from fleet import builds as fleet_builds
-from fleet.config import StackConfig
-from fleet.naming import Namer
-from fleet.network import network_spec
+from fleet.project import bootstrap as fleet_bootstrap
+from fleet.stacks import builds as fleet_builds
+from fleet.config.schema import StackConfig
+from fleet.gcp.naming import Namer
+from fleet.nodes.network import network_spec
 
 
 def build(config: StackConfig, namer: Namer, root: Path) -> None:

@@ -1,0 +1,339 @@
+"""The project plumbing every environment relies on, decided as data.
+
+The bootstrap stack owns every identity and grant: env stacks never create service accounts or
+grant roles. Names are derived from the bootstrap project, the name prefix and the environment,
+by the functions here; env and images stacks derive the same names from their
+``dstack-fleet:bootstrap`` setting (the bootstrap project and region), so their offline plans know
+every email, bucket and registry path without reading another stack's state, and
+``tests/test_bootstrap.py`` proves the bootstrap stack creates exactly what they expect.
+
+Least privilege: the preview identity can only read (and decrypt stack secrets); each deploy
+identity can change only its own environment's project, state objects and key; node identities can
+only write logs and metrics (and read the registry, for dstack nodes); no primitive role and no
+public member is ever granted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fleet.project import accounts
+from fleet.config.schema import StackConfig
+from fleet.gcp.naming import MAX_SERVICE_ACCOUNT_ID, gcp_name
+
+GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
+PRIMITIVE_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
+PUBLIC_MEMBERS = frozenset({"allUsers", "allAuthenticatedUsers"})
+
+SERVICES_BOOTSTRAP = (
+    "artifactregistry.googleapis.com", "cloudkms.googleapis.com", "cloudresourcemanager.googleapis.com",
+    "iam.googleapis.com", "iamcredentials.googleapis.com", "logging.googleapis.com",
+    "storage.googleapis.com", "sts.googleapis.com",
+)
+SERVICES_ENV = (
+    "cloudresourcemanager.googleapis.com", "compute.googleapis.com", "iam.googleapis.com",
+    "logging.googleapis.com", "monitoring.googleapis.com",
+)
+SERVICES_IMAGES = (
+    "compute.googleapis.com", "iam.googleapis.com", "logging.googleapis.com", "storage.googleapis.com",
+)
+
+# Roles each identity holds, by where they apply. Tests compare the plan with this table.
+DEPLOY_PROJECT_ROLES = (
+    "roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
+    "roles/compute.storageAdmin",
+)
+PREVIEW_PROJECT_ROLES = ("roles/compute.viewer",)
+IMAGES_PROJECT_ROLES = ("roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin",
+                        "roles/compute.securityAdmin")
+NODE_PROJECT_ROLES = ("roles/logging.logWriter", "roles/monitoring.metricWriter")
+BUILDER_PROJECT_ROLES = ("roles/logging.logWriter",)
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every name shared between the bootstrap stack and the stacks that use its resources."""
+
+    prefix: str
+    project: str  # the bootstrap project
+    region: str
+
+    @property
+    def state_bucket(self) -> str:
+        return gcp_name(self.project, self.prefix, "state")
+
+    @property
+    def backend_url(self) -> str:
+        return f"gs://{self.state_bucket}"
+
+    @property
+    def image_bucket(self) -> str:
+        return gcp_name(self.project, self.prefix, "images")
+
+    @property
+    def key_ring(self) -> str:
+        return gcp_name(self.prefix, "stack-secrets")
+
+    def key(self, stack: str) -> str:
+        return gcp_name(self.prefix, stack)
+
+    def key_id(self, stack: str) -> str:
+        return f"projects/{self.project}/locations/{self.region}/keyRings/{self.key_ring}/cryptoKeys/{self.key(stack)}"
+
+    def secrets_provider(self, stack: str) -> str:
+        return f"gcpkms://{self.key_id(stack)}"
+
+    @property
+    def pool_id(self) -> str:
+        return gcp_name(self.prefix, "github", max_length=32)
+
+    provider_id = "github-actions"
+
+    @property
+    def registry_id(self) -> str:
+        return gcp_name(self.prefix)
+
+    @property
+    def mirror_id(self) -> str:
+        return gcp_name(self.prefix, "dockerhub")
+
+    @property
+    def registry_path(self) -> str:
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.registry_id}"
+
+    @property
+    def mirror_path(self) -> str:
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.mirror_id}"
+
+    def ci_account_id(self, purpose: str) -> str:
+        return gcp_name(self.prefix, "ci", purpose, max_length=MAX_SERVICE_ACCOUNT_ID)
+
+    def ci_account(self, purpose: str) -> str:
+        return accounts.email(self.ci_account_id(purpose), self.project)
+
+    def builder_account_id(self) -> str:
+        return gcp_name(self.prefix, "builder", max_length=MAX_SERVICE_ACCOUNT_ID)
+
+
+def names_for(config: StackConfig) -> Names:
+    """The bootstrap names as seen from any stack: the bootstrap stack itself, or a stack whose
+    ``dstack-fleet:bootstrap`` names the bootstrap project."""
+    ref = config.fleet.bootstrap
+    if config.fleet.role == "bootstrap" or ref is None:
+        return Names(config.fleet.name_prefix, config.gcp.project, config.gcp.region)
+    return Names(config.fleet.name_prefix, ref.project, ref.region or config.gcp.region)
+
+
+@dataclass(frozen=True)
+class Account:
+    key: str  # logical name
+    account_id: str
+    project: str
+    display_name: str
+    description: str
+
+    @property
+    def email(self) -> str:
+        return accounts.email(self.account_id, self.project)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One IAM grant: ``member`` gets ``role`` on ``target`` (of kind ``scope``)."""
+
+    scope: str  # project | bucket | repository | crypto_key | service_account
+    target: str
+    role: str
+    member: str
+    who: str  # short name of the member, for the logical name
+    target_label: str  # short name of the target, for the logical name
+    condition: tuple[str, str] | None = None  # (title, CEL expression)
+
+    @property
+    def key(self) -> str:
+        """A readable, unique logical name: who gets which role on what."""
+        role = self.role.removeprefix("roles/").replace(".", "-")
+        return f"{self.who}-{role}-{self.target_label}"
+
+
+@dataclass
+class BootstrapPlan:
+    names: Names
+    services: dict[str, tuple[str, ...]]
+    accounts: list[Account]
+    bindings: list[Binding]
+    keys: dict[str, str]  # stack -> crypto key name
+    attribute_mapping: dict[str, str]
+    attribute_condition: str
+    environments: dict[str, str]  # env stack -> project
+    images_project: str
+    service_agents: dict[str, str] = field(default_factory=dict)  # project -> member placeholder
+
+    def account(self, key: str) -> Account:
+        return next(a for a in self.accounts if a.key == key)
+
+
+def attribute_condition(github, environments: list[str]) -> str:
+    """Only this repository (by immutable ids, which survive renames and cannot be re-registered by
+    someone else) from its allowed branches, GitHub environments, or its own pull requests."""
+    branches = ", ".join(f"'refs/heads/{b}'" for b in github.branches)
+    environments_list = ", ".join(f"'{e}'" for e in (github.environments or environments))
+    return (
+        f"assertion.repository_id == '{github.repository_id}' && "
+        f"assertion.repository_owner_id == '{github.owner_id}' && "
+        f"(assertion.ref in [{branches}] || "
+        f"('environment' in assertion && assertion.environment in [{environments_list}]) || "
+        "assertion.event_name == 'pull_request')"
+    )
+
+
+ATTRIBUTE_MAPPING = {
+    "google.subject": "assertion.sub",
+    "attribute.repository_id": "assertion.repository_id",
+    "attribute.repository_owner_id": "assertion.repository_owner_id",
+    "attribute.ref": "assertion.ref",
+    "attribute.environment": "assertion.environment",
+    "attribute.event_name": "assertion.event_name",
+}
+
+
+def principal_set(pool_name: str, attribute: str, value: str) -> str:
+    """``pool_name`` is the pool's resource name (projects/NUMBER/locations/global/...)."""
+    return f"principalSet://iam.googleapis.com/{pool_name}/attribute.{attribute}/{value}"
+
+
+POOL_PLACEHOLDER = "{pool}"
+# A member that names a project's Compute Engine service agent; its email needs the project number,
+# which only GCP knows, so the component resolves it.
+COMPUTE_AGENT = "computeServiceAgent:"  # replaced by the pool's resource name once GCP assigns it
+
+
+def state_prefix_condition(stack: str, project_name: str = "dstack-fleet") -> tuple[str, str]:
+    """Objects of one stack in the DIY GCS backend (project-scoped layout): its checkpoint (and
+    ``.bak``), history, backups and lock files."""
+    paths = [f".pulumi/stacks/{project_name}/{stack}.json", f".pulumi/history/{project_name}/{stack}/",
+             f".pulumi/backups/{project_name}/{stack}/", f".pulumi/locks/organization/{project_name}/{stack}/"]
+    clauses = " || ".join(f"resource.name.startsWith('projects/_/buckets/{{bucket}}/objects/{p}')" for p in paths)
+    return (f"state of {stack}", clauses)
+
+
+def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
+    fleet = config.fleet
+    assert fleet.github is not None and fleet.images_project is not None, "checked for bootstrap stacks"
+    names = names_for(config)
+    prefix = fleet.name_prefix
+    envs = {name: env.project for name, env in sorted(fleet.environments.items())}
+    images_project = fleet.images_project
+
+    services: dict[str, set[str]] = {config.gcp.project: set(SERVICES_BOOTSTRAP)}
+    for project in envs.values():
+        services.setdefault(project, set()).update(SERVICES_ENV)
+    services.setdefault(images_project, set()).update(SERVICES_IMAGES)
+
+    accts = [
+        Account("ci-preview", names.ci_account_id("preview"), config.gcp.project, "CI preview (read-only)",
+                "Runs pulumi preview for pull requests of the pinned repository; reads only."),
+        Account("ci-images", names.ci_account_id("images"), config.gcp.project, "CI images",
+                "Runs the images stack from the main branch."),
+        Account("builder", names.builder_account_id(), images_project, "Image build host",
+                "Build hosts write artifacts to the image bucket."),
+    ]
+    for env in envs:
+        accts.append(Account(f"ci-deploy-{env}", names.ci_account_id(f"deploy-{env}"), config.gcp.project,
+                             f"CI deploy {env}", f"Runs pulumi up for {env} from its GitHub environment."))
+        for kind in accounts.NODE_KINDS:
+            accts.append(Account(f"node-{env}-{kind}", accounts.node_account_id(prefix, env, kind), envs[env],
+                                 f"{kind} nodes ({env})", f"Identity of {kind} nodes in {env}."))
+    by_key = {a.key: a for a in accts}
+
+    def sa(key: str) -> str:
+        return f"serviceAccount:{by_key[key].email}"
+
+    state, image_bucket = names.state_bucket, names.image_bucket
+    registry = names.registry_id
+    bindings: list[Binding] = []
+    labels = {state: "state-bucket", image_bucket: "image-bucket", registry: "registry",
+              names.mirror_id: "dockerhub-mirror"}
+    labels.update({project: f"project-{env}" for env, project in envs.items()})
+    labels[images_project] = "project-images"
+    labels.update({names.key(stack): f"key-{stack}" for stack in [*envs, "images"]})
+    labels.update({a.email: f"sa-{a.key}" for a in accts})
+
+    def add(b: tuple) -> None:
+        scope, target, role, member, *rest = b
+        who = member.split(":", 1)[1]
+        who = next((a.key for a in accts if a.email == who), None) or f"compute-agent-{labels.get(who, who)}"
+        bindings.append(Binding(scope, target, role, member, who, labels[target], rest[0] if rest else None))
+
+    # preview: read-only everywhere it looks, plus decrypting stack secrets to run a preview
+    for env, project in envs.items():
+        for role in PREVIEW_PROJECT_ROLES:
+            add(("project", project, role, sa("ci-preview")))
+        add(("crypto_key", names.key(env), "roles/cloudkms.cryptoKeyDecrypter", sa("ci-preview")))
+    add(("bucket", state, "roles/storage.objectViewer", sa("ci-preview")))
+    add(("bucket", image_bucket, "roles/storage.objectViewer", sa("ci-preview")))
+    # deploy per environment: only its project, its node identities, its state objects and its key
+    for env, project in envs.items():
+        member = sa(f"ci-deploy-{env}")
+        for role in DEPLOY_PROJECT_ROLES:
+            add(("project", project, role, member))
+        for kind in accounts.NODE_KINDS:
+            add(("service_account", by_key[f"node-{env}-{kind}"].email, "roles/iam.serviceAccountUser",
+                        member))
+        add(("bucket", state, "roles/storage.objectViewer", member))
+        add(("bucket", state, "roles/storage.objectAdmin", member, state_prefix_condition(env)))
+        add(("crypto_key", names.key(env), "roles/cloudkms.cryptoKeyEncrypterDecrypter", member))
+        add(("bucket", image_bucket, "roles/storage.objectViewer", member))
+        # dstack nodes' configuration disks are built at deploy and uploaded under the env's own prefix
+        add(("bucket", image_bucket, "roles/storage.objectCreator", member, (
+            f"config disks of {env}",
+            f"resource.name.startsWith('projects/_/buckets/{{bucket}}/objects/config-disks/{env}/')")))
+    # images: build hosts in the images project, artifacts, registry pushes, its own state and key
+    images = sa("ci-images")
+    for role in IMAGES_PROJECT_ROLES:
+        add(("project", images_project, role, images))
+    add(("service_account", by_key["builder"].email, "roles/iam.serviceAccountUser", images))
+    add(("bucket", image_bucket, "roles/storage.objectAdmin", images))
+    add(("repository", registry, "roles/artifactregistry.writer", images))
+    add(("bucket", state, "roles/storage.objectViewer", images))
+    add(("bucket", state, "roles/storage.objectAdmin", images, state_prefix_condition("images")))
+    add(("crypto_key", names.key("images"), "roles/cloudkms.cryptoKeyEncrypterDecrypter", images))
+    # build hosts write artifacts under their input hash, read them back, and clear a previous
+    # failure marker on retry
+    builder = sa("builder")
+    for role in BUILDER_PROJECT_ROLES:
+        add(("project", images_project, role, builder))
+    add(("bucket", image_bucket, "roles/storage.objectAdmin", builder))
+    # Compute Engine's service agent of each env project reads the tarball an image is made from
+    for project in envs.values():
+        add(("bucket", image_bucket, "roles/storage.objectViewer", f"{COMPUTE_AGENT}{project}"))
+    # nodes: logs and metrics; dstack nodes also pull from the registry and its Docker Hub mirror
+    for env, project in envs.items():
+        for kind in accounts.NODE_KINDS:
+            member = sa(f"node-{env}-{kind}")
+            for role in NODE_PROJECT_ROLES:
+                add(("project", project, role, member))
+            if kind == "dstack":
+                add(("repository", registry, "roles/artifactregistry.reader", member))
+                add(("repository", names.mirror_id, "roles/artifactregistry.reader", member))
+
+    keys = {stack: names.key(stack) for stack in [*envs, "images"]}
+    return BootstrapPlan(
+        names=names,
+        services={p: tuple(sorted(s)) for p, s in sorted(services.items())},
+        accounts=accts,
+        bindings=bindings,
+        keys=keys,
+        attribute_mapping=dict(ATTRIBUTE_MAPPING),
+        attribute_condition=attribute_condition(fleet.github, list(envs)),
+        environments=envs,
+        images_project=images_project,
+    )
+
+
+def impersonation(plan: BootstrapPlan, github) -> list[tuple[str, str, str]]:
+    """(account key, attribute, value): which GitHub principals may act as which CI account."""
+    out = [("ci-preview", "repository_id", github.repository_id)]
+    out += [(f"ci-deploy-{env}", "environment", env) for env in plan.environments]
+    out += [("ci-images", "ref", f"refs/heads/{github.images_branch}")]
+    return out
