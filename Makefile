@@ -11,13 +11,14 @@ PY_DEPS ?= $(STAMP)
 STACK  ?= dev
 FORMAT ?= text
 PLAN_JSON ?=
+PASS   ?= preview
 BASE   ?= HEAD
 
-.PHONY: venv test plan golden readme preview up lock lock-deps diff bench clean
+.PHONY: venv test test-fast test-random plan golden readme preview up lock lock-deps diff bench clean
 
 # FLEET_ROOT plans another checkout's stacks with this code (tests use it on temporary copies).
 ROOT_ARG = $(if $(FLEET_ROOT),--root $(FLEET_ROOT))
-PLAN_CMD = $(PY) -m fleet $(ROOT_ARG) plan --stack $(STACK) --format $(FORMAT) $(if $(PLAN_JSON),--json $(PLAN_JSON))
+PLAN_CMD = $(PY) -m fleet $(ROOT_ARG) plan --stack $(STACK) --format $(FORMAT) --pass $(PASS) $(if $(PLAN_JSON),--json $(PLAN_JSON))
 DIFF_CMD = $(PY) -m fleet $(ROOT_ARG) diff --stack $(STACK) --base $(BASE) $(if $(DIFF_MD),--output $(DIFF_MD))
 
 # `make plan` and `make diff` must exit with the tool's own code: 0 ok, 1 a mandatory check failed,
@@ -49,8 +50,21 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 venv: $(STAMP)
 
+# The suite runs on every core (pytest-xdist; a file's tests stay on one worker so its module fixtures,
+# such as the policy pack's server, start once). `make test-fast`: the pure core and config tests, for
+# iterating. `make test-random`: the suite in a random order (pytest-randomly prints the seed to reuse).
+PYTEST     = $(PY) -m pytest -n auto --dist loadfile
+FAST_TESTS = $(addprefix tests/test_,$(addsuffix .py,architecture naming config identity topology initscript \
+             imageref compose measure verify lock rules recipes ocilayout phala harness))
+
 test: $(PY_DEPS)
-	$(PY) -m pytest
+	$(PYTEST) -p no:randomly $(TEST_ARGS)
+
+test-fast: $(PY_DEPS)
+	$(PYTEST) -p no:randomly $(FAST_TESTS) $(TEST_ARGS)
+
+test-random: $(PY_DEPS)
+	$(PYTEST) -p randomly $(TEST_ARGS)
 
 plan: $(PY_DEPS)
 ifdef TOOL_STATUS

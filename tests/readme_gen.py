@@ -91,7 +91,7 @@ def config_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-def resource_graph(root: Path) -> str:
+def resource_graph(root: Path, plan_of=None) -> str:
     """Component-level graph of each stack role, edges from resource dependencies."""
     from fleet.config import stackfile
     from fleet.plan.planner import build_plan
@@ -105,7 +105,7 @@ def resource_graph(root: Path) -> str:
 
     lines = ["```mermaid", "flowchart LR"]
     for role, stack in sorted(by_role.items()):
-        plan = build_plan(root, stack)
+        plan = plan_of(stack) if plan_of else build_plan(root, stack)
         top: dict[str, str] = {}  # urn -> top-level component label
         for r in plan.resources:
             node = r
@@ -128,9 +128,11 @@ def resource_graph(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(root: Path) -> str:
+def render(root: Path, plan_of=None) -> str:
+    """README.md with its generated sections rendered; ``plan_of(stack)`` plans a stack (tests pass
+    their shared plans)."""
     text = (root / "README.md").read_text(encoding="utf-8")
-    generated = {"config-reference": config_reference, "resource-graph": lambda: resource_graph(root)}
+    generated = {"config-reference": config_reference, "resource-graph": lambda: resource_graph(root, plan_of)}
 
     def replace(match: re.Match) -> str:
         name = match.group("name")

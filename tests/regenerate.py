@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
-from fleet.plan.planner import build_plan
+from fleet.plan.planner import Plan, build_plan
 from fleet.config.stackfile import available_stacks
 
 from . import readme_gen
@@ -18,10 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 
 
-def golden_files(root: Path = ROOT) -> dict[Path, str]:
+def golden_files(root: Path = ROOT, stacks: list[str] | None = None,
+                 plan_of: Callable[[str], Plan] | None = None) -> dict[Path, str]:
+    """Golden URN lists and plan JSON of ``stacks`` (default: all); ``plan_of`` plans one stack
+    (the tests pass their shared plans)."""
+    plan_of = plan_of or (lambda stack: build_plan(root, stack))
     files: dict[Path, str] = {}
-    for stack in available_stacks(root):
-        plan = build_plan(root, stack)
+    for stack in stacks if stacks is not None else available_stacks(root):
+        plan = plan_of(stack)
         files[GOLDEN / f"{stack}.urns"] = "".join(r.urn + "\n" for r in plan.resources)
         files[GOLDEN / f"{stack}.plan.json"] = plan.to_json()
     return files

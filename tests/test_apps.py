@@ -14,6 +14,7 @@ from fleet.stacks.load import load_config
 from fleet.config.problems import ConfigError
 from fleet.config.stackfile import available_stacks
 from fleet.config.values import display
+from tests.plans import shipped_plan
 
 from .conftest import ROOT
 
@@ -97,13 +98,13 @@ def test_identity_kind(project, change, identity):
 
 
 def test_phala_values_are_reported_not_predicted():
-    plan = build_plan(ROOT, "dev")
+    plan = shipped_plan("dev")
     hello = plan.outputs["apps"]["hello-dev"]
     assert hello["values"] == "reported" and hello["identity"] == "reported"
 
 
 def test_pending_container_marks_the_app_pending():
-    plan = build_plan(ROOT, "dev")
+    plan = shipped_plan("dev")
     hello = plan.outputs["apps"]["hello-dev"]
     assert hello["pending"] == ["hello"] and hello["composeHash"] == fleet_lock.PENDING
     assert any("app hello-dev waits for container images hello" in w for w in plan.warnings)
@@ -127,7 +128,7 @@ def test_every_image_reference_in_every_plan_is_pinned(stack):
     of them is pinned by digest (GCE boot images are checked by the tdx-only rule instead)."""
     from fleet.apps.imageref import unpinned_reason
 
-    plan = build_plan(ROOT, stack)
+    plan = shipped_plan(stack)
     for app in (plan.outputs.get("apps") or {}).values():
         for where, ref in app["images"].items():
             assert unpinned_reason(ref) is None, f"{stack}: {app['name']} {where}"
@@ -203,7 +204,7 @@ def test_external_digest_is_checked_against_the_registry_at_deploy(monkeypatch):
     from fleet.plan import offline
     from fleet.plan.planner import PlanFailed
 
-    plan = build_plan(ROOT, "staging")  # the stand-in registry has the pinned launcher digest
+    plan = shipped_plan("staging")  # the stand-in registry has the pinned launcher digest
     assert plan.outputs["apps"]["mpc-staging"]["images"]
     monkeypatch.setitem(offline.INVOKES, "docker:index/getRegistryImage:getRegistryImage",
                         lambda args, project: {"name": args["name"], "sha256Digest": "sha256:" + "0" * 64})

@@ -171,11 +171,11 @@ def test_the_cycle_check_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_only_the_plan_harness_and_the_policy_adapter_touch_pulumi():
+def test_only_the_plan_harness_the_bench_floor_and_the_policy_adapter_touch_pulumi():
     touching = {name: sorted({t.split(".")[0] for t in targets} & PULUMI_SDKS)
                 for name, targets in GRAPH.items() if name.startswith("fleet.")}
     touching = {k: v for k, v in touching.items() if v}
-    assert touching == {"fleet.plan.harness": ["pulumi"], "fleet.plan.offline": ["pulumi"],
+    assert touching == {"fleet.cli.bench": ["pulumi"], "fleet.plan.harness": ["pulumi"], "fleet.plan.offline": ["pulumi"],
                         "fleet.policy.rules": ["pulumi_policy"]}
 
 

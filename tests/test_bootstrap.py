@@ -12,6 +12,7 @@ from fleet.plan.harness import run_program
 from fleet.plan.planner import build_plan
 from fleet.stacks.load import load_config
 from fleet.config.problems import ConfigError
+from tests.plans import shipped_plan
 
 from .conftest import ROOT, stack_config
 
@@ -40,7 +41,7 @@ ALLOWED_ROLES = {
 
 @pytest.fixture(scope="module")
 def plan():
-    return build_plan(ROOT, "bootstrap")
+    return shipped_plan("bootstrap")
 
 
 def iam(plan):
@@ -141,7 +142,7 @@ def test_env_stacks_use_exactly_what_bootstrap_creates(plan, env):
     created = set(plan.outputs["serviceAccounts"].values())
     for kind in accounts.NODE_KINDS:
         assert accounts.node_account_email(env_config.fleet.name_prefix, env, kind, env_config.gcp.project) in created
-    env_plan = build_plan(ROOT, env)
+    env_plan = shipped_plan(env)
     used = {r.inputs["serviceAccount"]["email"] for r in env_plan.resources
             if r.type == "gcp:compute/instance:Instance"}
     assert used and used <= created

@@ -149,8 +149,21 @@ def tracked_copy(tmp: Path) -> Path:
     return repo
 
 
-def test_the_base_revision_is_planned_with_its_own_code(tmp_path):
-    repo = tracked_copy(tmp_path)
+@pytest.fixture(scope="module")
+def tracked_repo(tmp_path_factory):
+    """One committed copy of the repository for this module's diffs; each test changes its working tree
+    and the fixture below puts it back."""
+    return tracked_copy(tmp_path_factory.mktemp("diff"))
+
+
+@pytest.fixture
+def repo(tracked_repo):
+    yield tracked_repo
+    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=tracked_repo, check=True)
+    subprocess.run(["git", "clean", "-qfd"], cwd=tracked_repo, check=True)
+
+
+def test_the_base_revision_is_planned_with_its_own_code(repo):
     network = repo / "fleet" / "nodes" / "network.py"
     network.write_text(network.read_text().replace(
         'description=f"dstack-fleet network of stack {config.stack}"', 'description=f"fleet VPC {config.stack}"'))
@@ -161,8 +174,7 @@ def test_the_base_revision_is_planned_with_its_own_code(tmp_path):
     assert "`dstack-fleet network of stack dev`" in result.stdout and "`fleet VPC dev`" in result.stdout
 
 
-def test_a_prod_change_that_replaces_the_whole_group_exits_1(tmp_path):
-    repo = tracked_copy(tmp_path)
+def test_a_prod_change_that_replaces_the_whole_group_exits_1(repo):
     stack = repo / "stacks" / "Pulumi.prod.yaml"
     stack.write_text(stack.read_text().replace("machineType: c3-standard-8", "machineType: c3-standard-22"))
     result = subprocess.run([sys.executable, "-m", "fleet", "diff", "--stack", "prod", "--base", "HEAD"], cwd=repo,

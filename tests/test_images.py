@@ -19,6 +19,7 @@ from fleet.plan.harness import run_program
 from fleet.gcp.naming import LABEL_VALUE_RE, NAME_RE, Namer
 from fleet.plan.planner import build_plan
 from fleet.stacks.load import load_config
+from tests.plans import shipped_plan
 
 from .conftest import ROOT, stack_config
 
@@ -57,7 +58,7 @@ def two_versions(c):
 
 
 def test_pending_image_plans_with_a_warning_and_no_image_resource():
-    plan = build_plan(ROOT, "prod")
+    plan = shipped_plan("prod")
     assert not version_images(plan)
     summary = plan.outputs["images"]["overlay-3eb04ca"]
     assert summary["status"] == "pending" and summary["artifactSha256"] == fleet_lock.PENDING

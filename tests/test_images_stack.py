@@ -9,6 +9,7 @@ from fleet.images import lock as fleet_lock
 from fleet.nodes import boot_images
 from fleet.plan.planner import build_plan
 from fleet.config.values import reveal
+from tests.plans import shipped_plan
 
 from .conftest import ROOT
 
@@ -29,7 +30,7 @@ def env_input_hashes(root):
 
 
 def test_one_build_host_per_input_hash_the_env_stacks_declare():
-    plan = build_plan(ROOT, "images")
+    plan = shipped_plan("images")
     hosts = [r for r in plan.resources if r.type == "dstack-fleet:images:BuildHost"]
     wanted = set(env_input_hashes(ROOT).values())
     assert {r.name for r in hosts} == {f"build-{h[:12]}" for h in wanted}
@@ -50,7 +51,7 @@ def test_an_mkosi_container_is_built_by_a_step_keyed_by_the_hash_the_env_stack_l
     _, dev = load_config(ROOT, "dev")
     origin, wanted = fleet_apps.container_build_hash(ROOT, "simple-app", dev.fleet.containers["simple-app"])
     assert origin == "mkosi"
-    plan = build_plan(ROOT, "images")
+    plan = shipped_plan("images")
     (component,) = [r for r in plan.resources if r.type == "dstack-fleet:images:MkosiImage"]
     (step,) = [r for r in plan.resources if r.type == "command:local:Command" and r.parent == component.urn]
     assert step.inputs["triggers"] == [wanted]

@@ -8,6 +8,7 @@ from fleet.stacks import load as fleet_config
 from fleet.gcp.naming import Namer
 from fleet.nodes.network import Ingress, network_spec, public_ingress
 from fleet.plan.planner import build_plan
+from tests.plans import shipped_plan
 
 from .conftest import ROOT, stack_config
 
@@ -48,7 +49,7 @@ def test_public_ingress_only_for_declared_ports():
 
 
 def test_one_subnet_router_and_nat_per_region_in_the_plan():
-    plan = build_plan(ROOT, "prod")
+    plan = shipped_plan("prod")
     subnets = [r for r in plan.resources if r.type == "gcp:compute/subnetwork:Subnetwork"]
     nats = [r for r in plan.resources if r.type == "gcp:compute/routerNat:RouterNat"]
     assert [s.inputs["region"] for s in subnets] == ["us-central1"]

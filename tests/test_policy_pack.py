@@ -3,10 +3,15 @@ the offline plan's verdicts on the shipped and mutated stacks."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import io
 import json
 import os
 import re
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +27,8 @@ from pulumi_policy.proxy import UNKNOWN_STRING_VALUE
 from fleet.policy import rules
 from fleet.plan.planner import build_plan
 from fleet.config.stackfile import available_stacks
+from fleet.cli.main import main as cli_main
+from tests.plans import shipped_plan
 
 from .conftest import ROOT
 
@@ -117,16 +124,30 @@ def test_policies_are_named_like_the_rules_and_typed_by_scope():
 # The pack in its own environment, as `pulumi preview --policy-pack policies` starts it
 
 
+def pack_venv(env: dict[str, str]) -> Path:
+    """The pack's own environment, as the Pulumi CLI makes ``policies/venv`` from its requirements: built
+    once per requirements file under .venv/ (reused by later runs and shared by parallel workers)."""
+    digest = hashlib.sha256((PACK / "requirements.txt").read_bytes()).hexdigest()[:16]
+    venv = ROOT / ".venv" / "policy-pack" / digest
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f"{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (venv / "installed").exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, timeout=120)
+            install = subprocess.run(
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                 "--require-hashes", "-r", str(PACK / "requirements.txt")],
+                env=env, capture_output=True, text=True, timeout=300)
+            assert install.returncode == 0, install.stderr[-3000:]
+            (venv / "installed").touch()
+    return venv
+
+
 @pytest.fixture(scope="module")
-def pack_server(tmp_path_factory):
-    venv = tmp_path_factory.mktemp("policy-venv") / "venv"
+def pack_server():
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env, timeout=120)
-    python = venv / "bin" / "python"
-    install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--require-hashes",
-         "-r", str(PACK / "requirements.txt")], env=env, capture_output=True, text=True, timeout=300)
-    assert install.returncode == 0, install.stderr[-3000:]
+    python = pack_venv(env) / "bin" / "python"
     # the engine runs `python -u -m pulumi.policy <engine address> <program>` in the pack directory
     process = subprocess.Popen([str(python), "-u", "-m", "pulumi.policy", "127.0.0.1:1", str(PACK / "__main__.py")],
                                cwd=PACK, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -260,7 +281,7 @@ def test_served_pack_checks_tdx_nodes_across_the_stack(analyzer):
 
 @pytest.mark.parametrize("stack", available_stacks(ROOT))
 def test_shipped_stacks_have_no_mandatory_violation(stack):
-    plan = build_plan(ROOT, stack)
+    plan = shipped_plan(stack)
     assert [v for v in plan.violations if v["enforcement"] == "mandatory"] == []
     for v in plan.violations:  # what remains is pending or could-not-run, never a silent pass
         assert v["message"].startswith(("pending:", "could not run:")) or plan.tier == "dev", v
@@ -271,8 +292,12 @@ def test_every_shipped_stack_is_planned():
 
 
 def plan_cli(project, stack: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fleet", "--root", str(project.root), "plan", "--stack", stack,
-                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    """``python -m fleet plan`` in this process (same code path, no interpreter start per plan)."""
+    argv = ["--root", str(project.root), "plan", "--stack", stack, *extra]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(argv)
+    return subprocess.CompletedProcess(["python", "-m", "fleet", *argv], code, out.getvalue(), err.getvalue())
 
 
 def plan_changed_program(project, code: str, stack: str = "prod", *extra: str) -> subprocess.CompletedProcess:

@@ -9,6 +9,7 @@ from fleet.stacks.load import load_config
 from fleet.config.problems import ConfigError
 from fleet.nodes.topology import Member, OverlayPlan, peer_keys, reachable_from_genesis
 from fleet.config.values import contains_unknown
+from tests.plans import shipped_plan
 
 KEYS = ["a-0", "a-1", "a-2", "a-3"]
 
@@ -69,7 +70,7 @@ def test_node_outputs_show_every_peer_list_at_plan_time():
 def test_firewall_opens_only_the_overlay_port_between_overlay_nodes():
     from tests.conftest import ROOT
 
-    plan = build_plan(ROOT, "prod")
+    plan = shipped_plan("prod")
     (rule,) = [r for r in plan.resources if r.name == "fw-overlay-peers"]
     assert rule.inputs["allows"] == [{"protocol": "udp", "ports": ["5000"]}]
     assert rule.inputs["sourceTags"] == rule.inputs["targetTags"] == ["fleet-prod-overlay-members"]
@@ -105,7 +106,7 @@ def test_overlay_config_errors(project, change, path, message):
 def test_metadata_delivery_is_allowed_outside_prod_and_marked(project):
     from tests.conftest import ROOT
 
-    plan = build_plan(ROOT, "dev")
+    plan = shipped_plan("dev")
     assert plan.outputs["overlay"]["delivery"] == "metadata"
     instance = next(r for r in plan.resources if r.type == "gcp:compute/instance:Instance" and r.name == "overlay-0")
     assert instance.inputs["metadata"]["overlay-genesis"] in ("true", "false")

@@ -12,6 +12,7 @@ import pytest
 
 from fleet.stacks.expectations import verify_script
 from fleet.plan.planner import build_plan
+from tests.plans import shipped_plan
 
 from .conftest import ROOT
 from .test_apps import NEAR_APP, minimal_env, vector_compose  # noqa: F401 - fixture
@@ -73,7 +74,7 @@ def test_a_node_running_something_else_fails(project, served):
 
 
 def test_the_step_is_off_unless_configured():
-    plan = build_plan(ROOT, "prod")
+    plan = shipped_plan("prod")
     assert not [r for r in plan.resources if r.name.startswith("verify-")]
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pulumi
 import pulumi_command as command
-import pulumi_docker as docker
 
 from components.apptargets import create_app_target
 from components.dstacknode import DataDiskImage, DstackNode
@@ -131,6 +130,8 @@ def deploy_app_targets(config: StackConfig, apps: list[AppPlan],
 
 def check_external_images(config: StackConfig) -> None:
     """Ask the registry for each external image marked checkAtDeploy; a missing digest stops the deploy."""
+    import pulumi_docker as docker  # only stacks that check external images load the Docker SDK
+
     for key, source in sorted(config.fleet.containers.items()):
         ext = source.external
         if ext is not None and ext.check_at_deploy:

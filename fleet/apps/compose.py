@@ -49,7 +49,7 @@ def _raise_if(problems: list[ProblemEntry]) -> None:
 
 
 def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+    return f"{path}.{key}" if path and key else path or key
 
 
 # -- a user's compose text, verbatim ---------------------------------------------------------------
@@ -131,7 +131,7 @@ def parse_compose(text: str) -> ComposeFile:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever the kind
         raise ComposeError([("", f"not valid YAML{where}: {problem}; fix it")]) from None
     finally:
         if loader is not None:

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dstack_sdk.dstack_client import replay_rtmr
 
 RUNTIME_EVENT_TYPE = 0x08000001  # 134217729: dstack's runtime events; not a TCG event type
 RTMR_SIZE = 48
@@ -60,8 +59,11 @@ def replay(digests: Iterable[bytes]) -> bytes:
     """A register's value after extending 48 zero bytes with ``digests`` in order.
 
     dstack-sdk's ``replay_rtmr`` matches the vectors, including the zero padding of digests
-    shorter than 48 bytes that dstack's Rust SDK applies.
+    shorter than 48 bytes that dstack's Rust SDK applies. Imported here, not at the top: the SDK
+    brings an HTTP client along, which a plan without dstack apps does not need.
     """
+    from dstack_sdk.dstack_client import replay_rtmr
+
     return bytes.fromhex(replay_rtmr([d.hex() for d in digests]))
 
 

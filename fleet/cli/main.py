@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
 import os
 import sys
 import traceback
@@ -23,13 +25,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fleet.plan.planner import PlanFailed, build_plan, render_markdown, render_text
 
     root = _root(args)
+    # The plan is a short batch that allocates a few objects per registration and frees them by
+    # reference counting; cyclic collection on its growing heap cost up to half its time and saved no
+    # memory (make bench, README "Scale"). Off for the run; the process ends right after.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        plan = build_plan(root, args.stack)
+        plan = build_plan(root, args.stack, passes=args.pass_)
     except PlanFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.debug:
             traceback.print_exception(exc.error)
         return EXIT_PROGRAM
+    finally:
+        if collecting:  # a caller in the same process (the tests) gets its collector back
+            gc.enable()
     text = render_markdown(plan) if args.format == "markdown" else render_text(plan)
     sys.stdout.write(text)
     if args.json:
@@ -122,31 +132,50 @@ def cmd_build_local(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
     from fleet.cli import bench
 
-    if args.one:
-        print(json.dumps(bench.measure_one(args.one, _root(args))))
-        return EXIT_OK
-    return bench.run(_root(args))
+    if args.floor:
+        return bench.run_floor(_root(args), Path(args.floor), Path(args.out), args.pass_)
+    return bench.run(_root(args), sizes=tuple(args.sizes), shapes=tuple(args.shapes), samples=args.samples)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Subcommands whose module (and its dependencies: dcap-qvl, dstack-sdk) is imported only when that
+# subcommand runs; the others see a one-line entry in --help.
+LAZY_COMMANDS = {
+    "comment": ("fleet.plan.prcomment", "post or update the pull request's plan-diff comment"),
+    "verify": ("fleet.attest.verify", "check a guest's TcbInfo, quote and collateral against each other and the plan"),
+}
+
+
+def selected_command(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (after the global options), before anything is imported for it."""
+    rest = iter(argv)
+    for token in rest:
+        if token == "--root":
+            next(rest, None)
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fleet", description=__doc__)
     parser.add_argument("--root", help="project root (default: this checkout)")
     parser.add_argument("--debug", action="store_true", help="print tracebacks of program failures")
     sub = parser.add_subparsers(dest="command", required=True)
-    from fleet.plan import prcomment
-    from fleet.attest import verify as verify_cmd
-
-    prcomment.add_parser(sub)
-    verify_cmd.add_parser(sub)
+    for name, (module, summary) in LAZY_COMMANDS.items():
+        if name == command:
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary, add_help=False)
 
     plan = sub.add_parser("plan", help="run the program offline under mocks and show what it would create")
     plan.add_argument("--stack", required=True)
     plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     plan.add_argument("--format", choices=("text", "markdown"), default="text")
+    plan.add_argument("--pass", dest="pass_", choices=("preview", "up", "both"), default="preview",
+                      help="preview (default): what a real preview shows; up: the update pass a real up runs, "
+                           "every apply on stand-in values; both: show the preview, run both")
     plan.set_defaults(func=cmd_plan)
 
     diff = sub.add_parser("diff", help="Markdown diff of the offline plans of a base revision and the working tree")
@@ -171,8 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--script-only", action="store_true", help="write build.sh without running it")
     local.set_defaults(func=cmd_build_local)
 
-    bench = sub.add_parser("bench", help="plan time, peak memory and graph depth for 10, 100, 1000 nodes")
-    bench.add_argument("--one", type=int, metavar="NODES", help=argparse.SUPPRESS)
+    bench = sub.add_parser("bench", help="plan time against the mocks engine's floor, peak memory, graph depth")
+    bench.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000], metavar="NODES")
+    bench.add_argument("--shapes", nargs="+", choices=("ring", "mesh"), default=["ring", "mesh"])
+    bench.add_argument("--samples", type=int, default=3)
+    bench.add_argument("--floor", metavar="PLAN.json", help=argparse.SUPPRESS)  # one floor process
+    bench.add_argument("--pass", dest="pass_", choices=("preview", "up"), default="preview", help=argparse.SUPPRESS)
+    bench.add_argument("--out", metavar="FILE", help=argparse.SUPPRESS)
     bench.set_defaults(func=cmd_bench)
 
     deploy = sub.add_parser("deploy", help="run the real Pulumi CLI (make preview / make up)")
@@ -185,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(selected_command(argv))
     args = parser.parse_args(argv)
     os.environ.setdefault("PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION", "true")
     try:

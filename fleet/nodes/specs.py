@@ -127,9 +127,18 @@ def snapshots_enabled(config: StackConfig) -> bool:
     return config.fleet.snapshots if config.fleet.snapshots is not None else config.is_prod
 
 
+# The overlay plan and init script of the config last asked for: one pass asks several times (image
+# inputs, node specs), and rendering a large mesh's table is not free.
+_last_overlay: list = []
+
+
 def overlay_init_script(config: StackConfig, namer: Namer) -> tuple[OverlayPlan | None, str | None]:
+    if _last_overlay and _last_overlay[0] is config and _last_overlay[1] == namer:
+        return _last_overlay[2]
     plan = plan_overlay(config, node_identities(config, namer))
-    return plan, (render(plan) if plan else None)
+    result = plan, (render(plan) if plan else None)
+    _last_overlay[:] = [config, namer, result]
+    return result
 
 
 def derived_image_inputs(config: StackConfig, namer: Namer) -> dict[str, dict[str, str]]:

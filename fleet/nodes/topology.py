@@ -13,6 +13,7 @@ restart never splits the network. Every other node always starts with peers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from fleet.config.schema import OverlayConfig, StackConfig
 from fleet.nodes.identity import NodeIdentity
@@ -37,8 +38,12 @@ class OverlayPlan:
     members: tuple[Member, ...]
     peers: dict[str, tuple[str, ...]]  # node key -> peer node keys
 
+    @cached_property
+    def _addresses(self) -> dict[str, str]:
+        return {m.key: m.address for m in self.members}
+
     def address_of(self, key: str) -> str:
-        return next(m.address for m in self.members if m.key == key)
+        return self._addresses[key]
 
     def peer_endpoints(self, key: str) -> list[str]:
         return [f"{self.address_of(p)}:{self.port}" for p in self.peers[key]]

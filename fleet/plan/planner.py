@@ -33,6 +33,7 @@ class Plan:
     violations: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     update_run: ProgramRun | None = None
+    shown_pass: str = "preview"  # the pass whose registrations this plan shows: preview or up
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -45,7 +46,7 @@ class Plan:
             "measurements": display(self.measurements),
             "violations": sorted(self.violations, key=lambda v: (v["urn"], v["policy"], v["message"])),
             "warnings": sorted(set(self.warnings)),
-        }
+        } | ({"pass": "up"} if self.shown_pass == "up" else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_json_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
@@ -74,13 +75,23 @@ class PlanFailed(Exception):
         super().__init__(f"the program failed in the {phase} pass: {type(error).__name__}: {error}")
 
 
+PASSES = ("preview", "up", "both")
+
+
 def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = None,
                secret_overrides: dict[str, Any] | None = None,
-               stack_references: dict[str, dict[str, Any]] | None = None) -> Plan:
+               stack_references: dict[str, dict[str, Any]] | None = None, passes: str = "both") -> Plan:
+    """Plan ``stack``. ``passes``: ``preview`` (what ``make plan`` shows: provider-computed values
+    unknown, as in a real preview), ``up`` (the update pass: every ``apply`` body runs on stand-ins), or
+    ``both`` (the preview is shown, the update pass must succeed too; what the tests run)."""
+    if passes not in PASSES:
+        raise ValueError(f"passes must be one of {PASSES}, not {passes!r}")
     sf, cfg = load_config(root, stack, overrides=overrides, secret_overrides=secret_overrides)
     rule_context = rules.context_from_config(cfg)  # ConfigError for an unknown rule name, before any run
     runs: dict[str, ProgramRun] = {}
-    for phase, preview in (("preview", True), ("update", False)):
+    wanted = {"preview": (("preview", True),), "up": (("update", False),),
+              "both": (("preview", True), ("update", False))}[passes]
+    for phase, preview in wanted:
         try:
             runs[phase] = run_program(
                 root, stack=stack, config=sf.config, secret_keys=sf.secret_keys, preview=preview,
@@ -88,23 +99,24 @@ def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = Non
             )
         except Exception as exc:  # noqa: BLE001 - reported as a failed plan, with its pass
             raise PlanFailed(phase, exc) from exc
-    preview_run = runs["preview"]
-    outputs = dict(preview_run.outputs)
+    shown = runs.get("preview") or runs["update"]
+    outputs = dict(shown.outputs)
     measurements = outputs.pop("measurements", {}) or {}
     rule_context = replace(rule_context, outputs=outputs, measurements=measurements,
-                           stack_urn=rules.stack_urn(stack, preview_run.project))
-    violations = rules.evaluate(preview_run.resources, rule_context)
+                           stack_urn=rules.stack_urn(stack, shown.project))
+    violations = rules.evaluate(shown.resources, rule_context)
     return Plan(
-        project=preview_run.project,
+        project=shown.project,
         stack=stack,
         role=cfg.fleet.role,
         tier=cfg.fleet.tier,
-        resources=preview_run.resources,
+        resources=shown.resources,
         outputs=outputs,
         measurements=measurements if isinstance(measurements, dict) else {"value": measurements},
         violations=violations,
-        warnings=preview_run.warnings + runs["update"].warnings,
-        update_run=runs["update"],
+        warnings=[w for run in runs.values() for w in run.warnings],
+        update_run=runs.get("update"),
+        shown_pass="preview" if "preview" in runs else "up",
     )
 
 
@@ -162,9 +174,15 @@ def _json_block(value: Any) -> str:
     return json.dumps(display(value), indent=2, sort_keys=True, ensure_ascii=False)
 
 
+def _pass_title(plan: Plan) -> str:
+    if plan.shown_pass == "up":
+        return "offline update pass (provider-computed values are stand-ins)"
+    return "offline preview"
+
+
 def render_text(plan: Plan) -> str:
     out = [f"dstack-fleet plan: stack {plan.stack} (role {plan.role}"
-           + (f", tier {plan.tier}" if plan.tier else "") + "), offline preview", ""]
+           + (f", tier {plan.tier}" if plan.tier else "") + "), " + _pass_title(plan), ""]
     out.append(f"Resources ({len(plan.resources)}):")
     out += ["  " + line for line in tree_lines(plan.resources)]
     out += ["", "Counts by type:"]
