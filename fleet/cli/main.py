@@ -33,19 +33,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         plan = build_plan(root, args.stack, passes=args.pass_)
     except PlanFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        where = failing_statement(exc.error, root)
+        print(f"error: {exc}" + (f" (at {where})" if where else ""), file=sys.stderr)
         if args.debug:
             traceback.print_exception(exc.error)
+        else:
+            print("  (make plan DEBUG=1, or python -m fleet --debug plan, prints the traceback)", file=sys.stderr)
         return EXIT_PROGRAM
     finally:
         if collecting:  # a caller in the same process (the tests) gets its collector back
             gc.enable()
-    text = render_markdown(plan) if args.format == "markdown" else render_text(plan)
-    sys.stdout.write(text)
-    if args.json:
-        Path(args.json).write_text(plan.to_json(), encoding="utf-8")
+    if args.json == "-":  # the JSON alone on standard output, for pipes
+        sys.stdout.write(plan.to_json())
+    else:
+        sys.stdout.write(render_markdown(plan) if args.format == "markdown" else render_text(plan))
+        if args.json:
+            Path(args.json).write_text(plan.to_json(), encoding="utf-8")
     mandatory = [v for v in plan.violations if v["enforcement"] == "mandatory"]
     return EXIT_MANDATORY if mandatory else EXIT_OK
+
+
+def failing_statement(error: BaseException, root: Path) -> str | None:
+    """``path:line in function`` of the innermost frame of the project's own code (this checkout or the
+    planned root) in ``error``'s traceback: the statement to look at, whichever library raised."""
+    homes = {ROOT.resolve(), root.resolve()}
+    found = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        path = Path(frame.filename).resolve()
+        for home in homes:
+            if path.is_relative_to(home) and ".venv" not in path.relative_to(home).parts:
+                found = f"{path.relative_to(home)}:{frame.lineno} in {frame.name}"
+    return found
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -171,7 +189,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="run the program offline under mocks and show what it would create")
     plan.add_argument("--stack", required=True)
-    plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON ('-': only the JSON, to stdout)")
     plan.add_argument("--format", choices=("text", "markdown"), default="text")
     plan.add_argument("--pass", dest="pass_", choices=("preview", "up", "both"), default="preview",
                       help="preview (default): what a real preview shows; up: the update pass a real up runs, "
