@@ -82,8 +82,9 @@ def test_each_environment_gets_its_own_identity(project):
 
 
 @pytest.mark.parametrize("change,identity", [
-    (lambda a: None, "derived"),
-    (lambda a: a.update(keyProvider="kms", kms={"urls": ["https://kms.example"], "appId": "ab" * 20}), "stable"),
+    (lambda a: None, "compose"),
+    (lambda a: a.update(keyProvider="kms", kms={"urls": ["https://kms.example"]}), "compose"),
+    (lambda a: a.update(keyProvider="kms", kms={"urls": ["https://kms.example"], "appId": "ab" * 20}), "pinned"),
 ])
 def test_identity_kind(project, change, identity):
     app = json.loads(json.dumps(NEAR_APP))
@@ -92,8 +93,10 @@ def test_identity_kind(project, change, identity):
     _, config = load_config(project.root, "ident")
     (plan,) = fleet_apps.plan_apps(config, fleet_lock.load(ROOT), project.root, "r")
     assert plan.identity == identity
-    if identity == "stable":
-        assert plan.app_id == "ab" * 20
+    if identity == "pinned":
+        assert plan.app_id == plan.summary()["appId"] == "ab" * 20
+    else:  # with or without a KMS, the guest derives an unpinned app id from the compose hash
+        assert plan.app_id == plan.summary()["appId"] == plan.compose_hash[:40]
 
 
 def test_phala_values_are_reported_not_predicted():

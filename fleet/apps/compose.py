@@ -741,11 +741,11 @@ class AppCompose:
         return compose_hash(self.data)
 
     @property
-    def app_id(self) -> str | None:
-        """Without a KMS the app-id is the compose hash's first 20 bytes; with a KMS it is assigned
-        by the KMS (on-chain: the app contract's address), so it cannot be computed here."""
-        if self.key_provider is KeyProvider.KMS:
-            return None
+    def app_id(self) -> str:
+        """The app id a guest derives from these bytes when none is deployed: the compose hash's
+        first 20 bytes, with or without a KMS (Dstack-TEE/dstack v0.5.11 and f1ba0a22
+        dstack-util/src/system_setup.rs ``measure_app_info``; vmm-cli.py's ``--app-id`` default). A
+        KMS then derives the app's keys from it; only a pinned id (``.instance_info``) differs."""
         return app_id_from_compose_hash(self.compose_hash)
 
 

@@ -1,10 +1,12 @@
 """dstack apps as data: their images by digest, their app-compose bytes, and their identity.
 
 Every app resolves to the exact ``app-compose.json`` bytes the guest will hash (compose-hash) and
-so, without a KMS, its app-id: both are known at plan time. Values we compute from our own bytes are
-*predicted*; Phala Cloud builds app-compose on its servers, so there the compose-hash and app-id are
-*reported* by the service after deploy. Each environment gets its own app name
-(``<name>-<stack>``), so dev and prod never share an identity.
+so its app-id: the pinned dstack releases emit the app id deployed in ``.instance_info`` and fill an
+empty one with the compose hash's first 20 bytes, with or without a KMS, so unless ``kms.appId``
+pins it, the app id follows the compose (identity ``compose``; pinned: ``pinned``). Values we
+compute from our own bytes are *predicted*; Phala Cloud builds app-compose on its servers, so there
+the compose-hash and app-id are *reported* by the service after deploy (identity ``reported``).
+Each environment gets its own app name (``<name>-<stack>``), so dev and prod never share an identity.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from fleet.apps import compose as fc
 from fleet.apps import configdisk
+from fleet.attest import measure
 from fleet.gcp import tdx
 from fleet.images import mkosibuild
 from fleet.config.schema import AppConfig, ContainerSource, StackConfig
@@ -100,7 +103,7 @@ class AppPlan:
     pre_launch_script: str | None
     images: list[tuple[str, str]]  # (where, reference)
     pending: list[str]  # container keys still to be built
-    identity: str  # stable | derived | reported
+    identity: str  # measure.IDENTITIES: pinned | compose | reported
     provenance: str  # predicted | reported
     user_config: str | None
     image_digest_events: dict[str, str] = field(default_factory=dict)  # event name -> hex payload
@@ -114,17 +117,23 @@ class AppPlan:
         return self.app_compose.compose_hash if self.app_compose else None
 
     @property
+    def pinned_app_id(self) -> str | None:
+        """The app id written to ``.instance_info`` (or sent as the VMM's app id): a pinned KMS app id."""
+        return self.config.kms.app_id if self.config.kms and self.config.kms.app_id else None
+
+    @property
     def app_id(self) -> str | None:
-        if self.config.kms and self.config.kms.app_id:
-            return self.config.kms.app_id
+        """The app id the guest emits: the pinned one, else the compose hash's first 20 bytes."""
+        if self.pinned_app_id:
+            return self.pinned_app_id
         return self.app_compose.app_id if self.app_compose else None
 
     def summary(self) -> dict[str, object]:
         reported = self.provenance == "reported" and not self.pending
         hashes = {
-            "composeHash": ("reported by Phala Cloud after deploy" if reported else self.compose_hash or PENDING),
-            "appId": ("reported by Phala Cloud after deploy" if reported and not (self.config.kms and self.config.kms.app_id)
-                      else self.app_id or (PENDING if self.pending else "assigned by the KMS")),
+            "composeHash": (measure.REPORTED_BY_PHALA if reported else self.compose_hash or PENDING),
+            "appId": (measure.REPORTED_BY_PHALA if self.identity == measure.IDENTITY_REPORTED and reported
+                      else self.app_id or PENDING),
         }
         return {
             "name": self.name, "kind": self.config.kind, "target": self.target,
@@ -143,10 +152,10 @@ def app_name(app: AppConfig, stack: str) -> str:
 
 def _identity(app: AppConfig) -> str:
     if app.target == "phala" and not (app.kms and app.kms.app_id):
-        return "reported"
+        return measure.IDENTITY_REPORTED
     if app.key_provider == "kms" and app.kms and app.kms.app_id:
-        return "stable"
-    return "derived"
+        return measure.IDENTITY_PINNED
+    return measure.IDENTITY_COMPOSE
 
 
 def plan_app(app: AppConfig, stack: str, containers: dict[str, Container], root: Path) -> AppPlan:
@@ -324,18 +333,29 @@ def _camel(name: str) -> str:
     return head + "".join(part.title() for part in rest)
 
 
-def gce_node_files(apps: list[AppPlan], node, stack: str) -> dict[str, bytes] | None:
+def gce_os_image_hash(node, os_version: str | None) -> str | None:
+    """``vm_config.os_image_hash`` of a GCE dstack node: the UKI Authenticode hash the lock records
+    for its image (see ``measure.vm_config_os_image_hash``); None while the image is pending or when
+    the lock has no UKI hash."""
+    if node.image.pending:
+        return None
+    release = measure.guest_release(os_version) if os_version else None
+    return measure.vm_config_os_image_hash(release, target="gce", digest_txt=node.image.hashes.get("osImageHash"),
+                                           uki_hash=node.image.hashes.get("ukiHash"))
+
+
+def gce_node_files(apps: list[AppPlan], node, stack: str, os_version: str | None = None) -> dict[str, bytes] | None:
     """The configuration-disk files of a dstack node: its group's app, this node's seed. None while
-    the app's images are pending."""
+    the app's images are pending. ``os_version``: the dstack release of the node's image."""
 
     app = next(a for a in apps if a.target == "gce" and a.config.nodes == node.identity.group)
     if app.app_compose is None:
         return None
     memory = tdx.memory_gib(node.machine_type)
-    os_image_hash = None if node.image.pending else node.image.hashes.get("osImageHash")
+    os_image_hash = gce_os_image_hash(node, os_version)
     return configdisk.node_files(
         app_compose=app.app_compose.data, kms_urls=list(app.config.kms.urls) if app.config.kms else [],
-        gateway_urls=list(app.config.gateway_urls), app_id=app.config.kms.app_id if app.config.kms else None,
+        gateway_urls=list(app.config.gateway_urls), app_id=app.pinned_app_id,
         seed=configdisk.instance_seed(stack, node.key), os_image_hash=os_image_hash,
         cpu_count=tdx.vcpus(node.machine_type), memory_bytes=memory * 1024 ** 3 if memory else None,
         user_config=app.user_config)

@@ -24,6 +24,15 @@ KNOWN_AT_BOOT = "known at boot"
 PENDING_BUILD = "pending build"
 MARKERS = (KNOWN_AT_BOOT, PENDING_BUILD)
 
+# App identity: one vocabulary for stack outputs, measurements, the diff and the README. The app id
+# is what a KMS derives an app's keys from (and, without a KMS, what names its identity).
+IDENTITY_PINNED = "pinned"  # kms.appId is written to .instance_info: the same across compose changes
+IDENTITY_COMPOSE = "compose"  # none pinned: the guest takes the compose hash's first 20 bytes, so every
+#                              compose change is a new app id (new keys), with or without a KMS
+IDENTITY_REPORTED = "reported"  # Phala Cloud writes the app-compose and assigns the id: known after deploy
+IDENTITIES = (IDENTITY_PINNED, IDENTITY_COMPOSE, IDENTITY_REPORTED)
+REPORTED_BY_PHALA = "reported by Phala Cloud after deploy"
+
 # A payload is its exact bytes, or one of MARKERS when the bytes cannot be known before boot.
 Payload = bytes | str
 
