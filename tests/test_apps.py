@@ -221,3 +221,40 @@ def test_only_manifest_digests_can_be_checked(project):
     with pytest.raises(ConfigError) as info:
         load_config(project.root, "idcheck")
     assert any("containers.x.external.checkAtDeploy: only a manifest digest" in l for l in info.value.lines())
+
+
+def _config_disk_files(document: dict, node: str) -> dict[str, bytes]:
+    import base64
+
+    step = next(r for r in document["resources"]
+                if r["type"] == "command:local:Command" and r["name"].endswith("-build") and node in r["parent"])
+    return {name: base64.b64decode(data) for name, data in json.loads(step["inputs"]["stdin"]).items()}
+
+
+def test_gce_nodes_carry_the_uki_hash_as_vm_config_os_image_hash(project):
+    # Dstack-TEE/dstack f1ba0a22 (the dstack OS 0.6.0.a2's dstack) verifier/src/verification.rs
+    # verify_os_image_hash_for_gcp_tdx: vm_config.os_image_hash must equal the UKI Authenticode hash
+    # in PCR 2's event log; the KMS runs it when [core.image] verify is on. The lock's os_image_hash
+    # (digest.txt) would make such a KMS refuse every GCE app.
+    def kms(c):
+        c["dstack-fleet:apps"][0].update(keyProvider="kms", kms={"urls": ["https://kms.example"]})
+    project.mutate("dev", "dev", kms)
+    first = json.loads(build_plan(project.root, "dev").to_json())
+    content = first["outputs"]["images"]["dstack-0-6-0-a2"]["contentHash"]
+    digest_txt, uki = "d1" * 32, "0b" * 32
+    artifact = {"url": f"gs://acme-tee-ops-images/{content}/disk.tar.gz", "generation": "1", "crc32c": "AAAAAA==",
+                "sha256": "ab" * 32}
+    (project.root / "images.lock.json").write_text(json.dumps({"version": 1, "images": {content: {
+        "recipe": "dstack-os", "label": "test", "artifact": artifact, "os_image_hash": digest_txt,
+        "rootfs_hash": "cd" * 32, "uki_hash": uki, "source": "test fixture"}}}))
+    document = json.loads(build_plan(project.root, "dev").to_json())
+    files = _config_disk_files(document, "apps-0")
+    vm_config = json.loads(json.loads(files[".sys-config.json"])["vm_config"])
+    assert vm_config["os_image_hash"] == uki != digest_txt
+    node = document["measurements"]["node:apps-0"]
+    assert node["os_image_hash"] == uki and node["image_digest"] == digest_txt
+    app = document["measurements"]["app:mpc-dev"]
+    events = {e["event"]: e["payload"] for e in app["rtmr3_events"]}
+    # the KMS answers GetAppKey with the vm_config value, which the guest extends as os-image-hash
+    assert app["os_image_hash"] == events["os-image-hash"] == uki
+    assert app["identity"] == "compose" and app["app_id"] == app["compose_hash"][:40] == events["app-id"]
