@@ -258,3 +258,16 @@ def test_gce_nodes_carry_the_uki_hash_as_vm_config_os_image_hash(project):
     # the KMS answers GetAppKey with the vm_config value, which the guest extends as os-image-hash
     assert app["os_image_hash"] == events["os-image-hash"] == uki
     assert app["identity"] == "compose" and app["app_id"] == app["compose_hash"][:40] == events["app-id"]
+
+
+def test_an_external_image_with_a_tag_is_refused_with_advice(project):
+    # `docker.io/nearone/mpc-launcher:latest` used to pass the schema's pattern and end up measured as
+    # `...:latest@sha256:...` in the compose.
+    def tagged(c):
+        c["dstack-fleet:containers"]["mpc-launcher"]["external"]["image"] = "docker.io/nearone/mpc-launcher:latest"
+    project.mutate("dev", "dev", tagged)
+    with pytest.raises(ConfigError) as info:
+        load_config(project.root, "dev")
+    assert any("dstack-fleet:containers.mpc-launcher.external.image: 'docker.io/nearone/mpc-launcher:latest' "
+               "names the tag :latest; give the repository alone (docker.io/nearone/mpc-launcher)" in line
+               for line in info.value.lines())

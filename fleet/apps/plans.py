@@ -21,7 +21,7 @@ from fleet.attest import measure
 from fleet.gcp import tdx
 from fleet.images import mkosibuild
 from fleet.config.schema import AppConfig, ContainerSource, StackConfig
-from fleet.apps.imageref import DigestKind, ImageDigest, ImageRef, parse_image_ref
+from fleet.apps.imageref import DigestKind, ImageDigest, ImageRef, parse_image_ref, repository_problem
 from fleet.images.lock import PENDING, LockFile
 from fleet.config.problems import Problem
 from fleet.images.recipes import canonical_json
@@ -311,6 +311,9 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
             if not 5 <= len(app_name(app, config.stack)) <= 63:
                 p(f"{at}.name", f"the Phala CVM name {app_name(app, config.stack)!r} must be 5-63 characters")
     for key, source in sorted(fleet.containers.items()):
+        problem = repository_problem(source.external.image) if source.external else None
+        if problem:
+            p(f"containers.{key}.external.image", problem)
         if source.external and source.external.check_at_deploy and source.external.digest_kind != "manifest":
             p(f"containers.{key}.external.checkAtDeploy", "only a manifest digest can be checked against a registry; "
               "an image id is the image's config digest")
