@@ -107,6 +107,7 @@ class AppPlan:
     provenance: str  # predicted | reported
     user_config: str | None
     image_digest_events: dict[str, str] = field(default_factory=dict)  # event name -> hex payload
+    user_config_summary: dict[str, object] | None = None  # NEAR's Rust launcher: what its TOML does
 
     @property
     def key(self) -> str:
@@ -143,6 +144,7 @@ class AppPlan:
             "pending": self.pending,
             # unmeasured, host-controlled: a change here (e.g. NEAR's MPC_HASH_OVERRIDE) is a restart
             "userConfigSha256": hashlib.sha256(self.user_config.encode()).hexdigest() if self.user_config else None,
+            **({"userConfig": self.user_config_summary} if self.user_config_summary else {}),
         }
 
 
@@ -184,6 +186,10 @@ def plan_app(app: AppConfig, stack: str, containers: dict[str, Container], root:
             default = ImageDigest(mpc.ref.digest.removeprefix("sha256:"), facts.compares)
             text = fc.render_compose(fc.near_launcher_compose(launcher.ref, default, launcher=fc.NearLauncher(near.launcher)))
             events["mpc-image-digest"] = default.hex
+            if near.launcher == "rust":
+                rust = near_rust_user_config(app, containers)
+                if rust.mpc_hash_override:
+                    events["mpc-image-digest"] = rust.mpc_hash_override.removeprefix("sha256:")
     elif app.kind == "kettle":
         k = app.kettle
         launcher = image(k.launcher_image)
@@ -219,13 +225,52 @@ def plan_app(app: AppConfig, stack: str, containers: dict[str, Container], root:
             pre_launch_script=pre_launch, storage_fs=app.settings.storage_fs)
         app_compose = fc.build_app_compose(settings, dstack_version=app.dstack_version, serialization=SERIALIZATION)
     user_config = app.user_config
-    if app.kind == "near-mpc" and app.near_mpc.user_config:
+    user_config_summary = None
+    if app.kind == "near-mpc" and app.near_mpc.launcher == "rust":
+        # the Rust launcher fails without /tapp/user_config, so it always gets one
+        rust = near_rust_user_config(app, containers)
+        user_config = rust.text()
+        user_config_summary = near_user_config_summary(rust, events.get("mpc-image-digest"))
+    elif app.kind == "near-mpc" and app.near_mpc.user_config:
         user_config = fc.near_user_config(app.near_mpc.user_config, launcher=fc.NearLauncher(app.near_mpc.launcher))
     identity = _identity(app)
     return AppPlan(config=app, name=name, target=app.target, compose_text=text, app_compose=app_compose,
                    pre_launch_script=pre_launch, images=images, pending=sorted(set(pending)), identity=identity,
                    provenance="reported" if app.target == "phala" else "predicted", user_config=user_config,
-                   image_digest_events=events)
+                   image_digest_events=events, user_config_summary=user_config_summary)
+
+
+def near_rust_user_config(app: AppConfig, containers: dict[str, Container]) -> fc.NearRustUserConfig:
+    """The Rust launcher's TOML user config from the app's typed settings: the image reference
+    defaults to the MPC image's repository, the hash override names a declared container."""
+    near = app.near_mpc
+    settings = near.launcher_config
+    override = containers.get(settings.hash_override) if settings.hash_override else None
+    return fc.NearRustUserConfig(
+        image_reference=settings.image_reference or containers[near.mpc_image].repository or "",
+        port_mappings=tuple((m.host, m.container) for m in settings.port_mappings),
+        mpc_hash_override=str(override.ref.digest) if override and override.ref else None,
+        pull_max_retries=settings.pull_max_retries, pull_retry_interval_secs=settings.pull_retry_interval_secs,
+        pull_max_delay_secs=settings.pull_max_delay_secs, mpc_node_config=dict(near.node_config))
+
+
+def near_user_config_summary(rust: fc.NearRustUserConfig, mpc_image_digest: str | None) -> dict[str, object]:
+    """What the plan says about the Rust launcher's user config: which parts are measured, which
+    are not, and what a change of it does."""
+    shown = f"sha256:{mpc_image_digest}" if mpc_image_digest else PENDING
+    selection = ("mpc_hash_override (it must be in the approved-hashes file the node writes from the contract, "
+                 "else the launcher stops)" if rust.mpc_hash_override else
+                 "DEFAULT_IMAGE_DIGEST until the node writes the contract's approved hashes, then the newest of them")
+    return {
+        "format": "toml",
+        "source": fc.NEAR_RUST_SOURCE,
+        "measured": ["compose: launcher image digest, DEFAULT_IMAGE_DIGEST, PLATFORM, DOCKER_CONTENT_TRUST",
+                     "RTMR3 mpc-image-digest: the digest the launcher selects and pulls"],
+        "unmeasured": ["launcher_config: " + ", ".join(rust.document()["launcher_config"]), "mpc_node_config"],
+        "mpcImageDigest": shown,
+        "selectedBy": selection,
+        "restart": f"restart the CVM: the launcher rereads it; RTMR3 mpc-image-digest becomes {shown}",
+    }
 
 
 def plan_apps(config: StackConfig, lock: LockFile, root: Path, registry_path: str) -> list[AppPlan]:
@@ -274,6 +319,8 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
             if mpc and mpc.external and mpc.external.digest_kind != wanted:
                 p(f"{at}.nearMpc.mpcImage", f"the {app.near_mpc.launcher} launcher compares the {wanted} digest, but "
                   f"container {app.near_mpc.mpc_image!r} gives a {mpc.external.digest_kind} digest")
+        if app.near_mpc:
+            out += _near_problems(config, app, at)
         if app.kettle:
             keys.append(app.kettle.launcher_image)
         for j, key in enumerate(keys):
@@ -328,6 +375,64 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
         if app.target == "gce" and app.secret_env:
             p(f"apps[{i}].secretEnv", "encrypted env is not delivered to gce nodes yet (the config disk would carry "
               "a deploy-time secret); run this app on a vmm target or drop the secret env")
+    return out
+
+
+def _app_guest_version(config: StackConfig, app: AppConfig) -> str:
+    """The dstack release the app's guest runs: its node group's OS image on gce, else dstackVersion."""
+    if app.target == "gce" and app.nodes:
+        group = next((g for g in config.fleet.nodes if g.name == app.nodes), None)
+        source = config.fleet.images.get(group.image) if group else None
+        if source is not None and source.build is not None and source.build.recipe == "dstack-os":
+            return source.build.version
+    return app.dstack_version
+
+
+def _near_problems(config: StackConfig, app: AppConfig, at: str) -> list[Problem]:
+    near, fleet = app.near_mpc, config.fleet
+    out: list[Problem] = []
+
+    def p(path: str, message: str) -> None:
+        out.append(Problem(config.source, f"dstack-fleet:{at}.nearMpc{path}", message))
+
+    version = _app_guest_version(config, app)
+    problem = measure.emit_event_problem(version)
+    if problem:
+        p("", problem)
+    rust_fields = near.launcher_config != type(near.launcher_config)() or near.node_config
+    if near.launcher == "rust" and near.user_config:
+        p(".userConfig", "the rust launcher reads TOML ([launcher_config], [mpc_node_config]), not KEY=value lines; "
+                         "use nearMpc.launcherConfig and nearMpc.nodeConfig")
+    if near.launcher == "python" and rust_fields:
+        p("", "launcherConfig and nodeConfig are the rust launcher's TOML user config; the python launcher reads "
+              "userConfig (KEY=value)")
+    if near.launcher != "rust":
+        return out
+    override = near.launcher_config.hash_override
+    if override is not None:
+        source = fleet.containers.get(override)
+        if source is None:
+            p(".launcherConfig.hashOverride", f"container {override!r} is not declared in dstack-fleet:containers")
+        elif source.external is None or source.external.digest_kind != "manifest":
+            p(".launcherConfig.hashOverride", f"container {override!r} must be an external image with a manifest "
+                                              "digest: the rust launcher pulls and compares manifest digests")
+        else:
+            mpc = fleet.containers.get(near.mpc_image)
+            reference = near.launcher_config.image_reference or (mpc.external.image if mpc and mpc.external else None)
+            name = reference.split("@")[0] if reference else None
+            if name and ":" in name.rsplit("/", 1)[-1]:
+                name = name.rsplit(":", 1)[0]
+            if name and name != source.external.image:
+                p(".launcherConfig.hashOverride", f"container {override!r} is in {source.external.image}, but the "
+                                                  f"launcher pulls from {name}; the pull by digest would fail")
+    rust = fc.NearRustUserConfig(
+        image_reference=near.launcher_config.image_reference or "placeholder", mpc_node_config=dict(near.node_config),
+        port_mappings=tuple((m.host, m.container) for m in near.launcher_config.port_mappings))
+    for path, message in rust.problems():
+        if path.startswith("mpc_node_config."):
+            p(f".nodeConfig.{path.removeprefix('mpc_node_config.')}", message)
+        else:
+            p(f".launcherConfig.{_camel(path.removeprefix('launcher_config.'))}", message)
     return out
 
 
