@@ -399,3 +399,14 @@ def test_a_launcher_on_a_release_without_emit_event_is_refused(project):
     app["dstackVersion"] = "0.5.0"
     project.write_stack("old", minimal_env([app], containers=containers))
     load_config(project.root, "old")
+
+
+def test_machine_memory_sizes_the_td_hob_so_the_table_is_googles():
+    # Google's accelerator-optimized machine family page, A3 High: a3-highgpu-1g = 26 vCPUs, 234 GB
+    # (an eighth of a3-highgpu-8g's 208 vCPUs / 1,872 GB); C3: 4 GB per vCPU for standard.
+    from fleet.gcp import tdx
+
+    assert (tdx.vcpus("a3-highgpu-1g"), tdx.memory_gib("a3-highgpu-1g")) == (26, 234)
+    assert "234 GB" in tdx.FIXED_SHAPES_SOURCE
+    assert (tdx.vcpus("c3-standard-4"), tdx.memory_gib("c3-standard-4")) == (4, 16)
+    assert tdx.memory_gib("c3-highmem-8") == 64 and tdx.memory_gib("n2-standard-4") is None
