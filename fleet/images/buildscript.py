@@ -197,6 +197,8 @@ def _tplus_values(spec: BuildSpec, guest_location: str | None) -> list[str]:
         _assign("BINARY_LINE", f'BINARY = "{recipes.TPLUS_GUEST_NAME}"'),
         _assign("SRC_URI_LINE", f'SRC_URI += "file://{recipes.TPLUS_GUEST_NAME}"'),
         _assign("LOCAL_CONF_PATCH", "prod-patches/local.conf.patch" if spec.prod else "patches/local.conf.patch"),
+        _assign("IMAGE_INSTALL_LINE", f'IMAGE_INSTALL:append:pn-{recipes.TPLUS_IMAGE} = '
+                                      f'" {" ".join(recipes.TPLUS_IMAGE_PACKAGES)}"'),
         _array("EXTRA_LAYERS", TPLUS_EXTRA_LAYERS),
         _assign("INIT_SCRIPT_SHA256", hashlib.sha256(init).hexdigest()),
         _assign("INIT_SCRIPT_BASE64", base64.b64encode(init).decode("ascii")),
@@ -534,6 +536,8 @@ setup_layers() {  # flashbots' setup, then get-modular.sh's steps on the pinned 
   patch -N meta-confidential-compute/conf/distro/cvm.conf -i meta-dstack/patches/cvm.conf.patch
   # PROD drops debug-tweaks (get-modular.sh picks prod-patches/local.conf.patch when PROD=true)
   patch -N build/conf/local.conf -i "meta-dstack/$LOCAL_CONF_PATCH"
+  # what the overlay init script calls (core-image-minimal's IMAGE_INSTALL is emptied upstream)
+  printf '%s\n' "$IMAGE_INSTALL_LINE" >> build/conf/local.conf
 }
 
 build_phase() {

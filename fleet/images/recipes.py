@@ -109,6 +109,30 @@ TPLUS_GUEST_NAME = "guest"
 TPLUS_IMAGE = "core-image-minimal"
 TPLUS_MACHINE = "tdx-gcp"  # set by meta-dstack's patches/local.conf.patch
 MUSL_TARGET = "x86_64-unknown-linux-musl"
+# What the overlay image holds for the init script (fleet/nodes/initscript.py), which
+# tests/test_initscript.py checks tool by tool. The image is poky's core-image-minimal, whose
+# IMAGE_INSTALL meta-confidential-compute empties (flashbots/meta-confidential-compute@41a2a6a1
+# recipes-core/images/core-image-minimal.bbappend: IMAGE_INSTALL = ""; meta-custom-podman adds only
+# podman), so the build appends these packages to core-image-minimal explicitly.
+TPLUS_IMAGE_PACKAGES = ("busybox", "e2fsprogs-mke2fs")
+# Applets of the pinned busybox: poky's defconfig (flashbots/poky@c5627ab06fc07221237b9a7059ac378ea80578f8
+# meta/recipes-core/busybox/busybox/defconfig: CONFIG_<NAME>=y) plus meta-confidential-compute's
+# fragment.cfg (CONFIG_MDEV=y, so there is no udev and no /dev/disk/by-id/google-* link). mke2fs and
+# mkfs.ext2 are not set there, so mkfs.ext4 comes from e2fsprogs.
+BUSYBOX_APPLETS = ("ash", "awk", "blkid", "cat", "cut", "grep", "head", "ip", "ls", "mdev", "mkdir", "mount",
+                   "readlink", "rm", "sed", "sh", "sleep", "start-stop-daemon", "touch", "tr", "wget")
+# OE's e2fsprogs recipe puts mke2fs and its mkfs.ext2/3/4 links in the e2fsprogs-mke2fs package.
+PACKAGE_TOOLS = {"e2fsprogs-mke2fs": ("mke2fs", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4")}
+
+
+def tplus_image_tools() -> set[str]:
+    """Every command the overlay image provides outside the shell itself."""
+    tools = set(BUSYBOX_APPLETS) if "busybox" in TPLUS_IMAGE_PACKAGES else set()
+    for package in TPLUS_IMAGE_PACKAGES:
+        tools.update(PACKAGE_TOOLS.get(package, ()))
+    return tools
+
+
 # Rust stable when the light client's pinned commit was made (tplus-examples 3eb04ca, 2025-04-16);
 # the repository has no rust-toolchain file, so the toolchain is pinned here.
 RUST_TOOLCHAIN = "1.86.0"
@@ -471,7 +495,7 @@ def input_document(recipe: str, inputs: dict[str, Any], derived: dict[str, str] 
     """Everything a build's output depends on, as one JSON document."""
     if recipe not in RECIPE_REVISIONS:
         raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPE_REVISIONS))}")
-    return {
+    document = {
         "recipe": recipe,
         "revision": RECIPE_REVISIONS[recipe],
         "upstreams": [u.identity() for u in pinned_upstreams(recipe, inputs)],
@@ -479,6 +503,9 @@ def input_document(recipe: str, inputs: dict[str, Any], derived: dict[str, str] 
         "inputs": inputs,
         "derived": dict(sorted((derived or {}).items())),
     }
+    if recipe == "tplus-overlay":
+        document["image_packages"] = list(TPLUS_IMAGE_PACKAGES)
+    return document
 
 
 def input_hash(recipe: str, inputs: dict[str, Any], derived: dict[str, str] | None = None) -> str:
