@@ -410,3 +410,34 @@ def test_machine_memory_sizes_the_td_hob_so_the_table_is_googles():
     assert "234 GB" in tdx.FIXED_SHAPES_SOURCE
     assert (tdx.vcpus("c3-standard-4"), tdx.memory_gib("c3-standard-4")) == (4, 16)
     assert tdx.memory_gib("c3-highmem-8") == 64 and tdx.memory_gib("n2-standard-4") is None
+
+
+def test_dev_runs_a_kettle_app_whose_manifest_is_measured_and_predicted(project):
+    # seed 002: the manifest URL and sha256 are literal compose values, checked by the measured
+    # pre-launch script; teekit's example manifest at canvasxyz/teekit 147be92d hashes to 9c436b40…
+    from fleet.apps import plans as apps
+
+    _, config = load_config(project.root, "dev")
+    kettle = config.fleet.containers["kettle-launcher"].docker
+    digest = apps.docker_build_hash(project.root, "kettle-launcher", kettle)
+    (project.root / "images.lock.json").write_text(json.dumps({"version": 1, "containers": {digest: {
+        "image": "us-central1-docker.pkg.dev/acme-tee-ops/fleet/kettle-launcher", "digest": "sha256:" + "7" * 64,
+        "digest_kind": "manifest", "source": "test fixture"}}}))
+    document = json.loads(build_plan(project.root, "dev").to_json())
+    summary = document["outputs"]["apps"]["kettle-dev"]
+    manifest = config.fleet.apps[1].kettle
+    assert summary["kettle"]["manifestUrl"] == manifest.manifest_url
+    assert summary["kettle"]["manifestSha256"] == manifest.manifest_sha256 == (
+        "9c436b40320029b1a7c1ac4f65f80df7201f9e65fc75a0c4daded06961bbcef4")
+    files = _config_disk_files(document, "kettle-0")
+    compose = json.loads(files["app-compose.json"])
+    assert f"KETTLE_MANIFEST_SHA256={manifest.manifest_sha256}" in compose["docker_compose_file"]
+    assert f"KETTLE_MANIFEST_URL={manifest.manifest_url}" in compose["docker_compose_file"]
+    assert manifest.manifest_sha256 in compose["pre_launch_script"]
+    expected = document["measurements"]["app:kettle-dev"]
+    import hashlib
+
+    assert expected["compose_hash"] == hashlib.sha256(files["app-compose.json"]).hexdigest() == summary["composeHash"]
+    events = {e["event"]: e["payload"] for e in expected["rtmr3_events"]}
+    assert events["compose-hash"] == expected["compose_hash"] and events["app-id"] == expected["compose_hash"][:40]
+    assert expected["identity"] == "compose" and expected["values"] == "predicted"

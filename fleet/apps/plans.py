@@ -145,7 +145,17 @@ class AppPlan:
             # unmeasured, host-controlled: a change here (e.g. NEAR's MPC_HASH_OVERRIDE) is a restart
             "userConfigSha256": hashlib.sha256(self.user_config.encode()).hexdigest() if self.user_config else None,
             **({"userConfig": self.user_config_summary} if self.user_config_summary else {}),
+            **({"kettle": self.kettle_summary()} if self.config.kettle else {}),
         }
+
+    def kettle_summary(self) -> dict[str, object]:
+        """The manifest a kettle app is bound to: URL and sha256 are literal values of the measured
+        compose environment, and the measured pre-launch script checks both before kettle starts."""
+        k = self.config.kettle
+        return {"manifestUrl": k.manifest_url, "manifestSha256": k.manifest_sha256, "appUrl": k.app_url,
+                "appSha256": k.app_sha256,
+                "measured": "compose environment (KETTLE_MANIFEST_URL, KETTLE_MANIFEST_SHA256, KETTLE_APP_SHA256) "
+                            "and the pre-launch script, so both are in the compose hash"}
 
 
 def app_name(app: AppConfig, stack: str) -> str:
