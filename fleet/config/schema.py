@@ -596,8 +596,9 @@ class AppConfig(Model):
     nodes: ShortName | None = Field(None, description="gce target: the kind: dstack node group that runs it.")
     dstack_version: str = Field("0.5.11", description="dstack guest version whose app-compose format to write.")
     key_provider: Literal["none", "local", "kms"] = Field(
-        description="none/local: the app-id is derived from the compose (any change is a new identity); kms: "
-        "keys come from a KMS, and a pinned kms.appId keeps the identity stable.")
+        description="Where keys come from. Unless kms.appId pins it, the app-id is the compose hash's first 20 "
+        "bytes, with or without a KMS (identity 'compose': any compose change is a new identity); a pinned "
+        "kms.appId keeps it (identity 'pinned').")
     kms: KmsSettings | None = Field(None, description="KMS settings (key provider kms).")
     gateway_urls: list[str] = Field(default_factory=list, description="gce target: dstack gateway URLs "
                                     "(.sys-config.json; not measured).")
