@@ -347,7 +347,7 @@ def test_kms_mode_app_id_is_not_taken_from_the_compose_hash(tmp_path, capsys):
 
 
 def localnet_expectation(**overrides) -> dict:
-    arguments = dict(dstack_version="0.5.4", key_provider_id=LOCAL_PROVIDER_ID,
+    arguments = dict(dstack_version="0.5.8", key_provider_id=LOCAL_PROVIDER_ID,
                      image_digests={"mpc-image-digest": LOCALNET_IMAGE}, machine_type="c3-standard-4") | overrides
     return measure.expected_measurements(localnet()["app_compose"].encode(), **arguments)
 
@@ -395,7 +395,7 @@ def test_plan_os_image_hash_is_compared_with_the_reported_one(tmp_path, capsys):
     reported = json.loads(tcb.read_text())["os_image_hash"]
     for planned, code_wanted in ((reported, 0), ("ab" * 32, 1)):
         expectation = measure.expected_measurements(
-            json.loads(tcb.read_text())["app_compose"].encode(), dstack_version="0.5.4",
+            json.loads(tcb.read_text())["app_compose"].encode(), dstack_version="0.5.8",
             key_provider_id=LOCAL_PROVIDER_ID, os_image_hash=planned,
             image_digests={"mpc-image-digest": QUOTE_SET_IMAGE})
         plan = write_plan(tmp_path, {"mpc-0": expectation})

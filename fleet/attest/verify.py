@@ -324,7 +324,8 @@ def _compose_checks(tcb: TcbInfo, replay: _Replay) -> list[Check]:
     kind = measure.key_provider_kind(tcb.compose)
     app_id = replay.find("app-id")
     if kind == "kms":
-        checks.append(Check("app-id event", "assigned by the KMS", _payload_text(app_id), None,
+        # a KMS app emits .instance_info's app id: pinned at deploy, else the compose-derived one
+        checks.append(Check("app-id event", "pinned or compose-derived", _payload_text(app_id), None,
                             "KMS mode: compare with --plan"))
     else:
         checks.append(_compare("app-id event", measure.app_id_from_compose_hash(computed), _payload_text(app_id),

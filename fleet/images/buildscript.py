@@ -165,6 +165,7 @@ def build_script(spec: BuildSpec, *, mode: Mode, bucket: str | None, work_dir: s
         _assign("UPSTREAMS_JSON", json.dumps({u.name: {"repository": u.repository, "commit": u.commit, "ref": u.ref}
                                               for u in spec.upstreams}, sort_keys=True)),
         _assign("CMDLINE_OVERRIDES_JSON", json.dumps(dict(spec.cmdline_overrides), sort_keys=True)),
+        _assign("KERNEL_CMDLINE", spec.kernel_cmdline or ""),
         _assign("OUTPUTS_PROGRAM", OUTPUTS_PROGRAM),
     ]
     if spec.recipe == "tplus-overlay":
@@ -196,6 +197,8 @@ def _tplus_values(spec: BuildSpec, guest_location: str | None) -> list[str]:
         _assign("BINARY_LINE", f'BINARY = "{recipes.TPLUS_GUEST_NAME}"'),
         _assign("SRC_URI_LINE", f'SRC_URI += "file://{recipes.TPLUS_GUEST_NAME}"'),
         _assign("LOCAL_CONF_PATCH", "prod-patches/local.conf.patch" if spec.prod else "patches/local.conf.patch"),
+        _assign("IMAGE_INSTALL_LINE", f'IMAGE_INSTALL:append:pn-{recipes.TPLUS_IMAGE} = '
+                                      f'" {" ".join(recipes.TPLUS_IMAGE_PACKAGES)}"'),
         _array("EXTRA_LAYERS", TPLUS_EXTRA_LAYERS),
         _assign("INIT_SCRIPT_SHA256", hashlib.sha256(init).hexdigest()),
         _assign("INIT_SCRIPT_BASE64", base64.b64encode(init).decode("ascii")),
@@ -281,6 +284,12 @@ else:
         fail("metadata.json cmdline has no dstack.rootfs_hash/dstack.rootfs_size: " + repr(cmdline))
     doc["os_image_hash"] = digest
     doc["rootfs_hash"] = rootfs_hash
+    # the UKI's final command line: the recipe's (overrides included) with this build's rootfs values;
+    # metadata.json's line is the same without the overrides (mkimage.sh KARG0-2)
+    final = a["kernel_cmdline"].replace("<rootfs_hash>", rootfs_hash).replace("<rootfs_size>", rootfs_size)
+    if not set(cmdline.split()) <= set(final.split()):
+        fail("metadata.json cmdline " + repr(cmdline) + " is not part of the expected UKI command line " + repr(final))
+    doc["kernel_cmdline"] = final
     uki = read("auth_hash.txt", required=False)
     if uki is not None:
         uki = uki.decode().strip()
@@ -386,7 +395,7 @@ publish() {
     label "$LABEL" source "$SOURCE" built_at "$(date -u +%Y-%m-%dT%H:%M:%SZ)" mode "$MODE" \
     sha256 "$sha256" url "$url" generation "$generation" crc32c "$crc32c" artifact_file "$DIST/disk.tar.gz" \
     image_dir "$IMAGE_DIR" upstreams "$UPSTREAMS_JSON" cmdline_overrides "$CMDLINE_OVERRIDES_JSON" \
-    build_log "${PREFIX:-$DIST}/build.log"
+    kernel_cmdline "$KERNEL_CMDLINE" build_log "${PREFIX:-$DIST}/build.log"
   if [ -n "$BUCKET" ]; then
     gcloud storage cp "$BUILD_LOG" "$PREFIX/build.log"
     # last: its presence is what says the build is complete
@@ -527,6 +536,8 @@ setup_layers() {  # flashbots' setup, then get-modular.sh's steps on the pinned 
   patch -N meta-confidential-compute/conf/distro/cvm.conf -i meta-dstack/patches/cvm.conf.patch
   # PROD drops debug-tweaks (get-modular.sh picks prod-patches/local.conf.patch when PROD=true)
   patch -N build/conf/local.conf -i "meta-dstack/$LOCAL_CONF_PATCH"
+  # what the overlay init script calls (core-image-minimal's IMAGE_INSTALL is emptied upstream)
+  printf '%s\n' "$IMAGE_INSTALL_LINE" >> build/conf/local.conf
 }
 
 build_phase() {
@@ -692,8 +703,9 @@ class OutputsError(ValueError):
 
 
 _OUTPUT_KEYS = {"inputHash", "recipe", "label", "artifact", "os_image_hash", "rootfs_hash", "uki_hash", "source",
-                "built_at", "details"}
-_ENTRY_KEYS = ("recipe", "label", "artifact", "os_image_hash", "rootfs_hash", "uki_hash", "source", "built_at")
+                "built_at", "details", "kernel_cmdline"}
+_ENTRY_KEYS = ("recipe", "label", "artifact", "os_image_hash", "rootfs_hash", "uki_hash", "kernel_cmdline", "source",
+               "built_at")
 
 
 def parse_outputs(text: str, *, expect_input_hash: str | None = None) -> tuple[str, dict[str, Any]]:

@@ -73,6 +73,8 @@ class ImageEntry(LockModel):
     os_image_hash: Sha256 | None = Field(None, description="dstack os-image-hash (sha256 of sha256sum.txt).")
     rootfs_hash: str | None = Field(None, description="dm-verity root hash of the rootfs (dstack.rootfs_hash).")
     uki_hash: str | None = Field(None, description="Authenticode hash of the UKI, where the recipe makes one.")
+    kernel_cmdline: str | None = Field(None, description="The UKI's final kernel command line (overrides and the "
+                                       "rootfs hash and size included), where the recipe makes one.")
     source: str = Field(description="Where these values come from: a build of the images stack, or a release URL.")
     built_at: str | None = Field(None, description="When the build finished (ISO 8601).")
 

@@ -2,8 +2,8 @@
 
 Keys are ``node:<group>-<ordinal>`` and ``app:<name>``. Hashes come from the lock file (or read
 ``pending build``), app values from the exact app-compose bytes; values only a booted guest knows
-read ``known at boot``. The machine type is part of a node's expectation because MRTD depends on
-the memory size.
+read ``known at boot``. The machine type is part of a node's expectation because RTMR0 depends on
+the memory size (the TD HOB).
 """
 
 from __future__ import annotations
@@ -12,24 +12,27 @@ import shlex
 from typing import Any
 
 from fleet.attest import measure
-from fleet.apps.plans import AppPlan
+from fleet.apps.plans import AppPlan, gce_os_image_hash
 from fleet.nodes.specs import Fleet, NodeSpec
 
 PENDING = measure.PENDING_BUILD
 
 
-def _os_image_hash(node: NodeSpec) -> str | None:
+def _vm_config_os_image_hash(node: NodeSpec, os_version: str | None) -> str | None:
     if node.image.pending:
         return PENDING
-    return node.image.hashes.get("osImageHash")
+    return gce_os_image_hash(node, os_version)
 
 
-def node_expectation(node: NodeSpec) -> dict[str, Any]:
+def node_expectation(node: NodeSpec, os_version: str | None = None) -> dict[str, Any]:
     if node.identity.kind == "overlay":
         out = measure.overlay_measurements(machine_type=node.machine_type)
         out["image_artifact_sha256"] = PENDING if node.image.pending else node.image.hashes.get("artifactSha256")
         return out
-    return {"kind": "dstack-node", "image": node.image_key, "os_image_hash": _os_image_hash(node),
+    # os_image_hash is the vm_config value the guest reports and its KMS checks (on GCE the UKI
+    # Authenticode hash); image_digest is the release's digest.txt (sha256 of sha256sum.txt).
+    return {"kind": "dstack-node", "image": node.image_key, "os_image_hash": _vm_config_os_image_hash(node, os_version),
+            "image_digest": PENDING if node.image.pending else node.image.hashes.get("osImageHash"),
             "machine_type": node.machine_type}
 
 
@@ -39,53 +42,68 @@ def _guest_version(app: AppPlan, nodes: list[NodeSpec], os_versions: dict[str, s
     return versions.pop() if len(versions) == 1 else app.config.dstack_version
 
 
-def app_expectation(app: AppPlan, nodes: list[NodeSpec], os_versions: dict[str, str] | None = None) -> dict[str, Any]:
+def app_expectation(app: AppPlan, nodes: list[NodeSpec], os_versions: dict[str, str] | None = None,
+                    storage_fs: dict[str, str] | None = None) -> dict[str, Any]:
+    """``storage_fs``: image key -> the ``dstack.storage_fs`` its kernel command line sets."""
     extra = {"identity": app.identity, "stateful": app.config.stateful, "values": app.provenance,
              "target": app.target}
     if app.app_compose is None:
         return {"kind": "dstack-app", "compose_hash": PENDING, "app_id": PENDING, "pending": app.pending, **extra}
+    version = _guest_version(app, nodes, os_versions or {})
     os_image_hash = None
     machine_type = None
+    cmdline_storage_fs = None
     if app.target == "gce" and nodes:
-        hashes = {_os_image_hash(n) for n in nodes}
+        hashes = {_vm_config_os_image_hash(n, version) for n in nodes}
         os_image_hash = hashes.pop() if len(hashes) == 1 else PENDING
         machine_type = nodes[0].machine_type
-    kms_pinned = app.config.kms.app_id if app.config.kms and app.config.kms.app_id else None
-    version = _guest_version(app, nodes, os_versions or {})
+        options = {(storage_fs or {}).get(n.image_key) for n in nodes}
+        cmdline_storage_fs = options.pop() if len(options) == 1 else None
     try:
         measure.measurement_profile("dstack-os", version, app.config.key_provider)
     except measure.UnknownProfile as exc:
-        derived = None if app.config.key_provider == "kms" else app.app_compose.app_id
         return {"kind": "dstack-app", "profile": f"none for dstack {version}", "compose_hash": app.compose_hash,
-                "app_id": kms_pinned or derived or measure.KNOWN_AT_BOOT, "os_image_hash": os_image_hash,
+                "app_id": app.app_id, "os_image_hash": os_image_hash,
                 "rtmr3_events": [], "rtmr3": f"no measurement profile for dstack {version} yet ({exc})",
                 "machine_type": machine_type, **extra}
     out = measure.expected_measurements(
         app.app_compose.data, dstack_version=version, os_image_hash=os_image_hash,
-        app_id=kms_pinned, key_provider_id=(app.config.kms.key_provider_id or None) if app.config.kms else None,
+        app_id=app.pinned_app_id, key_provider_id=(app.config.kms.key_provider_id or None) if app.config.kms else None,
+        cmdline_storage_fs=cmdline_storage_fs,
         image_digests={k: f"sha256:{v}" for k, v in app.image_digest_events.items()}, machine_type=machine_type)
     if app.provenance == "reported":
         # Phala Cloud writes the app-compose itself: our bytes are not the ones measured.
-        out["compose_hash"] = "reported by Phala Cloud after deploy"
-        out["app_id"] = kms_pinned or "reported by Phala Cloud after deploy"
-        out["rtmr3"] = "reported by Phala Cloud after deploy"
+        out["compose_hash"] = measure.REPORTED_BY_PHALA
+        out["app_id"] = app.pinned_app_id or measure.REPORTED_BY_PHALA
+        out["rtmr3"] = measure.REPORTED_BY_PHALA
         out["rtmr3_events"] = []
     out.update(extra)
     return out
 
 
-def plan_measurements(fleet: Fleet, apps: list[AppPlan], os_versions: dict[str, str] | None = None) -> dict[str, Any]:
-    """``os_versions``: image key -> dstack release of the dstack-os images the stack builds."""
-    out: dict[str, Any] = {f"node:{n.key}": node_expectation(n) for n in fleet.nodes}
+def plan_measurements(fleet: Fleet, apps: list[AppPlan], os_versions: dict[str, str] | None = None,
+                      storage_fs: dict[str, str] | None = None) -> dict[str, Any]:
+    """``os_versions``: image key -> dstack release of the dstack-os images the stack builds;
+    ``storage_fs``: image key -> ``dstack.storage_fs`` of its kernel command line."""
+    versions = os_versions or {}
+    out: dict[str, Any] = {f"node:{n.key}": node_expectation(n, versions.get(n.image_key)) for n in fleet.nodes}
     for app in apps:
         nodes = [n for n in fleet.nodes if app.target == "gce" and n.identity.group == app.config.nodes]
-        out[f"app:{app.name}"] = app_expectation(app, nodes, os_versions)
+        out[f"app:{app.name}"] = app_expectation(app, nodes, os_versions, storage_fs)
     return out
 
 
 def os_versions(config) -> dict[str, str]:
     return {key: source.build.version for key, source in config.fleet.images.items()
             if source.build is not None and source.build.recipe == "dstack-os"}
+
+
+def image_storage_fs(config) -> dict[str, str]:
+    """Image key -> the ``dstack.storage_fs`` kernel parameter its build sets (dstack-util falls back
+    to it when app-compose names no storage_fs)."""
+    return {key: source.build.cmdline_overrides["dstack.storage_fs"] for key, source in config.fleet.images.items()
+            if source.build is not None and source.build.recipe == "dstack-os"
+            and "dstack.storage_fs" in source.build.cmdline_overrides}
 
 
 VERIFY_PYTHON = ".venv/bin/python"  # the project's interpreter, relative to the project root
