@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import shlex
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -22,6 +23,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+import tomli_w
 import yaml
 
 from fleet.apps.imageref import DigestKind, ImageDigest, ImageRef, parse_image_ref, unpinned_reason
@@ -920,62 +922,10 @@ _NEAR_TEE_BLOCKED_NODE_KEYS = {"gcp": "the launcher refuses it with PLATFORM=TEE
 _NEAR_HOST_READABLE_NODE_KEYS = {"secrets": "the user config is unmeasured and host-readable (config disk, VMM "
                                             "request, plan, state); MPC node secrets cannot be delivered this way "
                                             "yet"}
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
-
-
-def _toml_string(value: str) -> str:
-    # a TOML basic string: JSON's escapes are a subset of TOML's, except that TOML also forbids DEL
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("nan and infinity are not written")
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }" if value \
-            else "{}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise ValueError(f"{type(value).__name__} has no TOML form")
-
-
-def _toml_fallback(document: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
-    scalars = [(k, v) for k, v in document.items() if not isinstance(v, Mapping)]
-    tables = [(k, v) for k, v in document.items() if isinstance(v, Mapping)]
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars]
-    for key, table in tables:
-        path = prefix + (key,)
-        lines += ["", "[" + ".".join(_toml_key(k) for k in path) + "]", *_toml_fallback(table, path)]
-    return lines
-
-
 def toml_text(document: Mapping[str, Any]) -> str:
-    """TOML text of ``document`` (tables of str, int, float, bool, lists, inline tables in lists).
-
-    The one place TOML is written. No TOML writer is installed (Python's ``tomllib`` only reads):
-    ``tomli_w`` is used when present; until then a minimal emitter for exactly these types, whose
-    output is parsed back with ``tomllib`` and must equal the document, so a wrong byte can never
-    reach a guest."""
-    import tomllib
-
-    try:
-        import tomli_w  # type: ignore[import-not-found]
-    except ImportError:
-        text = "\n".join(_toml_fallback(document)).lstrip("\n") + "\n"
-    else:
-        text = tomli_w.dumps(dict(document))
+    """TOML text of ``document``: the one place TOML is written (``tomli_w``; Python's ``tomllib`` only
+    reads). The text is parsed back and must equal the document, so a wrong byte never reaches a guest."""
+    text = tomli_w.dumps(dict(document))
     if tomllib.loads(text) != json.loads(json.dumps(document)):
         raise ValueError("the TOML writer did not round-trip the user config")
     return text
