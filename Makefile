@@ -21,7 +21,7 @@ BASE   ?= HEAD
 # FLEET_ROOT plans another checkout's stacks with this code (tests use it on temporary copies).
 ROOT_ARG = $(if $(FLEET_ROOT),--root $(FLEET_ROOT))
 DEBUG_ARG = $(if $(DEBUG),--debug)
-PLAN_CMD = $(PY) -m fleet $(ROOT_ARG) $(DEBUG_ARG) plan --stack $(STACK) --format $(FORMAT) --pass $(PASS) $(if $(PLAN_JSON),--json $(PLAN_JSON))
+PLAN_CMD = $(PY) -m fleet $(ROOT_ARG) $(DEBUG_ARG) plan --stack $(STACK) --format $(FORMAT) --pass $(PASS) $(if $(VERBOSE),--verbose) $(if $(PLAN_JSON),--json $(PLAN_JSON))
 DIFF_CMD = $(PY) -m fleet $(ROOT_ARG) $(DEBUG_ARG) diff --stack $(STACK) --base $(BASE) $(if $(DIFF_MD),--output $(DIFF_MD))
 
 # `make plan` and `make diff` must exit with the tool's own code: 0 ok, 1 a mandatory check failed,
@@ -79,7 +79,7 @@ test-fast: $(PY_DEPS)  ## the pure core and config tests, for iterating
 test-random: $(PY_DEPS)  ## the whole suite in a random order
 	$(PYTEST) -p randomly $(TEST_ARGS)
 
-plan: $(PY_DEPS)  ## offline plan: STACK=dev [PASS=preview|up] [PLAN_JSON=f] [FORMAT=text|markdown] [DEBUG=1]
+plan: $(PY_DEPS)  ## offline plan: STACK=dev [PASS=preview|up] [PLAN_JSON=f] [FORMAT=text|markdown] [VERBOSE=1] [DEBUG=1]
 ifdef TOOL_STATUS
 	@exit $(TOOL_STATUS)
 else

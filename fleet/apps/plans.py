@@ -138,6 +138,7 @@ class AppPlan:
         }
         return {
             "name": self.name, "kind": self.config.kind, "target": self.target,
+            **({"nodes": self.config.nodes} if self.config.nodes else {}),
             "keyProvider": self.config.key_provider, "identity": self.identity, "stateful": self.config.stateful,
             "values": self.provenance, **hashes,
             "images": {where: ref for where, ref in self.images},

@@ -46,7 +46,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json == "-":  # the JSON alone on standard output, for pipes
         sys.stdout.write(plan.to_json())
     else:
-        sys.stdout.write(render_markdown(plan) if args.format == "markdown" else render_text(plan))
+        render = render_markdown if args.format == "markdown" else render_text
+        sys.stdout.write(render(plan, verbose=args.verbose))
         if args.json:
             Path(args.json).write_text(plan.to_json(), encoding="utf-8")
     mandatory = [v for v in plan.violations if v["enforcement"] == "mandatory"]
@@ -191,6 +192,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     plan.add_argument("--stack", required=True)
     plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON ('-': only the JSON, to stdout)")
     plan.add_argument("--format", choices=("text", "markdown"), default="text")
+    plan.add_argument("--verbose", action="store_true",
+                      help="every resource of the tree, and the outputs and expected measurements as JSON")
     plan.add_argument("--pass", dest="pass_", choices=("preview", "up", "both"), default="preview",
                       help="preview (default): what a real preview shows; up: the update pass a real up runs, "
                            "every apply on stand-in values; both: show the preview, run both")
