@@ -2,16 +2,20 @@
 
 Keys are ``node:<group>-<ordinal>`` and ``app:<name>``. Hashes come from the lock file (or read
 ``pending build``), app values from the exact app-compose bytes; values only a booted guest knows
-read ``known at boot``. The machine type is part of a node's expectation because MRTD depends on
-the memory size.
+read ``known at boot``. Every GCP node (and every app on one) states its expected MRTD per GCE
+firmware and RTMR0-2 (``registers``, ``fleet.attest.bootchain``): the machine type decides the TD
+HOB and ACPI tables, the attached disks the Boot#### variables, the image's recorded boot inputs
+RTMR1 and RTMR2; a value that cannot be predicted says which recorded input is missing.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import shlex
 from typing import Any
 
-from fleet.attest import measure
+from fleet.attest import bootchain, measure
 from fleet.apps.plans import AppPlan
 from fleet.nodes.specs import Fleet, NodeSpec
 
@@ -24,13 +28,56 @@ def _os_image_hash(node: NodeSpec) -> str | None:
     return node.image.hashes.get("osImageHash")
 
 
+# Disks a node has besides its boot disk, each a Boot#### variable in RTMR0: every node attaches
+# its data disk (components/tdxnode.py), a dstack node also its configuration disk
+# (components/dstacknode.py). tests/test_expectations.py checks this against the planned instances.
+EXTRA_DISKS = {"overlay": 1, "dstack": 2}
+
+
+def _boot_missing(node: NodeSpec) -> str:
+    image = node.image
+    if image.recipe == "tplus-overlay":
+        return "the tplus-overlay recipe records no boot inputs (its image's boot path is not hashed by the build)"
+    if image.origin != "build":
+        return f"image {node.image_key} is prebuilt: no build recorded its boot inputs"
+    return (f"images.lock.json entry {image.content_hash} has no 'boot' inputs (built before they were recorded); "
+            "rebuild it or add them")
+
+
+def node_registers(node: NodeSpec) -> dict[str, Any]:
+    """Expected MRTD and RTMR0-2 of a node: see ``fleet.attest.bootchain.expected_registers``."""
+    image = node.image
+    produces_boot = image.origin == "build" and image.recipe == "dstack-os"
+    boot = json.dumps(image.boot, sort_keys=True) if image.boot is not None else None
+    return json.loads(_registers(node.machine_type, EXTRA_DISKS[node.identity.kind], boot,
+                                 image.pending and produces_boot, _boot_missing(node)))
+
+
+@functools.lru_cache(maxsize=256)
+def _registers(machine_type: str, extra_disks: int, boot: str | None, pending: bool, boot_missing: str) -> str:
+    """Nodes of a group share their expectation: computed once per distinct input (a fleet of a
+    thousand nodes has a handful), returned as JSON so no caller can change the cached value."""
+    inputs = json.loads(boot) if boot is not None else None
+    out = bootchain.expected_registers(machine_type, extra_disks=extra_disks, boot=inputs, pending=pending,
+                                       boot_missing=boot_missing)
+    out["boot"] = inputs
+    return json.dumps(out)
+
+
+def _uki_hash(node: NodeSpec) -> str | None:
+    if node.image.pending:
+        return PENDING if node.image.recipe == "dstack-os" else None
+    return node.image.hashes.get("ukiHash")
+
+
 def node_expectation(node: NodeSpec) -> dict[str, Any]:
     if node.identity.kind == "overlay":
         out = measure.overlay_measurements(machine_type=node.machine_type)
         out["image_artifact_sha256"] = PENDING if node.image.pending else node.image.hashes.get("artifactSha256")
+        out["registers"] = node_registers(node)
         return out
     return {"kind": "dstack-node", "image": node.image_key, "os_image_hash": _os_image_hash(node),
-            "machine_type": node.machine_type}
+            "machine_type": node.machine_type, "uki_hash": _uki_hash(node), "registers": node_registers(node)}
 
 
 def _guest_version(app: AppPlan, nodes: list[NodeSpec], os_versions: dict[str, str]) -> str:
@@ -46,10 +93,15 @@ def app_expectation(app: AppPlan, nodes: list[NodeSpec], os_versions: dict[str, 
         return {"kind": "dstack-app", "compose_hash": PENDING, "app_id": PENDING, "pending": app.pending, **extra}
     os_image_hash = None
     machine_type = None
+    registers: dict[str, Any] = {}
     if app.target == "gce" and nodes:
         hashes = {_os_image_hash(n) for n in nodes}
         os_image_hash = hashes.pop() if len(hashes) == 1 else PENDING
         machine_type = nodes[0].machine_type
+        # the app's guest is one of its group's nodes: their registers, when they agree
+        per_node = [node_expectation(n) for n in nodes]
+        if all(e["registers"] == per_node[0]["registers"] for e in per_node):
+            registers = {"registers": per_node[0]["registers"], "uki_hash": per_node[0]["uki_hash"]}
     kms_pinned = app.config.kms.app_id if app.config.kms and app.config.kms.app_id else None
     version = _guest_version(app, nodes, os_versions or {})
     try:
@@ -59,11 +111,12 @@ def app_expectation(app: AppPlan, nodes: list[NodeSpec], os_versions: dict[str, 
         return {"kind": "dstack-app", "profile": f"none for dstack {version}", "compose_hash": app.compose_hash,
                 "app_id": kms_pinned or derived or measure.KNOWN_AT_BOOT, "os_image_hash": os_image_hash,
                 "rtmr3_events": [], "rtmr3": f"no measurement profile for dstack {version} yet ({exc})",
-                "machine_type": machine_type, **extra}
+                "machine_type": machine_type, **registers, **extra}
     out = measure.expected_measurements(
         app.app_compose.data, dstack_version=version, os_image_hash=os_image_hash,
         app_id=kms_pinned, key_provider_id=(app.config.kms.key_provider_id or None) if app.config.kms else None,
         image_digests={k: f"sha256:{v}" for k, v in app.image_digest_events.items()}, machine_type=machine_type)
+    out.update(registers)
     if app.provenance == "reported":
         # Phala Cloud writes the app-compose itself: our bytes are not the ones measured.
         out["compose_hash"] = "reported by Phala Cloud after deploy"
