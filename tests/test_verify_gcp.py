@@ -234,3 +234,9 @@ def write(directory: Path, data: bytes) -> str:
     path = directory / "input"
     path.write_bytes(data)
     return str(path)
+
+
+def test_intel_pcs_root_crl_comes_from_the_roots_distribution_point():
+    """Intel's PCS serves no rootcacrl: the root certificate of the chain names where it is."""
+    chain = json.loads(COLLATERAL.read_text())["qe_identity_issuer_chain"]
+    assert quotes._crl_distribution_point(chain) == "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"

@@ -12,11 +12,12 @@ module's SVN (TEE_TCB_SVN[0]) selects the module's TCB level for its version (TE
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import re
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -142,14 +143,79 @@ def parse_collateral(data: bytes, source: str) -> dcap_qvl.QuoteCollateralV3:
                          "quote") from None
 
 
-def fetch_collateral(raw: bytes, pccs_url: str) -> dcap_qvl.QuoteCollateralV3:
-    """Intel's collateral for this quote from a PCCS or Intel's PCS (network)."""
-    async def fetch() -> dcap_qvl.QuoteCollateralV3:
-        return await dcap_qvl.get_collateral(pccs_url, raw)
+_FETCH_TIMEOUT = 30
+_MAX_COLLATERAL_PART = 4 * 1024 * 1024
 
+
+def _get(url: str) -> tuple[bytes, Any]:
+    request = urllib.request.Request(url, headers={"User-Agent": "dstack-fleet-verify"})
+    with urllib.request.urlopen(request, timeout=_FETCH_TIMEOUT) as response:  # noqa: S310 - https or a PCCS
+        body = response.read(_MAX_COLLATERAL_PART + 1)
+        if len(body) > _MAX_COLLATERAL_PART:
+            raise ValueError(f"{url} answered with more than {_MAX_COLLATERAL_PART} bytes")
+        return body, response.headers
+
+
+def _header(headers: Any, *names: str) -> str:
+    for name in names:
+        value = headers.get(name)
+        if value:
+            return urllib.parse.unquote(value)
+    raise ValueError(f"the answer has no {names[0]} header")
+
+
+def _signed_part(body: bytes, key: str) -> tuple[str, str]:
+    """The JSON text of ``key`` exactly as sent (Intel signed those bytes) and its signature."""
+    text = body.decode("utf-8")
+    document = json.loads(text)
+    match = re.search(r'"' + key + r'"\s*:\s*', text)
+    if match is None or not isinstance(document, dict) or key not in document:
+        raise ValueError(f"the answer has no {key}")
+    _, end = json.JSONDecoder().raw_decode(text, match.end())
+    return text[match.end():end], str(document["signature"])
+
+
+def _crl_distribution_point(chain_pem: str) -> str:
+    from cryptography import x509
+
+    root = x509.load_pem_x509_certificates(chain_pem.encode())[-1]
+    points = root.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    return next(name.value for point in points for name in point.full_name or []
+                if isinstance(name, x509.UniformResourceIdentifier))
+
+
+def fetch_collateral(raw: bytes, pccs_url: str) -> dcap_qvl.QuoteCollateralV3:
+    """Intel's collateral for this quote from a PCCS or Intel's PCS (network), over the PCS v4 API
+    as dcap-qvl's ``CollateralClient`` asks for it (Phala-Network/dcap-qvl ``src/collateral.rs``
+    ``PcsEndpoints`` and ``fetch_for_fmspc_without_pck_chain`` at 9bffe30b): PCK CRL of the quote's
+    CA, TCB info of its FMSPC, QE identity, and the root CA CRL (a PCCS serves it hex-encoded;
+    Intel's PCS does not serve it, so it comes from the root certificate's distribution point).
+    dcap-qvl's own ``get_collateral`` is not used: its async runtime crashes the interpreter at
+    exit now and then."""
+    quote = parse(raw, "--quote")
+    base = pccs_url.rstrip("/").removesuffix("/sgx/certification/v4").removesuffix("/tdx/certification/v4")
     try:
-        return asyncio.run(fetch())
-    except (ValueError, RuntimeError) as exc:
+        fmspc, ca, chain = quote.fmspc(), quote.ca(), (quote.cert_chain_pem_bytes() or b"").decode()
+        crl, headers = _get(f"{base}/sgx/certification/v4/pckcrl?ca={ca}&encoding=der")
+        crl_chain = _header(headers, "SGX-PCK-CRL-Issuer-Chain")
+        body, headers = _get(f"{base}/tdx/certification/v4/tcb?fmspc={fmspc}")
+        tcb_chain = _header(headers, "TCB-Info-Issuer-Chain", "SGX-TCB-Info-Issuer-Chain")
+        tcb_info, tcb_signature = _signed_part(body, "tcbInfo")
+        body, headers = _get(f"{base}/tdx/certification/v4/qe/identity?update=standard")
+        qe_chain = _header(headers, "SGX-Enclave-Identity-Issuer-Chain")
+        qe_identity, qe_signature = _signed_part(body, "enclaveIdentity")
+        if base.startswith(dcap_qvl.INTEL_PCS_URL):
+            root_crl, _ = _get(_crl_distribution_point(qe_chain))
+        else:
+            root_crl = bytes.fromhex(_get(f"{base}/sgx/certification/v4/rootcacrl")[0].decode("ascii").strip())
+        document = {
+            "pck_crl_issuer_chain": crl_chain, "root_ca_crl": root_crl.hex(), "pck_crl": crl.hex(),
+            "tcb_info_issuer_chain": tcb_chain, "tcb_info": tcb_info, "tcb_info_signature": tcb_signature,
+            "qe_identity_issuer_chain": qe_chain, "qe_identity": qe_identity, "qe_identity_signature": qe_signature,
+            "pck_certificate_chain": chain or None,
+        }
+        return dcap_qvl.QuoteCollateralV3.from_json(json.dumps(document))
+    except (OSError, ValueError, UnicodeDecodeError, StopIteration, KeyError) as exc:
         raise InputError(f"--pccs-url {pccs_url}: could not fetch collateral for this quote ({one_line(exc)})") \
             from None
 

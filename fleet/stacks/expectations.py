@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shlex
 from typing import Any
 
 from fleet.attest import bootchain, measure
 from fleet.apps.plans import AppPlan
+from fleet.config.problems import Problem
+from fleet.config.schema import NAMESPACE
 from fleet.nodes.specs import Fleet, NodeSpec
 
 PENDING = measure.PENDING_BUILD
@@ -142,22 +145,45 @@ def os_versions(config) -> dict[str, str]:
 
 
 VERIFY_PYTHON = ".venv/bin/python"  # the project's interpreter, relative to the project root
+# Where the collateral comes from (Intel's PCS unless FLEET_PCCS_URL names a PCCS), and where each
+# run's evidence stays (FLEET_EVIDENCE_DIR, default .fleet-evidence/ under the project root).
+INTEL_PCS_URL = "https://api.trustedservices.intel.com"
 
 
-def verify_script(target: str, info_url: str, quote_url: str | None) -> str:
-    """Bash: fetch the app's TcbInfo (and quote), then ``fleet verify`` it against the expectation
-    given on stdin (``{"measurements": {target: ...}}``). Runs from the project root after deploy."""
+def verify_problems(config) -> list[Problem]:
+    """The post-deploy check verifies the guest's quote every time, so it needs where to get one."""
+    return [Problem(config.source, f"{NAMESPACE}:apps[{index}].verify.quoteUrl",
+                    "required: the post-deploy check always verifies the guest's TDX quote (signature, TCB status) "
+                    "against the plan; give the URL of the app's GetQuote response")
+            for index, app in enumerate(config.fleet.apps) if app.verify is not None and not app.verify.quote_url]
+
+
+def verify_script(target: str, info_url: str, quote_url: str) -> str:
+    """Bash, run from the project root after deploy: fetch the app's TcbInfo and quote, fetch
+    Intel's collateral for the quote, and ``fleet verify`` all of it against the expectation
+    given on stdin (``{"measurements": {target: ...}}``). Signature and TCB status are always
+    checked; the inputs, the collateral and the result stay in the evidence directory, whose files'
+    sha256 are printed (and so kept in the step's recorded output)."""
+    if not quote_url:
+        raise ValueError("the post-deploy check needs the quote's URL (verify.quoteUrl)")
+    directory = re.sub(r"[^A-Za-z0-9._-]", "-", target)
     lines = [
         "set -euo pipefail",
         "# dstack-fleet:step=verify",
-        'work=$(mktemp -d)',
-        'trap \'rm -rf "$work"\' EXIT',
-        'cat > "$work/plan.json"',
-        f'curl -fsS --retry 10 --retry-delay 15 --retry-all-errors {shlex.quote(info_url)} -o "$work/info.json"',
-        f'args=(--tcb-info "$work/info.json" --plan "$work/plan.json" --target {shlex.quote(target)})',
+        f'evidence="${{FLEET_EVIDENCE_DIR:-.fleet-evidence}}/{directory}/$(date -u +%Y%m%dT%H%M%SZ)"',
+        'mkdir -p "$evidence"',
+        'cat > "$evidence/plan.json"',
+        f'curl -fsS --retry 10 --retry-delay 15 --retry-all-errors {shlex.quote(info_url)} -o "$evidence/info.json"',
+        f'curl -fsS --retry 5 --retry-all-errors {shlex.quote(quote_url)} -o "$evidence/quote.json"',
+        f'args=(--tcb-info "$evidence/info.json" --quote "$evidence/quote.json" --collateral "$evidence/collateral.json"'
+        f' --pccs-url "${{FLEET_PCCS_URL:-{INTEL_PCS_URL}}}" --plan "$evidence/plan.json" --target {shlex.quote(target)})',
+        '# FLEET_VERIFY_AT re-checks kept evidence as of a past time (an audit); unset, the time is now',
+        'if [ -n "${FLEET_VERIFY_AT:-}" ]; then args+=(--at "$FLEET_VERIFY_AT"); fi',
+        "status=0",
+        f'{VERIFY_PYTHON} -m fleet verify "${{args[@]}}" > "$evidence/result.txt" || status=$?',
+        'cat "$evidence/result.txt"',
+        'echo "evidence kept in $evidence:"',
+        '(cd "$evidence" && sha256sum -- *)',
+        'exit "$status"',
     ]
-    if quote_url:
-        lines += [f'curl -fsS --retry 5 {shlex.quote(quote_url)} -o "$work/quote.json"',
-                  'args+=(--quote "$work/quote.json")']
-    lines.append(f'{VERIFY_PYTHON} -m fleet verify "${{args[@]}}"')
     return "\n".join(lines) + "\n"
