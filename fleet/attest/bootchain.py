@@ -177,10 +177,6 @@ FIRMWARES: tuple[Firmware, ...] = (
 FIRMWARES_BY_NAME = {f.name: f for f in FIRMWARES}
 
 
-def firmware_by_mrtd(mrtd: str) -> Firmware | None:
-    return next((f for f in FIRMWARES if f.mrtd == mrtd.lower()), None)
-
-
 def firmware_by_pcr0(pcr0: str) -> Firmware | None:
     return next((f for f in FIRMWARES if f.pcr0 is not None and f.pcr0 == pcr0.lower()), None)
 

@@ -28,12 +28,10 @@ from fleet.attest.checks import Check, InputError, iso, load_json, one_line, par
 
 MAX_QUOTE_FILE = 1024 * 1024  # a TDX quote with its certificate chain is about 5-10 KB
 SUPPORTED_VERSIONS = (4, 5)
-TDX_TEE_TYPE = 0x81
 DEFAULT_TCB_STATUSES = ("UpToDate",)
 TCB_STATUSES = ("UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
                 "OutOfDate", "OutOfDateConfigurationNeeded")
 SIGNATURE, GENUINE = "quote signature", "valid chain to Intel's root"
-REGISTER_NAMES = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")
 _COLLATERAL_TIME_ERROR = re.compile(r"expired|in the future|not yet valid|notvalidyet", re.IGNORECASE)
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")

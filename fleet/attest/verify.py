@@ -32,8 +32,8 @@ from dstack_sdk import EventLog
 from pydantic import ValidationError
 
 from fleet.attest import bootchain, ccel, measure, quote as quotes, tcg, vtpm
-from fleet.attest.checks import (Check, InputError, compare as _compare, iso, load_json as _load_json,
-                                 one_line as _one_line, parse_time, read_bytes)
+from fleet.attest.checks import (Check, InputError, compare as _compare, iso, load_json as _load_json,  # noqa: F401
+                                 one_line as _one_line, parse_time, read_bytes)  # iso, parse_time: part of this API
 from fleet.attest.quote import DEFAULT_TCB_STATUSES, GENUINE, SIGNATURE
 from fleet.config.values import SECRET_MARK, UNKNOWN_MARK
 
