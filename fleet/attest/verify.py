@@ -42,7 +42,6 @@ REGISTERS = ("rtmr0", "rtmr1", "rtmr2", "rtmr3")
 MAX_TCB_INFO_BYTES = 8 * 1024 * 1024
 _NOT_PLANNED = (*measure.MARKERS, UNKNOWN_MARK, SECRET_MARK)
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
-_HEX96 = re.compile(r"[0-9a-f]{96}")
 
 
 @dataclass(frozen=True)
