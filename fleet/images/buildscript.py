@@ -17,7 +17,8 @@ below only use them as ``"$VARIABLE"``, so no path, URL or label can become a co
    ``dstack-os``: applies kernel command-line overrides to the UKI recipe and runs the release's own
    ``repro-build.sh`` (build-a, build-b, compare), then compares the published files itself, because
    the release's ``check.sh`` accepts differing images when the rootfs matches and never compares
-   ``disk.raw``;
+   ``disk.raw``; and records what the image contributes to RTMR1 and RTMR2 on GCP
+   (``fleet.images.bootinputs`` on ``disk.raw``, kept as ``boot`` in the lock entry);
 5. packs ``disk.raw`` as GCE wants it (only ``disk.raw``, ``tar --format=oldgnu -S``) with fixed
    order, times and owners and ``gzip -n``, so the same disk gives the same tarball bytes;
 6. uploads ``disk.tar.gz``, ``disk.tar.gz.sha256`` and ``build.log`` to ``gs://<bucket>/<input
