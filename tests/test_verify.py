@@ -85,7 +85,8 @@ def test_localnet_tcb_info_verifies():
 def test_quote_set_verifies_up_to_date_inside_the_collateral_window():
     result = run_process("--tcb-info", str(QUOTE_SET / "tcb_info.json"), *QUOTE_ARGS, "--at", INSIDE_WINDOW)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = {line.split()[0] + " " + line.split()[1]: line for line in result.stdout.splitlines() if line.strip()}
+    table = result.stdout[result.stdout.index("check "):]
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in table.splitlines() if line.strip()}
     assert "UpToDate; advisories: none" in rows["TCB status"]
     for register in ("rtmr0", "rtmr1", "rtmr2", "rtmr3"):
         assert f"{register} replay = quote" in result.stdout
@@ -475,7 +476,7 @@ def test_malformed_tcb_info_exits_2_with_one_line(tmp_path, capsys, edit, messag
         ({"tcb": "{not json"}, "is not JSON"),
         ({"quote": json.loads((QUOTE_SET / "quote.json").read_text())[:600]}, "not a quote dcap-qvl can parse"),
         ({"quote": [1, 2, 300]}, "other than bytes"),
-        ({"quote": "not a quote at all"}, "not a quote dcap-qvl can parse"),
+        ({"quote": "not a quote at all"}, "18 bytes is too short for a quote"),
         ({"collateral": "[1]"}, "not Intel PCS collateral"),
         ({"collateral": "{oops"}, "is not JSON"),
         ({"at": "next tuesday"}, "--at 'next tuesday' is not ISO-8601"),

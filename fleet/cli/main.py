@@ -150,6 +150,35 @@ def cmd_build_local(args: argparse.Namespace) -> int:
     return subprocess.run(["bash", str(out / "build.sh")], check=False).returncode
 
 
+def cmd_measurements(args: argparse.Namespace) -> int:
+    import json
+
+    from fleet.attest import exports
+    from fleet.plan.planner import PlanFailed, build_plan
+
+    try:
+        plan = build_plan(_root(args), args.stack, passes="preview")
+    except PlanFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_PROGRAM
+    document = json.loads(plan.to_json())
+    if args.format == "flashbots":
+        entries, notes = exports.flashbots(document, partial=args.partial)
+        text = exports.render_flashbots(entries)
+        exports.parse_flashbots(text)  # what we write, we can read
+    else:
+        text = exports.render_near_votes(exports.near_votes(document))
+        exports.parse_near_votes(text)
+        notes = [f"{name}: {m}" for name, app in json.loads(text)["apps"].items() for m in app["missing"]]
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fleet.cli import bench
 
@@ -220,6 +249,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     local.add_argument("--work-dir", help="build tree (a plain absolute path; default OUT/work)")
     local.add_argument("--script-only", action="store_true", help="write build.sh without running it")
     local.set_defaults(func=cmd_build_local)
+
+    measurements = sub.add_parser(
+        "measurements", help="the plan's expected registers in a format other verifiers consume")
+    measurements.add_argument("--stack", required=True)
+    measurements.add_argument("--format", required=True, choices=("flashbots", "near-votes"),
+                              help="flashbots: attested-tls measurements file; near-votes: NEAR MPC vote arguments")
+    measurements.add_argument("--partial", action="store_true",
+                              help="flashbots: also write entries lacking a register (a missing index is not checked)")
+    measurements.add_argument("--output", metavar="FILE", help="write here instead of stdout")
+    measurements.set_defaults(func=cmd_measurements)
 
     bench = sub.add_parser("bench", help="plan time against the mocks engine's floor, peak memory, graph depth")
     bench.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000], metavar="NODES")

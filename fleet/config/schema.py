@@ -582,7 +582,8 @@ class VerifyConfig(Model):
     info_url: str = Field(pattern=r"^https?://[^\s'\"]+$", description="URL of the guest agent's Info response "
                           "(JSON with tcb_info), e.g. the app's guest-agent port through the dstack gateway.")
     quote_url: str | None = Field(None, pattern=r"^https?://[^\s'\"]+$",
-                                  description="URL of a GetQuote response; its MRs are compared with the TcbInfo.")
+                                  description="URL of a GetQuote response (needed: the check always verifies the "
+                                              "quote's signature, TCB status and registers).")
 
 
 class AppConfig(Model):

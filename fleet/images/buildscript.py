@@ -17,7 +17,8 @@ below only use them as ``"$VARIABLE"``, so no path, URL or label can become a co
    ``dstack-os``: applies kernel command-line overrides to the UKI recipe and runs the release's own
    ``repro-build.sh`` (build-a, build-b, compare), then compares the published files itself, because
    the release's ``check.sh`` accepts differing images when the rootfs matches and never compares
-   ``disk.raw``;
+   ``disk.raw``; and records what the image contributes to RTMR1 and RTMR2 on GCP
+   (``fleet.images.bootinputs`` on ``disk.raw``, kept as ``boot`` in the lock entry);
 5. packs ``disk.raw`` as GCE wants it (only ``disk.raw``, ``tar --format=oldgnu -S``) with fixed
    order, times and owners and ``gzip -n``, so the same disk gives the same tarball bytes;
 6. uploads ``disk.tar.gz``, ``disk.tar.gz.sha256`` and ``build.log`` to ``gs://<bucket>/<input
@@ -45,11 +46,12 @@ import json
 import re
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from fleet.images import recipes
+from fleet.images import bootinputs, recipes
 from fleet.images.lock import ImageEntry
 from fleet.gcp.naming import Namer, label_value
 from fleet.images.recipes import BuildSpec, GuestBinary, GuestSource
@@ -233,7 +235,12 @@ def _dstack_values(spec: BuildSpec) -> list[str]:
         _assign("UKI_CMDLINE_APPEND", append),
         _array("COMPARED_FILES", DSTACK_COMPARED),
         _array("REQUIRED_FILES", DSTACK_REQUIRED),
+        _assign("BOOT_INPUTS_PROGRAM", BOOT_INPUTS_PROGRAM),
     ]
+
+
+# Run on disk.raw after the build (stdlib only): the hashes the expected RTMR1 and RTMR2 need.
+BOOT_INPUTS_PROGRAM = Path(bootinputs.__file__).read_text(encoding="utf-8")
 
 
 # outputs.json is written by this Python program (run with python3 -c), never assembled by hand.
@@ -298,6 +305,11 @@ else:
         doc["uki_hash"] = uki
     details.update(rootfs_size=rootfs_size, kernel_cmdline=cmdline, dstack_version=metadata.get("version"),
                    cmdline_overrides=json.loads(a["cmdline_overrides"]))
+    boot = read("boot.json", required=False)
+    if boot is not None:
+        doc["boot"] = json.loads(boot)
+        if uki is not None and doc["boot"].get("uki_authenticode_sha256") != uki:
+            fail("auth_hash.txt and the UKI on disk.raw have different Authenticode hashes")
 doc["details"] = details
 tmp = a["out"] + ".tmp"
 with open(tmp, "w", encoding="utf-8") as f:
@@ -604,6 +616,13 @@ compare_builds() {  # the published files must be identical in build-a and build
   else
     log "the build computed no UKI Authenticode hash (auth_hash.txt)"
   fi
+  # the boot path's hashes, for the expected RTMR1 and RTMR2 (fleet/images/bootinputs.py)
+  if python3 -c "$BOOT_INPUTS_PROGRAM" "$IMAGE_DIR/disk.raw" > "$IMAGE_DIR/boot.json.tmp"; then
+    mv -- "$IMAGE_DIR/boot.json.tmp" "$IMAGE_DIR/boot.json"
+  else
+    rm -f -- "$IMAGE_DIR/boot.json.tmp"
+    log "no boot inputs recorded: RTMR1 and RTMR2 will be named as missing inputs"
+  fi
 }
 
 build_phase() {
@@ -703,9 +722,9 @@ class OutputsError(ValueError):
 
 
 _OUTPUT_KEYS = {"inputHash", "recipe", "label", "artifact", "os_image_hash", "rootfs_hash", "uki_hash", "source",
-                "built_at", "details", "kernel_cmdline"}
+                "built_at", "details", "kernel_cmdline", "boot"}
 _ENTRY_KEYS = ("recipe", "label", "artifact", "os_image_hash", "rootfs_hash", "uki_hash", "kernel_cmdline", "source",
-               "built_at")
+               "built_at", "boot")
 
 
 def parse_outputs(text: str, *, expect_input_hash: str | None = None) -> tuple[str, dict[str, Any]]:

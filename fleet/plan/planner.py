@@ -214,6 +214,26 @@ def _short(value: Any, width: int = 12) -> str:
 SHORT_MEASUREMENTS = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "os_image_hash", "image_artifact_sha256")
 
 
+def _register_summary(registers: Any) -> list[str]:
+    """``mrtd ×4 rtmr0 3/4 rtmr1=… rtmr2=…``: how many firmware releases the node's MRTD may come from,
+    for how many of them RTMR0 is predicted, and RTMR1-2 in short form."""
+    if not isinstance(registers, dict):
+        return []
+    out = []
+    firmware = registers.get("firmware") if isinstance(registers.get("firmware"), dict) else {}
+    if isinstance(registers.get("mrtd"), list):
+        out.append(f"mrtd×{len(registers['mrtd'])}")
+    if firmware:
+        known = sum(1 for f in firmware.values() if isinstance(f, dict) and _is_hex(f.get("rtmr0")))
+        out.append(f"rtmr0 {known}/{len(firmware)}")
+    out += [f"{name}={_short(registers[name], 8)}" for name in ("rtmr1", "rtmr2") if registers.get(name) is not None]
+    return out
+
+
+def _is_hex(value: Any) -> bool:
+    return isinstance(value, str) and len(value) >= 32 and all(c in "0123456789abcdef" for c in value)
+
+
 def node_rows(plan: Plan) -> list[list[str]]:
     """Per node: group, ordinal, zone, address, image and its status, peers (count and a short hash of
     the list) and the expected measurements in short form."""
@@ -227,8 +247,9 @@ def node_rows(plan: Plan) -> list[list[str]]:
         else:
             peer_text = "-" if peers is None else str(peers)
         expected = plan.measurements.get(f"node:{key}") or {}
-        shown = [f"{name}={_short(expected[name], 8)}" for name in SHORT_MEASUREMENTS
-                 if isinstance(expected, dict) and expected.get(name) is not None]
+        shown = _register_summary(expected.get("registers")) if isinstance(expected, dict) else []
+        shown += [f"{name}={_short(expected[name], 8)}" for name in SHORT_MEASUREMENTS
+                  if isinstance(expected, dict) and expected.get(name) is not None]
         rows.append([str(info.get("group", "-")), str(info.get("ordinal", "-")), str(info.get("zone", "-")),
                      str(display(info.get("address", "-"))), str(info.get("image", "-")),
                      str(info.get("imageStatus", "-")), peer_text, " ".join(shown) or "-"])
