@@ -13,7 +13,7 @@ FORMAT ?= text
 PLAN_JSON ?=
 BASE   ?= HEAD
 
-.PHONY: venv test plan golden readme preview up lock lock-deps diff bench clean
+.PHONY: venv test plan golden readme preview up lock collect lock-deps diff bench clean
 
 # FLEET_ROOT plans another checkout's stacks with this code (tests use it on temporary copies).
 ROOT_ARG = $(if $(FLEET_ROOT),--root $(FLEET_ROOT))
@@ -73,10 +73,10 @@ readme: $(PY_DEPS)
 	$(PY) -m tests.regenerate readme
 
 preview: $(PY_DEPS)
-	$(PY) -m fleet deploy preview --stack $(STACK)
+	$(PY) -m fleet $(ROOT_ARG) deploy preview --stack $(STACK)
 
 up: $(PY_DEPS)
-	$(PY) -m fleet deploy up --stack $(STACK)
+	$(PY) -m fleet $(ROOT_ARG) deploy up --stack $(STACK)
 
 # Run one image build on this machine: make build-local STACK=dev IMAGE=<key> OUT=dist/
 build-local: $(PY_DEPS)
@@ -87,7 +87,13 @@ bench: $(PY_DEPS)
 
 # Record the images stack's build outputs in images.lock.json (OUTPUTS=file.json works offline).
 lock: $(PY_DEPS)
-	$(PY) -m fleet lock $(if $(OUTPUTS),--outputs $(OUTPUTS))
+	$(PY) -m fleet $(ROOT_ARG) lock $(if $(OUTPUTS),--outputs $(OUTPUTS))
+
+# Read the images stack's finished and failed builds from the bucket into COLLECTED (default
+# collected.json), for `make lock OUTPUTS=$(COLLECTED)`; exit 1 when a build's outputs fail verification.
+COLLECTED ?= collected.json
+collect: $(PY_DEPS)
+	$(PY) -m fleet $(ROOT_ARG) collect --stack images --out $(COLLECTED)
 
 # Re-resolve and hash-lock the requirements (needs network access to PyPI).
 lock-deps:

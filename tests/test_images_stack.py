@@ -66,8 +66,20 @@ def test_an_mkosi_container_is_built_by_a_step_keyed_by_the_hash_the_env_stack_l
 
 
 def test_lock_entries_flow_into_the_env_stacks(project):
+    from fleet.stacks import collect
+    from fleet.stacks.load import load_config
+
+    from .test_collect import MemoryBucket, finish
+
     images = build_plan(project.root, "images")
-    entries = reveal(images.update_run.outputs["lockEntries"])
+    entries = reveal(images.update_run.outputs["lockEntries"])  # containers: built where pulumi runs
+    # image builds: every build host finished; collect verifies them in the bucket
+    _, config = load_config(project.root, "images")
+    hosts, bucket = collect.hosts_of(config, project.root, fleet_lock.load(project.root)), MemoryBucket()
+    for host in hosts:
+        finish(bucket, host)
+    collected = collect.lock_outputs(collect.collect(hosts, bucket))
+    entries.update(collected["lockEntries"])
     merged, changes = fleet_lock.merge(fleet_lock.load(project.root), {"lockEntries": entries})
     assert len(changes) == len(set(env_input_hashes(project.root).values())) + 2  # + hello and simple-app
     fleet_lock.write(project.root, merged)

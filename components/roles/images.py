@@ -1,4 +1,4 @@
-"""The images stack: build hosts for missing image builds, container builds, outputs for the lock."""
+"""The images stack: build hosts for image builds not yet collected, container builds, outputs for the lock."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
 
     pulumi.export("network", network.network.self_link)
     pulumi.export("builds", builds.summary())
-    pulumi.export("lockEntries", {"images": {h.input_hash: h.lock_entry for h in hosts},
-                                  "containers": {c.input_hash: image.lock_entry
+    # image builds outlive `pulumi up`: `python -m fleet collect` reads their outputs from the bucket
+    pulumi.export("lockEntries", {"containers": {c.input_hash: image.lock_entry
                                                  for c, image in zip(builds.containers, containers)}})
+    pulumi.export("buildHosts", {h.input_hash: {"instance": h.instance.name, "recipe": plan.recipe,
+                                                "artifacts": plan.artifact_prefix}
+                                 for h, plan in zip(hosts, builds.hosts)})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fleet.apps import compose as fc
 from fleet.apps import configdisk
+from fleet.apps import phala as phala_cli
 from fleet.gcp import tdx
 from fleet.images import mkosibuild
 from fleet.config.schema import AppConfig, ContainerSource, StackConfig
@@ -301,6 +302,8 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
                 p(f"{at}.kms.appId", "Phala Cloud assigns the app id; a pinned app id is not supported there")
             if not 5 <= len(app_name(app, config.stack)) <= 63:
                 p(f"{at}.name", f"the Phala CVM name {app_name(app, config.stack)!r} must be 5-63 characters")
+            for key, message in phala_cli.unsupported_settings(app.settings):
+                p(f"{at}.settings.{key}", message)
     for key, source in sorted(fleet.containers.items()):
         if source.external and source.external.check_at_deploy and source.external.digest_kind != "manifest":
             p(f"containers.{key}.external.checkAtDeploy", "only a manifest digest can be checked against a registry; "

@@ -83,6 +83,28 @@ def cmd_lock(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    import json
+
+    from fleet.images import lock
+    from fleet.stacks import collect
+    from fleet.stacks.load import load_config
+
+    root = _root(args)
+    _, config = load_config(root, args.stack)
+    if config.fleet.role != "images":
+        print(f"error: stack {args.stack} has role {config.fleet.role}; builds are collected from the images stack",
+              file=sys.stderr)
+        return EXIT_INPUT
+    results = collect.collect(collect.hosts_of(config, root, lock.load(root)), collect.GcloudBucket())
+    for line in collect.report(results):
+        print(line)
+    Path(args.out).write_text(json.dumps(collect.lock_outputs(results), indent=2, sort_keys=True) + "\n",
+                              encoding="utf-8")
+    invalid = [r for r in results if r.state == collect.INVALID]
+    return EXIT_MANDATORY if invalid else EXIT_OK
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from fleet.plan.diff import DiffInputError, run_diff
 
@@ -161,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     lock_cmd.add_argument("--stack", default="images")
     lock_cmd.add_argument("--replace", action="store_true", help="overwrite entries whose values changed")
     lock_cmd.set_defaults(func=cmd_lock)
+
+    collect_cmd = sub.add_parser("collect", help="read finished and failed image builds from the bucket, for make lock")
+    collect_cmd.add_argument("--stack", default="images")
+    collect_cmd.add_argument("--out", required=True, metavar="FILE", help="write what make lock OUTPUTS=FILE merges")
+    collect_cmd.set_defaults(func=cmd_collect)
 
     local = sub.add_parser("build-local", help="run an image build on this machine (the build host's script)")
     local.add_argument("--stack", required=True, help="env stack that declares the image")

@@ -595,7 +595,7 @@ class RecipeHost(Model):
     machine_type: str | None = Field(None, description="Build host machine type (default per recipe).")
     disk_gb: int | None = Field(None, ge=50, description="Build disk size in GB (default per recipe).")
     disk_type: Literal["pd-ssd", "pd-balanced"] = Field("pd-ssd", description="Build disk type.")
-    timeout_minutes: int | None = Field(None, ge=10, description="How long `pulumi up` waits for the build.")
+    timeout_minutes: int | None = Field(None, ge=10, description="How long a started build may run before `python -m fleet collect` gives it up (its host is deleted, the failure recorded).")
 
 
 class BuildHostConfig(Model):
@@ -603,7 +603,7 @@ class BuildHostConfig(Model):
 
     boot_image: GceImageLink = Field(description="Build host boot image, pinned by self link (a family moves).")
     zone: Zone | None = Field(None, description="Zone of the build hosts (default: <gcp:region>-a).")
-    poll_seconds: int = Field(60, ge=5, description="How often the wait step looks for the build's outputs.")
+    poll_seconds: int = Field(60, ge=5, description="Unused: builds are collected by `python -m fleet collect` (kept so existing stack files stay valid).")
     recipes: dict[Literal["tplus-overlay", "dstack-os"], RecipeHost] = Field(
         default_factory=dict, description="Per-recipe sizing.")
 
