@@ -143,6 +143,24 @@ def cmd_build_local(args: argparse.Namespace) -> int:
     return subprocess.run(["bash", str(out / "build.sh")], check=False).returncode
 
 
+def cmd_toolchain(args: argparse.Namespace) -> int:
+    from fleet.cli import toolchain
+
+    if args.tools == ["registry-host"]:
+        print(toolchain.registry_host(_root(args), args.stack))
+        return EXIT_OK
+    unknown = [t for t in args.tools if t not in toolchain.PINS]
+    if unknown:
+        print(f"error: no pin for {', '.join(unknown)}; pinned: {', '.join(sorted(toolchain.PINS))}", file=sys.stderr)
+        return EXIT_INPUT
+    problems = [p for p in (toolchain.check(t) for t in args.tools) if p]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not problems:
+        print("pinned versions: " + ", ".join(toolchain.PINS[t].wanted for t in args.tools))
+    return EXIT_INPUT if problems else EXIT_OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -197,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--work-dir", help="build tree (a plain absolute path; default OUT/work)")
     local.add_argument("--script-only", action="store_true", help="write build.sh without running it")
     local.set_defaults(func=cmd_build_local)
+
+    tools = sub.add_parser("toolchain", help="check that mkosi, skopeo or phala is the pinned version "
+                                             "(or print the registry host: registry-host --stack S)")
+    tools.add_argument("tools", nargs="+", metavar="NAME")
+    tools.add_argument("--stack", default="images")
+    tools.set_defaults(func=cmd_toolchain)
 
     bench = sub.add_parser("bench", help="plan time, peak memory and graph depth for 10, 100, 1000 nodes")
     bench.add_argument("--one", type=int, metavar="NODES", help=argparse.SUPPRESS)

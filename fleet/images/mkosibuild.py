@@ -54,6 +54,10 @@ STEP_MARK = "# dstack-fleet:step="
 MKOSI_VERSION = "25.3"
 MKOSI_COMMIT = "54c625c380ef5500f17460981a3c67b109b6a847"
 MKOSI_INSTALL = f"python3 -m pip install 'git+https://github.com/systemd/mkosi@{MKOSI_COMMIT}'  # v{MKOSI_VERSION}"
+# skopeo pushes (and resolves existing tags): Ubuntu 24.04's package, the runners' and build hosts' OS;
+# the apt version is pinned in .github/workflows/images.yml, the upstream version checked here.
+SKOPEO_VERSION = "1.13.3"
+SKOPEO_APT_VERSION = "1.13.3+ds1-2build2"
 PYTHON = ".venv/bin/python"  # the project's interpreter, relative to the project root
 TAG_LENGTH = 32  # the registry tag is the input hash's first 32 digits, as for docker builds
 OUTPUT_NAME = "rootfs"
