@@ -70,7 +70,7 @@ def test_build_host_has_no_way_in_and_only_narrow_scopes(root, preview):
     assert interface["subnetwork"] == SUBNET and not interface.get("accessConfigs")
     assert not result.of_type("gcp:compute/firewall:Firewall")
     assert instance.inputs["bootDisk"]["initializeParams"]["image"] == BOOT_IMAGE  # a self link, not a family
-    assert instance.inputs["bootDisk"]["initializeParams"]["size"] == 300  # the overlay Yocto build's default
+    assert instance.inputs["bootDisk"]["initializeParams"]["size"] == 400  # two overlay Yocto trees
     assert instance.inputs["machineType"] == "n2-standard-16"
     account = instance.inputs["serviceAccount"]
     assert account["email"] == ACCOUNT
@@ -91,7 +91,7 @@ def test_up_starts_the_build_and_returns_nothing_waits_for_it(root, preview):
     (instance,) = result.of_type(INSTANCE)
     assert "deleted once collected" in instance.inputs["description"]
     assert 'mark_started\n    prepare_host' in instance.inputs["metadata"]["startup-script"]
-    assert plans[0].timeout_seconds == 6 * 3600  # the recipe's default: how long collect lets it run
+    assert plans[0].timeout_seconds == 10 * 3600  # the recipe's default: how long collect lets it run
 
 
 def test_builds_of_different_inputs_do_not_collide(root):
