@@ -48,7 +48,10 @@ def test_an_mkosi_container_is_built_by_a_step_keyed_by_the_hash_the_env_stack_l
     from fleet.stacks.load import load_config
 
     _, dev = load_config(ROOT, "dev")
-    origin, wanted = fleet_apps.container_build_hash(ROOT, "simple-app", dev.fleet.containers["simple-app"])
+    # dev's Phala app publishes it (phala.publicImages): the public build of these inputs
+    assert "simple-app" in fleet_apps.public_container_keys(dev)
+    origin, wanted = fleet_apps.container_build_hash(ROOT, "simple-app", dev.fleet.containers["simple-app"],
+                                                     public=True)
     assert origin == "mkosi"
     plan = build_plan(ROOT, "images")
     (component,) = [r for r in plan.resources if r.type == "dstack-fleet:images:MkosiImage"]
@@ -60,7 +63,7 @@ def test_an_mkosi_container_is_built_by_a_step_keyed_by_the_hash_the_env_stack_l
     assert plan.outputs["builds"]["containers"][wanted]["builder"] == "mkosi"
     # the update pass parses the step's stdout (an offline stand-in of the real shape) into a lock entry
     entry = reveal(plan.update_run.outputs["lockEntries"])["containers"][wanted]
-    assert entry["image"] == "us-central1-docker.pkg.dev/acme-tee-ops/fleet/simple-app"
+    assert entry["image"] == "us-central1-docker.pkg.dev/acme-tee-ops/fleet-public/simple-app"
     assert entry["digest_kind"] == "manifest" and entry["digest"].startswith("sha256:")
     assert fleet_lock.ContainerEntry.model_validate(entry)
 

@@ -23,6 +23,7 @@ from fleet.nodes import specs as fleet_nodes
 from fleet.apps.plans import AppPlan
 from fleet.config.schema import StackConfig
 from fleet.apps.configdisk import Upload
+from fleet.apps.pulls import Registries
 from fleet.stacks.expectations import os_versions, plan_measurements, verify_script
 from fleet.images.versions import ImageVersion
 from fleet.gcp.naming import Namer
@@ -35,7 +36,8 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     names = fleet_bootstrap.names_for(config)
     versions = boot_images.resolve_for_stack(config, lock, namer)
     fleet = fleet_nodes.plan_fleet(config, namer, versions)
-    apps = fleet_apps.plan_apps(config, lock, root, names.registry_path)
+    apps = fleet_apps.plan_apps(config, lock, root, names.registry_path, registries=Registries(
+        app=names.registry_path, mirror=names.mirror_path, public=names.public_registry_path))
 
     network = Network("network", network_spec(config, namer, public_ingress(config, namer) + fleet.ingress),
                       config.gcp.project)
@@ -53,6 +55,7 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     pulumi.export("images", {key: version.summary() for key, version in versions.items()})
     pulumi.export("nodes", {spec.key: spec.summary() for spec in fleet.nodes})
     pulumi.export("apps", {app.name: app.summary() for app in apps})
+    pulumi.export("pulls", pull_paths(apps, fleet))
     pulumi.export("appTargets", {name: target.outputs for name, target in targets.items()})
     pulumi.export("measurements", measurements)
     export_overlay(fleet)
@@ -152,6 +155,16 @@ def post_deploy_checks(apps: list[AppPlan], measurements: dict, deployed: dict[s
             triggers=[json.dumps(measurements[target], sort_keys=True)],
             interpreter=["/bin/bash", "-c"],
             opts=pulumi.ResourceOptions(depends_on=deployed.get(app.config.nodes or target, [])))
+
+
+def pull_paths(apps: list[AppPlan], fleet) -> dict[str, dict]:
+    """Where each node and app pulls every image from, and how it authenticates (fleet/apps/pulls.py)."""
+    out = {}
+    for app in apps:
+        nodes = [n.key for n in fleet.nodes if app.target == "gce" and n.identity.group == app.config.nodes]
+        out[f"app:{app.name}"] = {"target": app.target, "nodes": nodes,
+                                  "images": {p.where: p.summary() for p in app.pulls}}
+    return out
 
 
 def export_overlay(fleet) -> None:

@@ -392,6 +392,9 @@ class RegistryConfig(Model):
     cleanup_untagged_after_days: int = Field(30, ge=1, description="Delete untagged versions older than this, "
                                              "except digests the lock file names and the newest ones.")
     keep_recent: int = Field(10, ge=1, description="Always keep this many newest versions per image.")
+    public_app_images: bool = Field(False, description="Also create a public-read repository (allUsers may pull, "
+                                    "nothing else) for the built images of apps that opt in with "
+                                    "phala.publicImages; Phala Cloud cannot authenticate to the private one.")
 
 
 Digest = Annotated[str, _pattern(r"sha256:[0-9a-f]{64}", "a digest 'sha256:' + 64 lowercase hex digits")]
@@ -548,6 +551,10 @@ class PhalaTarget(Model):
     gateway_domain: str = Field(description="Gateway base domain, e.g. dstack-pha-prod8.phala.network.")
     api_key_secret: SecretName = Field(description="dstack-fleet:secrets entry with the Phala API key.")
     ports: list[Port] = Field(default_factory=list, description="Ports served through the gateway.")
+    public_images: bool = Field(False, description="Push this app's built containers to the bootstrap's public-read "
+                                "repository, the only registry of ours Phala Cloud can pull from (anyone can then "
+                                "pull them: opt in only for images whose contents may be public). Needs "
+                                "dstack-fleet:registry.publicAppImages in the bootstrap stack.")
 
 
 class VerifyConfig(Model):
@@ -573,6 +580,10 @@ class AppConfig(Model):
         description="none/local: the app-id is derived from the compose (any change is a new identity); kms: "
         "keys come from a KMS, and a pinned kms.appId keeps the identity stable.")
     kms: KmsSettings | None = Field(None, description="KMS settings (key provider kms).")
+    docker_hub: Literal["mirror", "direct"] = Field(
+        "mirror", description="gce target: pull Docker Hub images through the bootstrap's Docker Hub mirror "
+        "(mirror) or straight from Docker Hub (direct). Either is named in the measured compose, so switching "
+        "changes the compose-hash (and a derived app identity).")
     gateway_urls: list[str] = Field(default_factory=list, description="gce target: dstack gateway URLs "
                                     "(.sys-config.json; not measured).")
     stateful: bool = Field(True, description="The app keeps data under its keys; prod refuses identity changes.")
