@@ -13,7 +13,7 @@ FORMAT ?= text
 PLAN_JSON ?=
 BASE   ?= HEAD
 
-.PHONY: venv test plan golden readme preview up lock collect lock-deps diff bench clean
+.PHONY: venv test plan golden readme preview up lock collect gc lock-deps diff bench clean
 
 # FLEET_ROOT plans another checkout's stacks with this code (tests use it on temporary copies).
 ROOT_ARG = $(if $(FLEET_ROOT),--root $(FLEET_ROOT))
@@ -94,6 +94,11 @@ lock: $(PY_DEPS)
 COLLECTED ?= collected.json
 collect: $(PY_DEPS)
 	$(PY) -m fleet $(ROOT_ARG) collect --stack images --out $(COLLECTED)
+
+# Images and bucket artifacts nothing names any more: listed; with GC_APPLY=1 marked, then deleted
+# once unnamed for dstack-fleet:gc.retentionDays (never an image a disk was made from).
+gc: $(PY_DEPS)
+	$(PY) -m fleet $(ROOT_ARG) gc --stack $(STACK) $(if $(GC_APPLY),--apply)
 
 # Re-resolve and hash-lock the requirements (needs network access to PyPI).
 lock-deps:

@@ -326,7 +326,7 @@ def test_deploy_goes_dev_then_staging_then_prod():
         assert job["env"]["STACK"] == stack and job["env"]["FLEET_UP_YES"] == "1"
         assert job["env"]["PULUMI_BACKEND_URL"] == "${{ vars.PULUMI_BACKEND_URL }}"
         runs = [s["run"] for s in steps(job) if "run" in s]
-        assert runs[-1] == 'make up STACK="$STACK"'
+        assert runs[-2:] == ['make up STACK="$STACK"', 'make gc STACK="$STACK" GC_APPLY=1']
         assert only_step(job, "pulumi/actions")["with"] == {"pulumi-version-file": ".pulumi-version"}
 
 
@@ -343,7 +343,7 @@ def test_images_starts_builds_on_push_and_collects_them_on_a_schedule():
     runs = [s["run"] for s in steps(collect) if "run" in s]
     collect_at = next(i for i, r in enumerate(runs) if r.startswith("make collect"))
     lock_at = next(i for i, r in enumerate(runs) if "make lock OUTPUTS=" in r)
-    assert collect_at < lock_at < runs.index("make up STACK=images")
+    assert collect_at < lock_at < runs.index("make up STACK=images") < runs.index("make gc STACK=images GC_APPLY=1")
     assert lock_pr["needs"] == "collect"
     assert not [s for s in steps(lock_pr) if action(s) in ("google-github-actions/auth", "pulumi/actions")]
     for job in (start, collect):

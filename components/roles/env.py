@@ -23,7 +23,8 @@ from fleet.nodes import specs as fleet_nodes
 from fleet.apps.plans import AppPlan
 from fleet.config.schema import StackConfig
 from fleet.apps.configdisk import Upload
-from fleet.apps.pulls import Registries
+from fleet.stacks import gc as fleet_gc
+from fleet.stacks import wiring
 from fleet.stacks.expectations import os_versions, plan_measurements, verify_script
 from fleet.images.versions import ImageVersion
 from fleet.gcp.naming import Namer
@@ -36,15 +37,14 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     names = fleet_bootstrap.names_for(config)
     versions = boot_images.resolve_for_stack(config, lock, namer)
     fleet = fleet_nodes.plan_fleet(config, namer, versions)
-    apps = fleet_apps.plan_apps(config, lock, root, names.registry_path, registries=Registries(
-        app=names.registry_path, mirror=names.mirror_path, public=names.public_registry_path))
+    apps = fleet_apps.plan_apps(config, lock, root, names.registry_path, registries=wiring.registries(names))
+    upload = wiring.config_disk_upload(names, config.stack)
 
     network = Network("network", network_spec(config, namer, public_ingress(config, namer) + fleet.ingress),
                       config.gcp.project)
     guard_pending_images(config, namer, lock, versions)
     images = image_versions(config, versions)
-    deployed = deploy_nodes(config, namer, fleet, apps, images, network, Upload(
-        bucket=names.image_bucket, prefix=f"config-disks/{config.stack}"))
+    deployed = deploy_nodes(config, namer, fleet, apps, images, network, upload)
     targets = deploy_app_targets(config, apps, deployed)
     check_external_images(config)
     measurements = plan_measurements(fleet, apps, os_versions(config))
@@ -56,6 +56,9 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     pulumi.export("nodes", {spec.key: spec.summary() for spec in fleet.nodes})
     pulumi.export("apps", {app.name: app.summary() for app in apps})
     pulumi.export("pulls", pull_paths(apps, fleet))
+    # what `make gc` keeps of this stack (everything else it finds is marked, then deleted after the retention)
+    pulumi.export("gc", fleet_gc.env_keeps(versions, fleet, apps, config.stack, namer, upload).summary(
+        config.fleet.gc.retention_days))
     pulumi.export("appTargets", {name: target.outputs for name, target in targets.items()})
     pulumi.export("measurements", measurements)
     export_overlay(fleet)

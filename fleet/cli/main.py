@@ -143,6 +143,22 @@ def cmd_build_local(args: argparse.Namespace) -> int:
     return subprocess.run(["bash", str(out / "build.sh")], check=False).returncode
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from fleet.cli import gc
+    from fleet.stacks.load import load_config
+
+    root = _root(args)
+    _, config = load_config(root, args.stack)
+    try:
+        lines = gc.run(root, config, apply_changes=args.apply)
+    except gc.GcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    for line in lines:
+        print(line)
+    return EXIT_OK
+
+
 def cmd_toolchain(args: argparse.Namespace) -> int:
     from fleet.cli import toolchain
 
@@ -215,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--work-dir", help="build tree (a plain absolute path; default OUT/work)")
     local.add_argument("--script-only", action="store_true", help="write build.sh without running it")
     local.set_defaults(func=cmd_build_local)
+
+    gc_cmd = sub.add_parser("gc", help="list (or with --apply, mark and delete) images and bucket artifacts "
+                                       "nothing names any more, after the retention period")
+    gc_cmd.add_argument("--stack", required=True)
+    gc_cmd.add_argument("--apply", action="store_true", help="mark, unmark and delete (default: only list)")
+    gc_cmd.set_defaults(func=cmd_gc)
 
     tools = sub.add_parser("toolchain", help="check that mkosi, skopeo or phala is the pinned version "
                                              "(or print the registry host: registry-host --stack S)")

@@ -388,6 +388,11 @@ class GithubConfig(Model):
     images_branch: str = Field("main", description="Branch whose workflow may run the images stack.")
 
 
+class GcConfig(Model):
+    retention_days: int = Field(30, ge=1, description="How long an image or bucket artifact stays after `make gc` "
+                                "first finds that nothing names it (it is marked then, and deleted only later).")
+
+
 class RegistryConfig(Model):
     cleanup_untagged_after_days: int = Field(30, ge=1, description="Delete untagged versions older than this, "
                                              "except digests the lock file names and the newest ones.")
@@ -682,6 +687,8 @@ class FleetConfig(Model):
         default_factory=list, description="images stack: the env stacks whose declared images and containers it "
         "builds (their stack files are read from this repository).")
     build_host: BuildHostConfig | None = Field(None, description="images stack: build host settings.")
+    gc: GcConfig = Field(default_factory=GcConfig, description="images and env stacks: garbage collection of "
+                         "what no stack and no lock entry names any more (`make gc`).")
     adopt: dict[str, str] = Field(
         default_factory=dict,
         description="Adopt resources created by hand: logical resource name -> import id (e.g. "
