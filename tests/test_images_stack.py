@@ -39,7 +39,10 @@ def test_one_build_host_per_input_hash_the_env_stacks_declare():
             assert "accessConfigs" not in r.inputs["networkInterfaces"][0]
             assert "cloud-platform" not in json.dumps(r.inputs["serviceAccount"])
             assert r.inputs["bootDisk"]["initializeParams"]["image"].startswith("projects/ubuntu-os-cloud/global/images/")
-    assert [r.name for r in plan.resources if r.type == "docker:index/image:Image"] == ["container-hello"]
+    # docker builds are a generated step (fleet/images/dockerbuild.py), not pulumi-docker's Image
+    assert not [r for r in plan.resources if r.type == "docker:index/image:Image"]
+    (docker_step,) = [r for r in plan.resources if r.name == "container-hello-docker"]
+    assert "# dstack-fleet:step=docker-build" in docker_step.inputs["create"].splitlines()
 
 
 def test_an_mkosi_container_is_built_by_a_step_keyed_by_the_hash_the_env_stack_looks_up():
@@ -89,7 +92,8 @@ def test_lock_entries_flow_into_the_env_stacks(project):
     # built and locked: the images stack no longer builds them ...
     again = build_plan(project.root, "images")
     assert not [r for r in again.resources if r.type == "dstack-fleet:images:BuildHost"]
-    assert not [r for r in again.resources if r.type in ("docker:index/image:Image", "dstack-fleet:images:MkosiImage")]
+    assert not [r for r in again.resources if r.type in ("dstack-fleet:images:RegistryImage",
+                                                         "dstack-fleet:images:MkosiImage")]
     # ... and the env stacks create GCP images from the locked artifacts
     prod = build_plan(project.root, "prod")
     assert prod.outputs["images"]["overlay-3eb04ca"]["status"] == "built"

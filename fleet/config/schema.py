@@ -422,7 +422,7 @@ class ExternalContainer(Model):
 
 
 class DockerBuildContainer(Model):
-    """Built by the images stack with pulumi-docker and pushed to the bootstrap registry."""
+    """Built by the images stack with Docker (a generated step) and pushed to the bootstrap registry."""
 
     context: RepoPath = Field(description="Build context directory in the repository.")
     dockerfile: str = Field("Dockerfile", description="Dockerfile inside the context.")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pulumi
 
 from fleet.apps import phala
-from fleet.images import mkosibuild
+from fleet.images import dockerbuild, mkosibuild
 
 COMPUTE = "https://www.googleapis.com/compute/v1"
 FAKE_PROJECT_NUMBER = "123456789012"
@@ -184,6 +184,8 @@ COMMAND_STEPS: dict[str, Callable[[Context], str]] = {
     # A container built with mkosi prints its lock entry as one JSON line; the stand-in is a line of that
     # shape with fake digests derived from the step's URN (fleet/images/mkosibuild.py).
     "mkosi-build": mkosibuild.offline_step_stdout,
+    # A container built with Docker prints its lock entry the same way (fleet/images/dockerbuild.py).
+    "docker-build": dockerbuild.offline_step_stdout,
 }
 
 
