@@ -1,4 +1,4 @@
-"""Generated build scripts, the wait step, the outputs contract and the build host's plan.
+"""Generated build scripts, the outputs contract and the build host's plan.
 
 A build is one bash script per recipe (``build_script``), generated from a validated
 ``recipes.BuildSpec``. Every value is assigned once at the top with ``shlex.quote``; the functions
