@@ -16,7 +16,7 @@ PLAN_JSON ?=
 PASS   ?= preview
 BASE   ?= HEAD
 
-.PHONY: help venv test test-fast test-random plan golden readme preview up lock lock-deps diff bench clean
+.PHONY: help venv test test-fast test-random plan golden readme preview up lock collect gc lock-deps diff bench clean
 
 # FLEET_ROOT plans another checkout's stacks with this code (tests use it on temporary copies).
 ROOT_ARG = $(if $(FLEET_ROOT),--root $(FLEET_ROOT))
@@ -100,10 +100,10 @@ readme: $(PY_DEPS)  ## rewrite the README's generated sections
 	$(PY) -m tests.regenerate readme
 
 preview: $(PY_DEPS)  ## pulumi preview with the policy pack: STACK=dev
-	$(PY) -m fleet deploy preview --stack $(STACK)
+	$(PY) -m fleet $(ROOT_ARG) deploy preview --stack $(STACK)
 
 up: $(PY_DEPS)  ## pulumi up with the policy pack: STACK=dev
-	$(PY) -m fleet deploy up --stack $(STACK)
+	$(PY) -m fleet $(ROOT_ARG) deploy up --stack $(STACK)
 
 # Run one image build on this machine: make build-local STACK=dev IMAGE=<key> OUT=dist/
 build-local: $(PY_DEPS)  ## one image build on this machine: STACK=dev IMAGE=key OUT=dist/
@@ -114,7 +114,18 @@ bench: $(PY_DEPS)  ## plan time against the engine's floor, memory, graph depth
 
 # Record the images stack's build outputs in images.lock.json (OUTPUTS=file.json works offline).
 lock: $(PY_DEPS)  ## record the images stack's outputs in images.lock.json [OUTPUTS=f]
-	$(PY) -m fleet lock $(if $(OUTPUTS),--outputs $(OUTPUTS))
+	$(PY) -m fleet $(ROOT_ARG) lock $(if $(OUTPUTS),--outputs $(OUTPUTS))
+
+# Read the images stack's finished and failed builds from the bucket into COLLECTED (default
+# collected.json), for `make lock OUTPUTS=$(COLLECTED)`; exit 1 when a build's outputs fail verification.
+COLLECTED ?= collected.json
+collect: $(PY_DEPS)  ## read finished image builds from the bucket [COLLECTED=f]
+	$(PY) -m fleet $(ROOT_ARG) collect --stack images --out $(COLLECTED)
+
+# Images and bucket artifacts nothing names any more: listed; with GC_APPLY=1 marked, then deleted
+# once unnamed for dstack-fleet:gc.retentionDays (never an image a disk was made from).
+gc: $(PY_DEPS)  ## list (GC_APPLY=1: delete) what nothing names: STACK=dev
+	$(PY) -m fleet $(ROOT_ARG) gc --stack $(STACK) $(if $(GC_APPLY),--apply)
 
 # Re-resolve and hash-lock the requirements (needs network access to PyPI).
 # Compiled into copies (so the current pins are kept) and moved over a file only when its content changed:

@@ -1,42 +1,35 @@
-"""A build host: an ephemeral VM that builds one image from its startup script, and the step that
-waits for the result.
+"""A build host: an ephemeral VM that builds one image from its startup script.
 
-Lifecycle (images stack):
+Lifecycle (images stack and ``python -m fleet collect``):
 
-1. The images stack creates a ``BuildHost`` only for an input hash that ``images.lock.json`` does not
-   hold yet (``fleet.recipes.builds_to_run``); identical inputs share one build.
-2. ``pulumi up`` creates the VM. Its startup script (``fleet.buildscript.build_script``) builds,
-   uploads ``disk.tar.gz``, its sha256, ``build.log`` and finally ``outputs.json`` to
-   ``gs://<bucket>/<input hash>/``, and powers the VM off, success or not, so it stops billing.
-   Nothing logs in: no external address, no SSH firewall rule, egress through the network's Cloud
-   NAT, progress on the serial port (Cloud Logging).
-3. The wait step (a local command where ``pulumi up`` runs) polls for ``outputs.json`` with a bounded
-   timeout and prints it; ``lock_entry`` is that parsed into an ``images.lock.json`` entry, which the
-   stack exports and ``make lock`` records.
-4. Once locked, the next ``pulumi up`` no longer declares the ``BuildHost``: Pulumi deletes the VM
-   (and its disk). The artifacts stay in the bucket; they are not this component's resources.
+1. The images stack declares a ``BuildHost`` only for an input hash that ``images.lock.json``
+   neither records as built nor as failed (``fleet.stacks.builds``); identical inputs share one build.
+2. ``pulumi up`` creates the VM and returns: nothing waits for a build that takes longer than a CI
+   job may run. The startup script (``fleet.images.buildscript.build_script``) writes
+   ``started.json``, builds, uploads ``disk.tar.gz``, its sha256, ``build.log`` and finally
+   ``outputs.json`` to ``gs://<bucket>/<input hash>/`` (or ``build.log`` and ``failure.txt``), and
+   powers the VM off, success or not. Nothing logs in: no external address, no SSH firewall rule,
+   egress through the network's Cloud NAT, progress on the serial port (Cloud Logging).
+3. ``python -m fleet collect`` (later, on a schedule) verifies a finished build's outputs in the
+   bucket (object generation and crc32c as recorded, the published sha256) and hands them to
+   ``make lock``; a failed or timed-out build is recorded under ``failed`` with its log's URL.
+4. The next ``pulumi up`` no longer declares the ``BuildHost`` of a collected hash: Pulumi deletes
+   the VM and its disk. The artifacts and the log stay in the bucket; they are not this component's.
 
-A failed build leaves ``failure.txt`` next to the log and the wait step fails at once, naming the log.
-Rerunning ``pulumi up`` resumes waiting (a restarted VM first checks for ``outputs.json``, so a
-finished build is never redone). The VM is sized per recipe from config; its boot image is pinned by
-self link, and its service account may only write storage and logs (never ``cloud-platform``).
+The VM is sized per recipe from config; its boot image is pinned by self link, and its service
+account may only write storage and logs (never ``cloud-platform``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import pulumi
-import pulumi_command as command
 import pulumi_gcp as gcp
 
-from fleet.images.buildscript import BuildHostPlan, parse_outputs
+from fleet.images.buildscript import BuildHostPlan
 
 
 class BuildHost(pulumi.ComponentResource):
     instance: gcp.compute.Instance
-    wait: command.local.Command
-    lock_entry: pulumi.Output[dict[str, Any]]
     input_hash: str
 
     def __init__(self, plan: BuildHostPlan, *, project: str, subnetwork: pulumi.Input[str],
@@ -79,14 +72,5 @@ class BuildHost(pulumi.ComponentResource):
             deletion_protection=False,
             opts=pulumi.ResourceOptions(parent=self, depends_on=depends, delete_before_replace=True),
         )
-        self.wait = command.local.Command(
-            f"{plan.logical_name}-wait",
-            create=plan.wait_script,
-            interpreter=["/bin/bash", "-c"],
-            triggers=[plan.input_hash],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance]),
-        )
-        expected = plan.input_hash
-        self.lock_entry = self.wait.stdout.apply(lambda text: parse_outputs(text, expect_input_hash=expected)[1])
         self.register_outputs({"inputHash": plan.input_hash, "instance": self.instance.name,
-                               "lockEntry": self.lock_entry})
+                               "artifacts": plan.artifact_prefix})

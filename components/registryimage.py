@@ -4,7 +4,9 @@ Tagged with its input hash (tags are immutable in our registry, and the input ha
 build); the pushed *manifest* digest is exported for ``make lock``. Env stacks never build: they
 read the digest from the lock file.
 
-- ``RegistryImage``: built with pulumi-docker for linux/amd64 (``repo_digest``).
+- ``RegistryImage``: built with Docker by a generated step (fleet/images/dockerbuild.py) that resolves an
+  existing immutable tag to its digest instead of pushing again, and otherwise builds, pushes and
+  prints its lock entry.
 - ``MkosiImage``: built reproducibly with mkosi by a generated step (fleet/images/mkosibuild.py) that builds
   twice, compares, turns the tar into a deterministic OCI image, pushes it with skopeo and prints its
   lock entry.
@@ -14,9 +16,8 @@ from __future__ import annotations
 
 import pulumi
 import pulumi_command as command
-import pulumi_docker as docker
 
-from fleet.images import mkosibuild
+from fleet.images import dockerbuild, mkosibuild
 from fleet.stacks.builds import ContainerBuild
 from fleet.config.schema import DockerBuildContainer, MkosiBuildContainer
 
@@ -27,19 +28,13 @@ class RegistryImage(pulumi.ComponentResource):
     def __init__(self, key: str, build: DockerBuildContainer, *, input_hash: str, repository: str,
                  opts: pulumi.ResourceOptions | None = None):
         super().__init__("dstack-fleet:images:RegistryImage", f"container-{key}", {"inputHash": input_hash}, opts)
-        image = docker.Image(
-            f"container-{key}",
-            image_name=f"{repository}:{input_hash[:32]}",
-            build={"context": build.context, "dockerfile": f"{build.context}/{build.dockerfile}",
-                   "platform": build.platform, "args": build.args or None, "target": build.target},
-            build_on_preview=False,
-            skip_push=False,
-            opts=pulumi.ResourceOptions(parent=self),
-        )
-        source = f"images stack build of {build.context} (input hash {input_hash})"
-        self.lock_entry = image.repo_digest.apply(lambda ref: {
-            "image": repository, "digest": ref.split("@", 1)[1], "digest_kind": "manifest", "source": source})
-        self.register_outputs({"repoDigest": image.repo_digest})
+        script = dockerbuild.step_script(build, key=key, input_hash=input_hash, repository=repository)
+        # keyed by the input hash (the tag): a new hash is a new build; nothing else replaces it
+        step = command.local.Command(
+            f"container-{key}-docker", create=script, interpreter=["/bin/bash", "-c"], triggers=[input_hash],
+            opts=pulumi.ResourceOptions(parent=self))
+        self.lock_entry = step.stdout.apply(_lock_entry)
+        self.register_outputs({"lockEntry": self.lock_entry})
 
 
 class MkosiImage(pulumi.ComponentResource):

@@ -76,7 +76,9 @@ def lock_hello_container(project: Project, digest_hex: str = "4" * 64) -> None:
     from fleet.stacks.load import load_config
 
     _, config = load_config(project.root, "dev")
-    digest = fleet_apps.docker_build_hash(project.root, "hello", config.fleet.containers["hello"].docker)
+    public = "hello" in fleet_apps.public_container_keys(config)  # its Phala app publishes it
+    _, digest = fleet_apps.container_build_hash(project.root, "hello", config.fleet.containers["hello"], public=public)
+    repository = "fleet-public" if public else "fleet"
     (project.root / "images.lock.json").write_text(json.dumps({"version": 1, "containers": {digest: {
-        "image": "us-central1-docker.pkg.dev/acme-tee-ops/fleet/hello", "digest": f"sha256:{digest_hex}",
+        "image": f"us-central1-docker.pkg.dev/acme-tee-ops/{repository}/hello", "digest": f"sha256:{digest_hex}",
         "digest_kind": "manifest", "source": "test fixture"}}}))

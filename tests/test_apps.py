@@ -118,11 +118,18 @@ def test_a_locked_container_build_gives_a_pinned_compose(project):
 
     lock_hello_container(project)
     _, config = load_config(project.root, "dev")
-    (hello,) = [a for a in fleet_apps.plan_apps(config, fleet_lock.load(project.root), project.root, "r")
-                if a.key == "hello"]
+    from fleet.apps.pulls import Registries
+
+    registries = Registries(app="us-central1-docker.pkg.dev/acme-tee-ops/fleet",
+                            mirror="us-central1-docker.pkg.dev/acme-tee-ops/fleet-dockerhub",
+                            public="us-central1-docker.pkg.dev/acme-tee-ops/fleet-public")
+    (hello,) = [a for a in fleet_apps.plan_apps(config, fleet_lock.load(project.root), project.root, registries.app,
+                                                registries=registries) if a.key == "hello"]
+    # its Phala app opted in to publishing it: built into the public-read repository, pulled from there
     assert hello.images == [("services.hello.image",
-                             "us-central1-docker.pkg.dev/acme-tee-ops/fleet/hello@sha256:" + "4" * 64)]
-    assert "image: us-central1-docker.pkg.dev/acme-tee-ops/fleet/hello@sha256:" in hello.compose_text
+                             "us-central1-docker.pkg.dev/acme-tee-ops/fleet-public/hello@sha256:" + "4" * 64)]
+    assert "image: us-central1-docker.pkg.dev/acme-tee-ops/fleet-public/hello@sha256:" in hello.compose_text
+    assert [(p.source, p.auth) for p in hello.pulls] == [("public-app-registry", "anonymous")]
 
 
 @pytest.mark.parametrize("stack", available_stacks(ROOT))

@@ -36,6 +36,8 @@ ALLOWED_ROLES = {
     "node-overlay": {"roles/logging.logWriter", "roles/monitoring.metricWriter"},
     "node-dstack": {"roles/logging.logWriter", "roles/monitoring.metricWriter", "roles/artifactregistry.reader"},
     "compute-agent": {"roles/storage.objectViewer"},
+    # anyone may read the public app repository (registry.publicAppImages), and nothing else
+    "allUsers": {"roles/artifactregistry.reader"},
 }
 
 
@@ -49,7 +51,7 @@ def iam(plan):
 
 
 def principal_kind(name: str) -> str:
-    for prefix in ("ci-preview", "ci-deploy", "ci-images", "builder", "compute-agent"):
+    for prefix in ("ci-preview", "ci-deploy", "ci-images", "builder", "compute-agent", "allUsers"):
         if name.startswith(prefix):
             return prefix
     return "node-dstack" if "-dstack-" in name else "node-overlay"
@@ -67,9 +69,14 @@ def test_iam_is_exactly_the_declared_set(plan):
 
 
 def test_no_primitive_roles_no_public_members_and_only_reviewed_roles(plan):
+    public = [r for r in iam(plan) if r.inputs["member"] in PUBLIC_MEMBERS]
+    # the one public grant: reading the public app repository, which the stack file opts in to
+    assert [(r.type, r.inputs["role"], r.inputs["member"], r.inputs["repository"]) for r in public] == [
+        ("gcp:artifactregistry/repositoryIamMember:RepositoryIamMember", "roles/artifactregistry.reader", "allUsers",
+         "fleet-public")]
     for r in iam(plan):
         role, member = r.inputs["role"], r.inputs["member"]
-        assert role not in PRIMITIVE_ROLES and member not in PUBLIC_MEMBERS
+        assert role not in PRIMITIVE_ROLES and (member not in PUBLIC_MEMBERS or r in public)
         assert not member.startswith(("user:", "group:", "domain:"))
         if not r.name.startswith("wif-"):
             assert role in ALLOWED_ROLES[principal_kind(r.name)], r.name

@@ -1,5 +1,6 @@
 """The BuildHost component under the mock harness: no way in, a pinned boot image, narrow scopes, the
-generated build script as its startup script, and a wait step whose output becomes a lock entry."""
+generated build script as its startup script, and nothing that waits for the build where pulumi runs
+(``python -m fleet collect`` reads the outputs later: tests/test_collect.py)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def run(root: Path, specs: list[recipes.BuildSpec], *, preview: bool, settings: 
 
     def program():
         hosts = [BuildHost(p, project="acme-tee-build", subnetwork=SUBNET, service_account=ACCOUNT) for p in plans]
-        pulumi.export("lockEntries", {"images": {h.input_hash: h.lock_entry for h in hosts}})
+        pulumi.export("hosts", {h.input_hash: h.instance.name for h in hosts})
 
     return plans, run_program(root, stack="images", config={}, preview=preview, program=program)
 
@@ -69,7 +70,7 @@ def test_build_host_has_no_way_in_and_only_narrow_scopes(root, preview):
     assert interface["subnetwork"] == SUBNET and not interface.get("accessConfigs")
     assert not result.of_type("gcp:compute/firewall:Firewall")
     assert instance.inputs["bootDisk"]["initializeParams"]["image"] == BOOT_IMAGE  # a self link, not a family
-    assert instance.inputs["bootDisk"]["initializeParams"]["size"] == 300  # the overlay Yocto build's default
+    assert instance.inputs["bootDisk"]["initializeParams"]["size"] == 400  # two overlay Yocto trees
     assert instance.inputs["machineType"] == "n2-standard-16"
     account = instance.inputs["serviceAccount"]
     assert account["email"] == ACCOUNT
@@ -84,37 +85,18 @@ def test_build_host_has_no_way_in_and_only_narrow_scopes(root, preview):
 
 
 @pytest.mark.parametrize("preview", [True, False])
-def test_wait_step_polls_the_builds_folder_after_the_instance_exists(root, preview):
+def test_up_starts_the_build_and_returns_nothing_waits_for_it(root, preview):
     plans, result = run(root, [tplus()], preview=preview)
+    assert result.of_type(COMMAND) == []  # a build outlives a CI job: no step polls for it
     (instance,) = result.of_type(INSTANCE)
-    (wait,) = result.of_type(COMMAND)
-    script = wait.inputs["create"]
-    assert script.splitlines()[0] == "# dstack-fleet:step=build-wait"
-    assert f"gs://{BUCKET}/{plans[0].input_hash}/outputs.json" in script
-    assert "timeout_seconds=21600" in script  # the recipe's default, 6 h
-    assert wait.inputs["interpreter"] == ["/bin/bash", "-c"]
-    assert instance.urn in wait.dependencies
-
-
-def test_update_resolves_a_valid_lock_entry_and_preview_leaves_it_unknown(root):
-    specs = [tplus(), dstack()]
-    _, update = run(root, specs, preview=False)
-    entries = update.outputs["lockEntries"]["images"]
-    assert sorted(entries) == sorted(s.input_hash for s in specs)
-    merged, changes = lock.merge(lock.LockFile(version=1), {"images": entries})
-    assert len(changes) == 2
-    for spec in specs:
-        entry = merged.image(spec.input_hash)
-        assert entry.recipe == spec.recipe
-        assert entry.artifact.url == f"gs://{BUCKET}/{spec.input_hash}/disk.tar.gz"
-        assert (entry.os_image_hash is not None) == (spec.recipe == "dstack-os")
-    _, preview = run(root, specs, preview=True)
-    assert all(value is UNKNOWN for value in preview.outputs["lockEntries"]["images"].values())
+    assert "deleted once collected" in instance.inputs["description"]
+    assert 'mark_started\n    prepare_host' in instance.inputs["metadata"]["startup-script"]
+    assert plans[0].timeout_seconds == 10 * 3600  # the recipe's default: how long collect lets it run
 
 
 def test_builds_of_different_inputs_do_not_collide(root):
     plans, result = run(root, [tplus(), dstack()], preview=True)
-    assert len(result.of_type(INSTANCE)) == 2 and len(result.of_type(COMMAND)) == 2
+    assert len(result.of_type(INSTANCE)) == 2
     dstack_instance = next(r for r in result.of_type(INSTANCE) if r.name == plans[1].logical_name)
     assert dstack_instance.inputs["machineType"] == "n2-standard-32"
     assert dstack_instance.inputs["bootDisk"]["initializeParams"]["size"] == 500
@@ -138,15 +120,14 @@ def test_guest_kept_in_the_repository_is_uploaded_before_the_vm_boots(root, tmp_
         plan_build_host(spec, SETTINGS, NAMER, project="acme-tee-build", root=tmp_path / "empty")
 
 
-def test_config_sizes_the_build_host_and_bounds_the_wait(root):
+def test_config_sizes_the_build_host_and_bounds_the_build(root):
     settings = BuildHostSettings(bucket=BUCKET, zone="us-central1-b", boot_image=BOOT_IMAGE, machine_type="c3-standard-44",
                                  disk_gb=800, disk_type="pd-balanced", timeout_seconds=3 * 3600, poll_seconds=30)
     plans, result = run(root, [dstack()], preview=True, settings=settings)
     (instance,) = result.of_type(INSTANCE)
     assert (instance.inputs["machineType"], instance.inputs["zone"]) == ("c3-standard-44", "us-central1-b")
     assert instance.inputs["bootDisk"]["initializeParams"] == {"image": BOOT_IMAGE, "size": 800, "type": "pd-balanced"}
-    (wait,) = result.of_type(COMMAND)
-    assert "timeout_seconds=10800" in wait.inputs["create"] and "poll_seconds=30" in wait.inputs["create"]
+    assert plans[0].timeout_seconds == 3 * 3600
 
 
 @pytest.mark.parametrize("change,path,message", [
@@ -164,13 +145,3 @@ def test_bad_build_host_settings_name_the_key(change, path, message):
     assert message in problems[0][1]
     with pytest.raises(BuildScriptError, match=message.split(";")[0]):
         plan_build_host(dstack(), settings, NAMER, project="acme-tee-build")
-
-
-def test_offline_wait_output_is_a_deterministic_stand_in(root):
-    spec = dstack()
-    _, update = run(root, [spec], preview=False)
-    entry = update.outputs["lockEntries"]["images"][spec.input_hash]
-    assert lock.ImageEntry.model_validate(entry).source.startswith("offline plan stand-in")
-    assert entry["artifact"]["url"] == f"gs://{BUCKET}/{spec.input_hash}/disk.tar.gz"
-    again = run(root, [spec], preview=False)[1]
-    assert again.outputs["lockEntries"]["images"][spec.input_hash] == entry

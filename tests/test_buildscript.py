@@ -26,7 +26,7 @@ import pytest
 from fleet.images import buildscript
 from fleet.images import lock
 from fleet.images import recipes
-from fleet.images.buildscript import BuildScriptError, OutputsError, build_script, parse_outputs, wait_script
+from fleet.images.buildscript import BuildScriptError, OutputsError, build_script, parse_outputs
 
 SHELLCHECK = str(Path(sys.executable).parent / "shellcheck")
 PY = sys.executable
@@ -223,6 +223,7 @@ else:
 # bitbake writes a sparse "disk" holding the recipe's files, so the tarball proves what went in
 FAKE_BITBAKE = RECORD + r'''
 record("bitbake", sys.argv[1:], builddir=os.environ.get("BUILDDIR"))
+noise = os.environ.get("FAKE_BITBAKE_NOISE", "").encode() and os.environ["BUILDDIR"].encode()
 recipe = os.path.join(os.getcwd(), "meta-dstack", "recipes-core", "dstack-sync")
 deploy = os.path.join(os.environ["BUILDDIR"], "tmp", "deploy", "images", "tdx-gcp")
 os.makedirs(deploy, exist_ok=True)
@@ -232,6 +233,8 @@ with open(os.path.join(deploy, dated), "wb") as disk:
     for n, name in enumerate(("guest", "init", "dstack-sync.bb"), start=1):
         disk.seek(n << 20)
         disk.write(open(os.path.join(recipe, name), "rb").read())
+    disk.seek(6 << 20)
+    disk.write(noise)  # a build that stamps its own path: not reproducible
     disk.truncate(8 << 20)
 os.symlink(dated, os.path.join(deploy, "core-image-minimal-tdx-gcp.rootfs.wic"))
 '''
@@ -493,7 +496,9 @@ def test_tplus_build_publishes_a_gce_tarball_and_the_outputs_the_lock_needs(tool
                                  "generation": described["generation"], "crc32c": described["crc32c_hash"]}
     assert entry["recipe"] == "tplus-overlay" and entry["label"] == spec.label
     assert not {"os_image_hash", "rootfs_hash", "uki_hash"} & set(entry)
-    assert tools.object(f"{spec.input_hash}/build.log").read_text().count("bitbake core-image-minimal") == 1
+    # built twice, in two complete trees, and compared before anything was published
+    assert tools.object(f"{spec.input_hash}/build.log").read_text().count("bitbake core-image-minimal") == 2
+    assert "both builds are byte-identical" in tools.object(f"{spec.input_hash}/build.log").read_text()
     # outputs.json is uploaded last: its presence means the build is complete
     uploads = [c["args"][3] for c in tools.calls("gcloud") if c["args"][:2] == ["storage", "cp"]]
     assert uploads[-1] == f"gs://{BUCKET}/{spec.input_hash}/outputs.json"
@@ -508,7 +513,7 @@ def test_tplus_recipe_is_patched_as_upstream_requires(tools, tmp_path):
     out = tmp_path / "out"
     result = tools.run(local_script(tplus_spec(), out, bucket=None))
     assert result.returncode == 0, result.stderr
-    tree = out / "work" / "tree" / "srcs" / "poky"
+    tree = out / "work" / "tree-a" / "srcs" / "poky"
     recipe = tree / "meta-dstack" / "recipes-core" / "dstack-sync"
     bb = (recipe / "dstack-sync.bb").read_text()
     # renaming the file is not enough: BINARY and SRC_URI name the guest, nothing names mini-server
@@ -525,23 +530,37 @@ def test_tplus_recipe_is_patched_as_upstream_requires(tools, tmp_path):
     assert not (tree / "meta-confidential-compute" / "recipes-core" / "cvm-init").exists()
     assert (tree / "meta-confidential-compute" / "recipes-core" / "date-sync").exists()
     assert (tree / "meta-custom-podman" / "recipes-core" / "images" / "core-image-minimal.bbappend").exists()
-    layers = [c["args"][1] for c in tools.calls("bitbake-layers")]
+    layers = [c["args"][1] for c in tools.calls("bitbake-layers") if "/work/tree-a/" in c["cwd"] + "/"]
     assert layers == ["../meta-confidential-compute", "meta-dstack", "./meta-openembedded/meta-oe/",
                       "./meta-openembedded/meta-python/", "./meta-openembedded/meta-networking",
                       "./meta-openembedded/meta-filesystems/", "meta-virtualization", "meta-custom-podman"]
     # every upstream at its pinned commit; the branch-tracking manifest tool is never used
-    checkouts = {c["where"].split("/work/tree/")[1]: c["args"][-1] for c in tools.calls("git")
-                 if c["args"][0] == "checkout"}
-    assert checkouts == {u.path: u.commit for u in recipes.TPLUS_UPSTREAMS}
+    for name in ("tree-a", "tree-b"):
+        checkouts = {c["where"].split(f"/work/{name}/")[1]: c["args"][-1] for c in tools.calls("git")
+                     if c["args"][0] == "checkout" and f"/work/{name}/" in c["where"]}
+        assert checkouts == {u.path: u.commit for u in recipes.TPLUS_UPSTREAMS}
     assert not tools.calls("repo")
-    (bitbake,) = tools.calls("bitbake")
-    assert bitbake["args"] == ["core-image-minimal"] and bitbake["cwd"] == str(tree)
+    first, second = tools.calls("bitbake")
+    assert first["args"] == second["args"] == ["core-image-minimal"]
+    assert (first["cwd"], second["cwd"]) == (str(tree), str(tree).replace("tree-a", "tree-b"))
+    # the two trees share only the checksummed source downloads
+    assert f'DL_DIR = "{out}/work/downloads"' in local_conf
+
+
+def test_two_tplus_builds_that_differ_publish_nothing(tools, tmp_path):
+    spec = tplus_spec()
+    result = tools.run(local_script(spec, tmp_path / "out"), FAKE_BITBAKE_NOISE="1")
+    assert result.returncode != 0
+    assert "the two builds differ" in result.stderr and "nothing is published" in result.stderr
+    assert not tools.object(f"{spec.input_hash}/outputs.json").exists()
+    assert tools.object(f"{spec.input_hash}/failure.txt").exists()  # and the log, for a look
+    assert tools.object(f"{spec.input_hash}/build.log").exists()
 
 
 def test_without_prod_debug_tweaks_stay(tools, tmp_path):
     out = tmp_path / "out"
     assert tools.run(local_script(tplus_spec(prod=False), out, bucket=None)).returncode == 0
-    local_conf = (out / "work/tree/srcs/poky/build/conf/local.conf").read_text().splitlines()
+    local_conf = (out / "work/tree-a/srcs/poky/build/conf/local.conf").read_text().splitlines()
     assert 'EXTRA_IMAGE_FEATURES ?= "debug-tweaks"' in local_conf and 'MACHINE ?= "tdx-gcp"' in local_conf
 
 
@@ -588,7 +607,7 @@ def test_guest_from_source_is_built_for_musl_at_its_commit(tools, tmp_path):
     assert cargo["args"] == ["+1.86.0", "build", "--locked", "--release", "--target", "x86_64-unknown-linux-musl",
                              "--no-default-features", "--features", "quic,tdx", "--bin", "light_client"]
     assert cargo["cwd"] == str(out / "work" / "guest-src" / "dstack-helios-tdx")
-    built = (out / "work/tree/srcs/poky/meta-dstack/recipes-core/dstack-sync/guest").read_text()
+    built = (out / "work/tree-a/srcs/poky/meta-dstack/recipes-core/dstack-sync/guest").read_text()
     assert built == f"light client light_client built in {cargo['cwd']}\n"
     guest_checkout = [c for c in tools.calls("git") if c["args"][0] == "checkout" and c["where"].endswith("guest-src")]
     assert guest_checkout[0]["args"][-1] == SOURCE_GUEST["source"]["commit"]
@@ -634,7 +653,7 @@ def test_hostile_paths_are_inert(tools, tmp_path):
     result = tools.run(script, path=tmp_path / HOSTILE / "build.sh")
     assert result.returncode == 0, result.stderr
     assert check_gce_tarball(out / "disk.tar.gz")
-    assert (tmp_path / "work" / "tree" / "srcs" / "poky" / "meta-dstack").is_dir()
+    assert (tmp_path / "work" / "tree-a" / "srcs" / "poky" / "meta-dstack").is_dir()
     assert (out / "build.log").is_file() and (out / "disk.tar.gz.sha256").is_file()
     assert json.loads((out / "outputs.json").read_text())["artifact"]["file"] == str(out / "disk.tar.gz")
     for where in (tmp_path, tmp_path / HOSTILE, Path.cwd(), out):
@@ -763,7 +782,7 @@ def test_dstack_os_fails_when_the_two_builds_differ(tools, tmp_path):
 # ---- shellcheck -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["tplus-binary-local", "tplus-source-remote", "tplus-path-remote", "dstack-remote",
-                                     "dstack-overrides-local", "wait"])
+                                     "dstack-overrides-local"])
 def test_generated_scripts_pass_shellcheck(variant, tmp_path):
     if variant == "tplus-binary-local":
         script = local_script(tplus_spec(), tmp_path / "out")
@@ -774,11 +793,8 @@ def test_generated_scripts_pass_shellcheck(variant, tmp_path):
                               bucket=BUCKET, guest_location=f"gs://{BUCKET}/x/inputs/guest")
     elif variant == "dstack-remote":
         script = build_script(dstack_spec(), mode="remote", bucket=BUCKET)
-    elif variant == "dstack-overrides-local":
-        script = local_script(dstack_spec(**{"dstack.rootfs_device": "PARTLABEL=dstack-rootfs"}), tmp_path, bucket=None)
     else:
-        script = "#!/bin/bash\n" + wait_script(recipe="dstack-os", input_hash="a" * 64, bucket=BUCKET, instance="i",
-                                               zone="us-central1-a", project="acme-tee-build", timeout_seconds=60)
+        script = local_script(dstack_spec(**{"dstack.rootfs_device": "PARTLABEL=dstack-rootfs"}), tmp_path, bucket=None)
     lint = subprocess.run([SHELLCHECK, "-s", "bash", "-"], input=script, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout
 
@@ -799,54 +815,6 @@ def test_scripts_cannot_be_made_without_where_the_results_go():
         build_script(tplus_spec({"binary": {"url": "bin/guest", "sha256": GUEST_SHA256}}), mode="remote", bucket=BUCKET)
     with pytest.raises(BuildScriptError, match="not a GCS bucket name"):
         build_script(tplus_spec(), mode="remote", bucket="Bad Bucket")
-
-
-# ---- the wait step ----------------------------------------------------------------------------------------------
-
-def wait_for(tools: Toolchain, digest: str, timeout: int = 30) -> tuple[str, subprocess.Popen]:
-    script = wait_script(recipe="tplus-overlay", input_hash=digest, bucket=BUCKET, instance="fleet-images-build-x",
-                         zone="us-central1-a", project="acme-tee-build", timeout_seconds=timeout, poll_seconds=1)
-    process = subprocess.Popen(["/bin/bash", "-c", script], env=tools.env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    return script, process
-
-
-def put(tools: Toolchain, name: str, text: str) -> None:
-    path = tools.object(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def test_wait_step_polls_until_outputs_json_appears_and_prints_it(tools):
-    digest = "b" * 64
-    script, process = wait_for(tools, digest)
-    assert script.splitlines()[0] == "# dstack-fleet:step=build-wait"
-    time.sleep(1.5)
-    assert process.poll() is None  # still waiting
-    document = json.dumps({"inputHash": digest})
-    put(tools, f"{digest}/outputs.json", document)
-    stdout, stderr = process.communicate(timeout=20)
-    assert process.returncode == 0, stderr
-    assert stdout == document + "\n"
-
-
-def test_wait_step_stops_at_once_on_a_recorded_failure(tools):
-    digest = "c" * 64
-    put(tools, f"{digest}/failure.txt", "build failed with exit status 2")
-    _, process = wait_for(tools, digest)
-    _, stderr = process.communicate(timeout=20)
-    assert process.returncode == 1
-    assert "failed: build failed with exit status 2" in stderr and f"gs://{BUCKET}/{digest}/build.log" in stderr
-
-
-def test_wait_step_times_out_naming_the_build_log(tools):
-    digest = "d" * 64
-    _, process = wait_for(tools, digest, timeout=2)
-    _, stderr = process.communicate(timeout=20)
-    assert process.returncode == 1
-    assert f"timed out after 2s waiting for gs://{BUCKET}/{digest}/outputs.json" in stderr
-    assert f"the build log is gs://{BUCKET}/{digest}/build.log" in stderr
-    assert "get-serial-port-output fleet-images-build-x --zone us-central1-a --project acme-tee-build" in stderr
 
 
 # ---- the outputs contract ---------------------------------------------------------------------------------------
@@ -892,23 +860,3 @@ def test_parse_outputs_rejects_what_the_lock_cannot_hold(text, message):
     with pytest.raises(OutputsError) as info:
         parse_outputs(text, expect_input_hash=H)
     assert message in str(info.value) and "\n" not in str(info.value)
-
-
-def test_offline_stand_in_is_valid_and_deterministic():
-    class Ctx:
-        def __init__(self, script):
-            self.inputs = {"create": script}
-
-        def digest(self, salt=""):
-            return hashlib.sha256(f"urn|{salt}".encode()).hexdigest()
-
-    for recipe in ("tplus-overlay", "dstack-os"):
-        script = wait_script(recipe=recipe, input_hash=H, bucket=BUCKET, instance="i", zone="us-central1-a",
-                             project="p", timeout_seconds=60)
-        text = buildscript.offline_wait_stdout(Ctx(script))
-        assert text == buildscript.offline_wait_stdout(Ctx(script))
-        digest, entry = parse_outputs(text, expect_input_hash=H)
-        assert entry["artifact"]["url"] == f"gs://{BUCKET}/{H}/disk.tar.gz"
-        assert ("os_image_hash" in entry) == (recipe == "dstack-os")
-        assert "offline plan stand-in" in entry["source"]
-    assert base64.b64decode(entry["artifact"]["crc32c"])

@@ -95,3 +95,23 @@ def test_lock_with_unreadable_outputs_exits_2(project, tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "cannot read the images stack outputs" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def failed_entry(reason="build of input hash failed with exit status 1"):
+    return {"recipe": "tplus-overlay", "reason": reason, "log": f"gs://acme-images/{H2}/build.log",
+            "at": "2026-01-01T00:00:00Z"}
+
+
+def test_a_failure_is_recorded_and_an_image_of_that_hash_clears_it():
+    first, changes = lock.merge(lock.LockFile(version=1), {"lockEntries": {"failed": {H2: failed_entry()}}})
+    assert changes == [f"added failed.{H2}"] and H2 in first.failed
+    assert '"failed"' in first.to_json()
+    fixed, changes = lock.merge(first, {"lockEntries": {"images": {H2: image_entry()}}})
+    assert changes == [f"added images.{H2}", f"cleared failed.{H2}"]
+    assert fixed.failed == {} and '"failed"' not in fixed.to_json()
+
+
+def test_a_failure_never_shadows_a_recorded_image():
+    locked, _ = lock.merge(lock.LockFile(version=1), {"lockEntries": {"images": {H1: image_entry()}}})
+    same, changes = lock.merge(locked, {"lockEntries": {"failed": {H1: failed_entry()}}})
+    assert changes == [] and same.failed == {}

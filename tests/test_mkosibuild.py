@@ -99,6 +99,12 @@ with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(json.dumps(["skopeo", *argv]) + "\\n")
 policy = json.load(open(argv[argv.index("--policy") + 1]))
 assert policy == {{"default": [{{"type": "insecureAcceptAnything"}}]}}, policy
+if "inspect" in argv:
+    assert argv[-1].startswith("docker://") and "--no-tags" in argv and "--format" in argv, argv
+    if not os.environ.get("FAKE_SKOPEO_EXISTING"):
+        sys.exit("FATA[0000] Error parsing image name: reading manifest: manifest unknown")
+    print(os.environ["FAKE_SKOPEO_EXISTING"])
+    sys.exit(0)
 source, destination = argv[-2], argv[-1]
 assert source.startswith("oci:") and destination.startswith("docker://"), argv
 path, _, tag = source[len("oci:"):].partition(":")
@@ -189,8 +195,9 @@ def test_step_builds_twice_pushes_and_prints_the_lock_entry(rig, tmp_path):
     for call in builds:
         assert "--directory=apps/simple-app" in call and "--compress-output=no" in call
         assert "--incremental=no" in call and "--wipe-build-dir" in call and "--output=rootfs" in call
-    [push] = [c for c in calls if c[0] == "skopeo"]
+    inspect, push = [c for c in calls if c[0] == "skopeo"]
     tag = digest[:32]
+    assert inspect[3] == "inspect" and inspect[-1] == f"docker://{REPOSITORY}:{tag}"  # asked first: not there
     assert push[1:3] == ["--policy", push[2]] and push[3] == "copy" and "--preserve-digests" in push
     assert push[-1] == f"docker://{REPOSITORY}:{tag}" and push[-2].startswith("oci:") and push[-2].endswith(f":{tag}")
     pushed = json.loads((rig.state / "pushed" / "index.json").read_text())
@@ -203,7 +210,21 @@ def test_step_refuses_when_the_two_builds_differ(rig):
     result = rig.run(script, FAKE_MKOSI_DIFFER="1")
     assert result.returncode != 0 and result.stdout == ""
     assert "the two mkosi builds differ" in result.stderr and "nothing is published" in result.stderr
-    assert not [c for c in rig.calls() if c[0] == "skopeo"]
+    assert not [c for c in rig.calls() if c[0] == "skopeo" and "copy" in c]
+
+
+def test_an_existing_immutable_tag_is_resolved_to_its_digest_and_nothing_is_built_or_pushed(rig):
+    digest, script = rig.script()
+    existing = "sha256:" + "7" * 64
+    result = rig.run(script, FAKE_SKOPEO_EXISTING=existing)
+    assert result.returncode == 0, result.stderr
+    entry = mb.parse_step_stdout(result.stdout)
+    assert entry["image"] == REPOSITORY and entry["digest"] == existing and entry["digest_kind"] == "manifest"
+    assert "an existing immutable tag, resolved to its digest" in entry["source"]
+    assert "already exists (tags are immutable)" in result.stderr
+    calls = rig.calls()
+    assert not [c for c in calls if c[0] == "mkosi" and c[-1] == "build"]
+    assert [c[3] for c in calls if c[0] == "skopeo"] == ["inspect"]  # no copy
 
 
 def test_step_refuses_another_mkosi_version_before_building(rig):

@@ -146,7 +146,7 @@ def test_create_update_delete_scripts_against_the_fake_cli(project, fake_cli):
     assert created.returncode == 0, created.stderr
     deploy, get = fake_cli.calls()
     assert deploy["argv"] == ["deploy", "--json", "--name", "hello-dev", "--instance-type", "tdx.small", "--kms",
-                              "phala", "--no-dev-os", "--no-listed", "--no-secure-time", "--compose",
+                              "phala", "--no-dev-os", "--no-listed", "--compose",
                               "docker-compose.yml", "--public-logs", "--public-sysinfo", "-e", "app.env"]
     assert deploy["compose"] == app.compose_text  # byte for byte, through stdin
     assert deploy["env_file_sha256"] == hashlib.sha256((env_text + "\n").encode()).hexdigest()
@@ -307,3 +307,41 @@ def test_an_on_chain_kms_is_refused_by_the_config_check(project):
         dev_app(project, change)
     assert any(".phala.kms: on-chain KMS deployments (ethereum, base) need a deployer key" in line
                for line in info.value.lines())
+
+
+@pytest.mark.parametrize("update", [False, True])
+@pytest.mark.parametrize("fs,node", [(None, None), ("ext4", 7)])
+def test_every_flag_the_scripts_pass_exists_in_the_pinned_cli(project, update, fs, node):
+    """DEPLOY_FLAGS is `phala deploy --help` of phala 1.1.18; an unknown flag is a hard CLI error there."""
+    def change(config):
+        with_phala_app(config)
+        entry = phala_entry(config)
+        entry["settings"]["storageFs"] = fs
+        entry["phala"]["nodeId"] = node
+    _, _, app = dev_app(project, change)
+    args = phala.deploy_args(app, app.config.phala, update=update, with_env=True, with_pre_launch=True)
+    flags = [a for a in args[2:] if a.startswith("-")]
+    assert flags and set(flags) <= phala.DEPLOY_FLAGS, set(flags) - phala.DEPLOY_FLAGS
+    assert "--public-tcbinfo" not in phala.DEPLOY_FLAGS and "--secure-time" not in phala.DEPLOY_FLAGS
+
+
+@pytest.mark.parametrize("setting,value", [("publicTcbinfo", True), ("publicTcbinfo", False), ("secureTime", True)])
+def test_settings_the_pinned_cli_cannot_pass_are_refused_by_the_config_check(project, setting, value):
+    from fleet.config.problems import ConfigError
+
+    def change(config):
+        with_phala_app(config)
+        phala_entry(config)["settings"][setting] = value
+    with pytest.raises(ConfigError) as info:
+        dev_app(project, change)
+    assert any(f".settings.{setting}: phala {phala.CLI_VERSION} has no flag" in line for line in info.value.lines())
+
+
+def test_the_pinned_cli_is_what_tools_phala_installs():
+    root = Path(__file__).resolve().parent.parent / "tools" / "phala"
+    package = json.loads((root / "package.json").read_text())
+    locked = json.loads((root / "package-lock.json").read_text())
+    assert package["dependencies"] == {"phala": phala.CLI_VERSION}  # exact, no range
+    entry = locked["packages"]["node_modules/phala"]
+    assert entry["version"] == phala.CLI_VERSION and entry["integrity"].startswith("sha512-")
+    assert all(p.get("integrity", "").startswith("sha512-") for name, p in locked["packages"].items() if name)

@@ -357,3 +357,56 @@ def test_add_parser_registers_the_comment_subcommand(tmp_path):
     args = parser.parse_args(["comment", "--dir", str(tmp_path), "--repo", REPO, "--sha", SHA])
     assert args.func is prcomment.cmd_comment
     assert args.marker == "dstack-fleet-plan" and args.author == BOT
+
+
+# --- the poster as the workflow runs it: a bare Python, nothing installed -------------------------
+
+VECTOR = Path(__file__).parent / "vectors" / "pr-plan"
+RECORDED_SHA = "c" * 40
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> Path:
+    """A fresh virtual environment with nothing installed in it (no pip, no project requirements)."""
+    import subprocess
+    import sys
+
+    venv = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import pydantic"], capture_output=True, text=True, check=False)
+    assert probe.returncode != 0, "the fresh environment must not see the project's requirements"
+    return python
+
+
+def test_the_poster_runs_on_a_bare_python_and_posts_the_recorded_comment(github, bare_python):
+    import subprocess
+    import sys
+
+    github.add_pull(42, RECORDED_SHA)
+    root = Path(__file__).resolve().parent.parent
+    env = {"PATH": os.environ.get("PATH", ""), "GITHUB_TOKEN": "test-token", "GITHUB_API_URL": github.url,
+           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    # as pr-comment.yml runs it, from the checkout's root; -X importtime lists every module loaded
+    result = subprocess.run(
+        [str(bare_python), "-X", "importtime", "-m", "fleet", "comment", "--dir", str(VECTOR), "--repo", REPO,
+         "--sha", RECORDED_SHA, "--run-url", "https://github.test/acme/dstack-fleet/actions/runs/1"],
+        cwd=root, env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("created the plan comment on #42")
+    (post,) = github.calls("POST")
+    assert post["path"] == f"/repos/{REPO}/issues/42/comments"
+    assert post["body"]["body"] == (VECTOR / "comment.md").read_text(encoding="utf-8")
+
+    def loaded(stderr: str) -> set[str]:
+        return {line.split("|")[-1].strip().split(".")[0] for line in stderr.splitlines()
+                if line.startswith("import time:") and not line.rstrip().endswith("package")}
+
+    # what this interpreter loads for any program (a distribution's sitecustomize, say) is not the poster's
+    startup = loaded(subprocess.run([str(bare_python), "-X", "importtime", "-c", "pass"], cwd=root, env=env,
+                                    capture_output=True, text=True, check=True).stderr)
+    foreign = sorted(m for m in loaded(result.stderr) - startup if m not in sys.stdlib_module_names
+                     # the standard library's copy module probes Jython's org.python.core and fails
+                     and m not in ("fleet", "org"))
+    assert foreign == [], f"the poster loaded modules outside the standard library: {foreign}"
+    assert "fleet" in loaded(result.stderr)

@@ -173,6 +173,7 @@ class Case:
     allowed_images: tuple[str, ...] = ()
     external_ip_groups: tuple[str, ...] = ()
     extra_machine_types: tuple[str, ...] = ()
+    public_repositories: tuple[str, ...] = ()
     expect_update: set[E] | None = None  # when the update pass differs (values known there)
 
 
@@ -191,7 +192,8 @@ def offline(case: Case, run: ProgramRun) -> list[dict[str, str]]:
     context = rules.RuleContext(
         tier=case.tier, enforcement=case.enforcement, public_ports=frozenset(case.public_ports),
         allowed_images=case.allowed_images, external_ip_groups=frozenset(case.external_ip_groups),
-        extra_machine_types=case.extra_machine_types, outputs=outputs, measurements=measurements,
+        extra_machine_types=case.extra_machine_types, public_repositories=frozenset(case.public_repositories),
+        outputs=outputs, measurements=measurements,
         stack_urn=rules.stack_urn(run.stack, run.project))
     return rules.evaluate(run.resources, context)
 
@@ -248,7 +250,8 @@ def crossguard(case: Case, run: ProgramRun, config: dict[str, Any] | None = None
     if config is None:
         config = rules.pack_config(case.tier, case.enforcement, case.public_ports, case.allowed_images,
                                    extra_machine_types=case.extra_machine_types,
-                                   external_ip_groups=case.external_ip_groups)
+                                   external_ip_groups=case.external_ip_groups,
+                                   public_repositories=case.public_repositories)
     resources = policy_resources(run)
     out: list[dict[str, str]] = []
     for policy in rules.crossguard_policies():
@@ -387,6 +390,12 @@ def _app_measurements(entry: dict[str, Any]) -> Callable[[], None]:
     return program
 
 
+def _public_grant(repository: str = "fleet-public", role: str = "roles/artifactregistry.reader",
+                  member: str = "allUsers") -> None:
+    gcp.artifactregistry.RepositoryIamMember("grant", project="acme-tee-ops", location="us-central1",
+                                             repository=repository, role=role, member=member)
+
+
 CASES = [
     Case("compliant-node", _world(), set()),
     # pinned-digests
@@ -466,6 +475,20 @@ CASES = [
     Case("ingress-override-mandatory-in-dev", lambda: firewall(), {E("no-open-ingress", "fw")}, tier="dev",
          enforcement={"no-open-ingress": "mandatory"}),
     Case("ingress-disabled", lambda: firewall(), set(), enforcement={"no-open-ingress": "disabled"}),
+    # no-public-access
+    Case("public-app-repository-read", lambda: _public_grant(), set(), public_repositories=("fleet-public",)),
+    Case("public-repository-not-opted-in", lambda: _public_grant(), {E("no-public-access", "grant")}),
+    Case("public-other-repository", lambda: _public_grant(repository="fleet"), {E("no-public-access", "grant")},
+         public_repositories=("fleet-public",)),
+    Case("public-write", lambda: _public_grant(role="roles/artifactregistry.writer"),
+         {E("no-public-access", "grant")}, public_repositories=("fleet-public",)),
+    Case("public-authenticated-users", lambda: _public_grant(member="allAuthenticatedUsers"),
+         {E("no-public-access", "grant")}, public_repositories=("fleet-public",)),
+    Case("public-bucket", lambda: gcp.storage.BucketIAMMember("grant", bucket="acme-images", member="allUsers",
+                                                             role="roles/storage.objectViewer"),
+         {E("no-public-access", "grant")}, public_repositories=("fleet-public",)),
+    Case("public-none-for-a-service-account", lambda: _public_grant(member="serviceAccount:a@p.iam.gserviceaccount.com"),
+         set()),
     # hardened-instances
     Case("hardened-serial-console", _world(metadata=_metadata(**{"serial-port-enable": "TRUE"})),
          {E("hardened-instances", NODE)}),
@@ -544,6 +567,7 @@ def test_every_rule_has_a_violating_and_a_passing_case():
         prefix = {"pinned-digests": "digests", "pinned-build-inputs": "build", "tdx-only": "tdx",
                   "image-features": "compliant", "no-open-ingress": "ingress", "hardened-instances": "hardened",
                   "data-safety": "data", "no-plaintext-secrets": "secrets", "unsafe-peer-delivery": "peers",
+                  "no-public-access": "public",
                   "expected-measurements": "measurements"}[name]
         assert any(c.id.startswith(prefix) and not any(e.policy == name for e in c.expect) for c in CASES), name
 

@@ -28,8 +28,10 @@ PERMISSIONS = {
     ("preview", "offline"): {"contents": "read"},
     ("preview", "cloud-preview"): {"contents": "read", "id-token": "write", "pull-requests": "write"},
     ("pr-comment", "comment"): {"actions": "read", "contents": "read", "pull-requests": "write"},
-    ("images", "build"): {"contents": "read", "id-token": "write"},
-    ("images", "lock-pr"): {"contents": "write", "pull-requests": "write"},
+    ("images", "start"): {"contents": "read", "id-token": "write"},
+    ("images", "collect"): {"contents": "read", "id-token": "write"},
+    # writes through a GitHub App's token (its pull requests start workflows), not the job's
+    ("images", "lock-pr"): {"contents": "read"},
     ("deploy", "dev"): {"contents": "read", "id-token": "write"},
     ("deploy", "staging"): {"contents": "read", "id-token": "write"},
     ("deploy", "prod"): {"contents": "read", "id-token": "write"},
@@ -203,11 +205,19 @@ def test_no_run_script_interpolates_expressions():
 
 
 def test_no_workflow_uses_stored_secrets_or_a_passphrase():
-    """Google Cloud through Workload Identity Federation, stack secrets through gcpkms://."""
+    """Google Cloud through Workload Identity Federation, stack secrets through gcpkms://. The one
+    stored secret is the lock pull-request App's key, in its own GitHub environment, handed only to
+    the action that turns it into a one-hour installation token."""
     for path in FILES:
         text = path.read_text()
-        for forbidden in ("secrets.", "PULUMI_CONFIG_PASSPHRASE", "PULUMI_ACCESS_TOKEN", "credentials_json"):
+        for forbidden in ("PULUMI_CONFIG_PASSPHRASE", "PULUMI_ACCESS_TOKEN", "credentials_json"):
             assert forbidden not in text, f"{path.name}: {forbidden}"
+        uses = re.findall(r"secrets\.[A-Za-z0-9_]+", text)
+        assert uses == (["secrets.LOCK_PR_APP_PRIVATE_KEY"] if path.stem == "images" else []), path.name
+    job = workflow("images")["jobs"]["lock-pr"]
+    assert job["environment"] == "images-lock"
+    mint = only_step(job, "actions/create-github-app-token")
+    assert mint["with"]["private-key"] == "${{ secrets.LOCK_PR_APP_PRIVATE_KEY }}"
 
 
 def test_google_auth_is_federated_with_the_right_identity():
@@ -220,9 +230,11 @@ def test_google_auth_is_federated_with_the_right_identity():
                 if action(step) != "google-github-actions/auth":
                     continue
                 seen.add(path.stem)
+                # the images jobs also take a short-lived access token for the registry login
+                extra = {"token_format": "access_token"} if path.stem == "images" else {}
                 assert step["with"] == {
                     "workload_identity_provider": "${{ vars.GCP_WIF_PROVIDER }}",
-                    "service_account": f"${{{{ vars.{expected[path.stem]} }}}}",
+                    "service_account": f"${{{{ vars.{expected[path.stem]} }}}}", **extra,
                 }
                 assert job["permissions"].get("id-token") == "write"
                 if expected[path.stem] == "GCP_DEPLOY_SERVICE_ACCOUNT":
@@ -314,20 +326,104 @@ def test_deploy_goes_dev_then_staging_then_prod():
         assert job["env"]["STACK"] == stack and job["env"]["FLEET_UP_YES"] == "1"
         assert job["env"]["PULUMI_BACKEND_URL"] == "${{ vars.PULUMI_BACKEND_URL }}"
         runs = [s["run"] for s in steps(job) if "run" in s]
-        assert runs[-1] == 'make up STACK="$STACK"'
+        assert runs[-2:] == ['make up STACK="$STACK"', 'make gc STACK="$STACK" GC_APPLY=1']
         assert only_step(job, "pulumi/actions")["with"] == {"pulumi-version-file": ".pulumi-version"}
 
 
-def test_images_build_then_propose_the_lock_with_split_permissions():
+def test_images_starts_builds_on_push_and_collects_them_on_a_schedule():
     document = workflow("images")
-    assert document["on"]["push"]["paths"] == ["stacks/Pulumi.images.yaml", "fleet/recipes*.py", "recipes/**"]
-    assert "images.lock.json" not in document["on"]["push"]["paths"]  # merging the lock builds nothing
-    build, lock_pr = document["jobs"]["build"], document["jobs"]["lock-pr"]
-    runs = [s["run"] for s in steps(build) if "run" in s]
-    assert runs.index("make up STACK=images") < runs.index("make lock")
-    assert build["env"]["FLEET_UP_YES"] == "1"
-    assert lock_pr["needs"] == "build"
+    assert set(document["on"]) == {"push", "schedule", "workflow_dispatch"}
+    assert document["concurrency"] == {"group": "images", "cancel-in-progress": False}
+    start, collect, lock_pr = (document["jobs"][j] for j in ("start", "collect", "lock-pr"))
+    assert "github.event_name != 'schedule'" in start["if"] and "github.event_name != 'push'" in collect["if"]
+    # a GitHub-hosted job stops at 6 h; neither half waits for a build
+    assert start["timeout-minutes"] <= 120 and collect["timeout-minutes"] <= 120
+    start_runs = [s["run"] for s in steps(start) if "run" in s]
+    assert start_runs[-1] == "make up STACK=images" and not any("make lock" in r for r in start_runs)
+    runs = [s["run"] for s in steps(collect) if "run" in s]
+    collect_at = next(i for i, r in enumerate(runs) if r.startswith("make collect"))
+    lock_at = next(i for i, r in enumerate(runs) if "make lock OUTPUTS=" in r)
+    assert collect_at < lock_at < runs.index("make up STACK=images") < runs.index("make gc STACK=images GC_APPLY=1")
+    assert lock_pr["needs"] == "collect"
     assert not [s for s in steps(lock_pr) if action(s) in ("google-github-actions/auth", "pulumi/actions")]
+    for job in (start, collect):
+        assert job["env"]["FLEET_UP_YES"] == "1" and job["environment"] == "images"
+
+
+def test_images_toolchains_are_pinned_and_checked_before_anything_builds():
+    from fleet.images import mkosibuild
+
+    for job_id in ("start", "collect"):
+        job = workflow("images")["jobs"][job_id]
+        (mkosi,) = [s for s in steps(job) if action(s) == "actions/checkout" and s["with"].get("repository")]
+        assert mkosi["with"]["repository"] == "systemd/mkosi" and mkosi["with"]["ref"] == mkosibuild.MKOSI_COMMIT
+        install = step_named("images", job_id, "Install mkosi and skopeo")
+        assert install["env"]["SKOPEO_APT_VERSION"] == mkosibuild.SKOPEO_APT_VERSION
+        assert f'test "$(git -C .tools/mkosi rev-parse HEAD)" = {mkosibuild.MKOSI_COMMIT}' in install["run"]
+        assert "kernel.apparmor_restrict_unprivileged_userns=0" in install["run"]
+        assert install["run"].rstrip().endswith(".venv/bin/python -m fleet toolchain mkosi skopeo")
+        names = [s.get("name", "") for s in steps(job)]
+        assert names.index(install["name"]) < names.index("Log in to Artifact Registry")
+        login = step_named("images", job_id, "Log in to Artifact Registry")
+        assert login["env"] == {"ACCESS_TOKEN": "${{ steps.auth.outputs.access_token }}"}
+        assert "--password-stdin" in login["run"]  # never on the command line
+
+
+def test_deploy_installs_the_pinned_phala_cli_and_checks_it():
+    job = workflow("deploy")["jobs"]["dev"]
+    runs = [s["run"] for s in steps(job) if "run" in s]
+    install = next(r for r in runs if "npm ci" in r)
+    assert "npm ci --prefix tools/phala --ignore-scripts" in install
+    assert runs.index(install) < runs.index(".venv/bin/python -m fleet toolchain phala") < runs.index(
+        'make up STACK="$STACK"')
+
+
+def test_the_comment_poster_installs_nothing():
+    """`python -m fleet comment` imports only the standard library (tests/test_prcomment.py runs it so)."""
+    job = workflow("pr-comment")["jobs"]["comment"]
+    runs = [s["run"] for s in steps(job) if "run" in s]
+    assert not any("make" in r.split() or "pip" in r or ".venv" in r for r in runs)
+
+
+def plan_reads(stack: str) -> set[str]:
+    """Every file of this repository an offline plan of ``stack`` opens or imports."""
+    probe = r"""
+import json, runpy, sys
+opened = set()
+sys.addaudithook(lambda event, args: opened.add(args[0]) if event == "open" and isinstance(args[0], str) else None)
+sys.argv = ["fleet", "plan", "--stack", sys.argv[1]]
+try:
+    runpy.run_module("fleet", run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+opened |= {m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
+sys.stderr.write("\nOPENED" + json.dumps(sorted(opened)))
+"""
+    result = subprocess.run([sys.executable, "-c", probe, stack], cwd=ROOT, capture_output=True, text=True,
+                            check=False)
+    assert "OPENED" in result.stderr, result.stderr[-2000:]
+    paths = json.loads(result.stderr.rsplit("OPENED", 1)[1])
+    out = set()
+    for raw in paths:
+        path = (ROOT / raw).resolve() if not os.path.isabs(raw) else Path(raw).resolve()
+        if path.is_file() and path.is_relative_to(ROOT) and ".venv" not in path.relative_to(ROOT).parts:
+            out.add(path.relative_to(ROOT).as_posix())
+    return out
+
+
+def github_glob(pattern: str) -> re.Pattern:
+    """GitHub's path filter syntax: `**` crosses directories, `*` does not."""
+    return re.compile(".*".join("[^/]*".join(re.escape(part) for part in piece.split("*"))
+                                for piece in pattern.split("**")))
+
+
+def test_images_path_filters_cover_every_file_an_images_plan_reads():
+    filters = [github_glob(p) for p in workflow("images")["on"]["push"]["paths"]]
+    read = plan_reads("images")
+    assert {"stacks/Pulumi.dev.yaml", "stacks/Pulumi.images.yaml", "images.lock.json",
+            "apps/simple-mkosi-app/mkosi.conf", "fleet/images/recipes.py", "components/buildhost.py"} <= read
+    uncovered = sorted(f for f in read if not any(g.fullmatch(f) for g in filters))
+    assert uncovered == []
 
 
 def test_drift_refreshes_each_env_stack_and_expects_no_changes():
@@ -421,8 +517,10 @@ def test_recorded_commit_is_what_the_poster_checks(tmp_path):
 
 FAKE_GH = """#!{python}
 import json, os, sys
+args = sys.argv[1:]
+body = json.load(open(args[args.index("--input") + 1])) if "--input" in args else None
 with open(os.environ["FAKE_GH_LOG"], "a") as log:
-    log.write(json.dumps(sys.argv[1:]) + "\\n")
+    log.write(json.dumps({{"argv": args, "body": body}}) + "\\n")
 """
 
 
@@ -441,40 +539,49 @@ def lock_repo(tmp_path):
     blob = subprocess.run(git + ["rev-parse", "HEAD:images.lock.json"],
                           capture_output=True, text=True, check=True).stdout.strip()
     executable(tmp_path / "bin/gh", FAKE_GH.format(python=sys.executable))
+    artifact = tmp_path / "images-lock"
+    artifact.mkdir()
+    (artifact / "changes.txt").write_text("added images." + "a" * 64 + "\n")
+    (tmp_path / "runner-temp").mkdir()
     env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "FAKE_GH_LOG": str(tmp_path / "gh.jsonl"),
            "GH_REPO": "acme/dstack-fleet", "BASE_BRANCH": "main", "GITHUB_SHA": head,
            "GITHUB_RUN_ID": "77", "GITHUB_RUN_ATTEMPT": "1", "GITHUB_SERVER_URL": "https://github.com",
-           "NEW_LOCK": str(tmp_path / "new.lock.json")}
+           "ARTIFACT": str(artifact), "RUNNER_TEMP": str(tmp_path / "runner-temp")}
     return repo, env, blob
 
 
-def gh_calls(env) -> list[list[str]]:
+def gh_calls(env) -> list[dict]:
     path = Path(env["FAKE_GH_LOG"])
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_lock_pr_step_commits_through_the_api_and_opens_a_pull_request(lock_repo):
+def test_lock_pr_step_commits_through_the_api_from_files_and_opens_a_pull_request(lock_repo):
     repo, env, blob = lock_repo
-    Path(env["NEW_LOCK"]).write_text('{"images": {"new": 2}}\n')
+    new_lock = '{"images": {"new": 2}}\n' + " " * 300_000  # larger than one command-line argument may be
+    (Path(env["ARTIFACT"]) / "images.lock.json").write_text(new_lock)
     step = step_named("images", "lock-pr", "Open a pull request")
+    assert set(step["env"]) == {"GH_TOKEN", "GH_REPO", "BASE_BRANCH", "ARTIFACT"}
+    assert step["env"]["GH_TOKEN"] == "${{ steps.app-token.outputs.token }}"
     result = github_bash(step["run"], repo, env)
     assert result.returncode == 0, result.stderr
     create_ref, put, pr = gh_calls(env)
-    assert create_ref[:3] == ["api", "--method", "POST"]
-    assert "ref=refs/heads/images-lock/77-1" in create_ref and f"sha={env['GITHUB_SHA']}" in create_ref
-    assert put[:4] == ["api", "--method", "PUT", "repos/acme/dstack-fleet/contents/images.lock.json"]
-    fields = dict(put[i + 1].split("=", 1) for i, arg in enumerate(put) if arg == "-f")
-    assert fields["branch"] == "images-lock/77-1" and fields["sha"] == blob
+    for call in (create_ref, put, pr):
+        assert "--input" in call["argv"] and not any(a.startswith(("-f", "content=")) for a in call["argv"])
+    assert create_ref["argv"][:4] == ["api", "--method", "POST", "repos/acme/dstack-fleet/git/refs"]
+    assert create_ref["body"] == {"ref": "refs/heads/images-lock/77-1", "sha": env["GITHUB_SHA"]}
+    assert put["argv"][:4] == ["api", "--method", "PUT", "repos/acme/dstack-fleet/contents/images.lock.json"]
+    assert put["body"]["branch"] == "images-lock/77-1" and put["body"]["sha"] == blob
     import base64
 
-    assert base64.b64decode(fields["content"]) == Path(env["NEW_LOCK"]).read_bytes()
-    assert pr[:2] == ["pr", "create"] and pr[pr.index("--head") + 1] == "images-lock/77-1"
-    assert pr[pr.index("--base") + 1] == "main"
+    assert base64.b64decode(put["body"]["content"]).decode() == new_lock
+    assert pr["argv"][:4] == ["api", "--method", "POST", "repos/acme/dstack-fleet/pulls"]
+    assert pr["body"]["head"] == "images-lock/77-1" and pr["body"]["base"] == "main"
+    assert "added images." + "a" * 64 in pr["body"]["body"]
 
 
 def test_lock_pr_step_does_nothing_when_the_lock_is_unchanged(lock_repo):
     repo, env, _ = lock_repo
-    shutil.copy(repo / "images.lock.json", env["NEW_LOCK"])
+    shutil.copy(repo / "images.lock.json", Path(env["ARTIFACT"]) / "images.lock.json")
     result = github_bash(step_named("images", "lock-pr", "Open a pull request")["run"], repo, env)
     assert result.returncode == 0 and "unchanged" in result.stdout
     assert gh_calls(env) == []

@@ -33,12 +33,13 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
                         keep_digests=[c.digest for c in load_lock(root).containers.values()],
                         keep_recent=config.fleet.registry.keep_recent,
                         untagged_days=config.fleet.registry.cleanup_untagged_after_days, labels=labels,
-                        opts=after_services)
+                        public_id=plan.public_repository, opts=after_services)
     identities = Identities(
         accounts=plan.accounts, bindings=plan.bindings,
         buckets={names.state_bucket: buckets.state, names.image_bucket: buckets.images},
         keys=keys.keys, key_names=plan.keys,
-        repositories={names.registry_id: registry.repository, names.mirror_id: registry.mirror},
+        repositories={names.registry_id: registry.repository, names.mirror_id: registry.mirror,
+                      **({names.public_registry_id: registry.public} if registry.public is not None else {})},
         location=region, project=project, opts=after_services)
     federation = GithubFederation(
         project=project, pool_id=names.pool_id, provider_id=names.provider_id,
@@ -53,4 +54,6 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     pulumi.export("serviceAccounts", {a.key: a.email for a in plan.accounts})
     pulumi.export("registry", names.registry_path)
     pulumi.export("dockerHubMirror", names.mirror_path)
+    if plan.public_repository is not None:
+        pulumi.export("publicRegistry", names.public_registry_path)
     pulumi.export("imageBucket", f"gs://{names.image_bucket}")

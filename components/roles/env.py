@@ -22,6 +22,8 @@ from fleet.nodes import specs as fleet_nodes
 from fleet.apps.plans import AppPlan
 from fleet.config.schema import StackConfig
 from fleet.apps.configdisk import Upload
+from fleet.stacks import gc as fleet_gc
+from fleet.stacks import wiring
 from fleet.stacks.expectations import image_storage_fs, os_versions, plan_measurements, verify_script
 from fleet.images.versions import ImageVersion
 from fleet.gcp.naming import Namer
@@ -34,14 +36,14 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     names = fleet_bootstrap.names_for(config)
     versions = boot_images.resolve_for_stack(config, lock, namer)
     fleet = fleet_nodes.plan_fleet(config, namer, versions)
-    apps = fleet_apps.plan_apps(config, lock, root, names.registry_path)
+    apps = fleet_apps.plan_apps(config, lock, root, names.registry_path, registries=wiring.registries(names))
+    upload = wiring.config_disk_upload(names, config.stack)
 
     network = Network("network", network_spec(config, namer, public_ingress(config, namer) + fleet.ingress),
                       config.gcp.project)
     guard_pending_images(config, namer, lock, versions)
     images = image_versions(config, versions)
-    deployed = deploy_nodes(config, namer, fleet, apps, images, network, Upload(
-        bucket=names.image_bucket, prefix=f"config-disks/{config.stack}"))
+    deployed = deploy_nodes(config, namer, fleet, apps, images, network, upload)
     targets = deploy_app_targets(config, apps, deployed)
     check_external_images(config)
     measurements = plan_measurements(fleet, apps, os_versions(config), image_storage_fs(config))
@@ -52,6 +54,10 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     pulumi.export("images", {key: version.summary() for key, version in versions.items()})
     pulumi.export("nodes", {spec.key: spec.summary() for spec in fleet.nodes})
     pulumi.export("apps", {app.name: app.summary() for app in apps})
+    pulumi.export("pulls", pull_paths(apps, fleet))
+    # what `make gc` keeps of this stack (everything else it finds is marked, then deleted after the retention)
+    pulumi.export("gc", fleet_gc.env_keeps(versions, fleet, apps, config.stack, namer, upload).summary(
+        config.fleet.gc.retention_days))
     pulumi.export("appTargets", {name: target.outputs for name, target in targets.items()})
     pulumi.export("measurements", measurements)
     export_overlay(fleet)
@@ -158,6 +164,16 @@ def post_deploy_checks(apps: list[AppPlan], measurements: dict, deployed: dict[s
             triggers=[json.dumps(measurements[target], sort_keys=True)],
             interpreter=["/bin/bash", "-c"],
             opts=pulumi.ResourceOptions(depends_on=deployed.get(app.config.nodes or target, [])))
+
+
+def pull_paths(apps: list[AppPlan], fleet) -> dict[str, dict]:
+    """Where each node and app pulls every image from, and how it authenticates (fleet/apps/pulls.py)."""
+    out = {}
+    for app in apps:
+        nodes = [n.key for n in fleet.nodes if app.target == "gce" and n.identity.group == app.config.nodes]
+        out[f"app:{app.name}"] = {"target": app.target, "nodes": nodes,
+                                  "images": {p.where: p.summary() for p in app.pulls}}
+    return out
 
 
 def export_overlay(fleet) -> None:

@@ -1,4 +1,4 @@
-"""The images stack: build hosts for missing image builds, container builds, outputs for the lock."""
+"""The images stack: build hosts for image builds not yet collected, container builds, outputs for the lock."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from components.registryimage import container_image
 from components.stackconfig import load_lock
 from fleet.project import bootstrap as fleet_bootstrap
 from fleet.stacks import builds as fleet_builds
+from fleet.stacks import gc as fleet_gc
 from fleet.config.schema import StackConfig
 from fleet.gcp.naming import Namer
 from fleet.nodes.network import network_spec
@@ -29,6 +30,12 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
 
     pulumi.export("network", network.network.self_link)
     pulumi.export("builds", builds.summary())
-    pulumi.export("lockEntries", {"images": {h.input_hash: h.lock_entry for h in hosts},
-                                  "containers": {c.input_hash: image.lock_entry
+    # image builds outlive `pulumi up`: `python -m fleet collect` reads their outputs from the bucket
+    pulumi.export("lockEntries", {"containers": {c.input_hash: image.lock_entry
                                                  for c, image in zip(builds.containers, containers)}})
+    # what `make gc STACK=images` keeps in the image bucket; anything else of ours is marked, then deleted
+    pulumi.export("gc", fleet_gc.keeps_for_images(config, root, lock, [h.input_hash for h in builds.hosts]).summary(
+        config.fleet.gc.retention_days))
+    pulumi.export("buildHosts", {h.input_hash: {"instance": h.instance.name, "recipe": plan.recipe,
+                                                "artifacts": plan.artifact_prefix}
+                                 for h, plan in zip(hosts, builds.hosts)})

@@ -2,23 +2,32 @@
 
 ``components/phala.py`` runs these scripts through pulumi-command.
 
-CLI version followed: ``phala`` 1.1.0-beta.2, the new CLI in Phala-Network/phala-cloud ``cli/``
-(``cli/package.json``; ``src/commands/deploy/command.ts`` @0013b054 and ``handler.ts``; ``cvms get``
-and ``cvms delete``). Its calls, as the generated scripts make them:
+CLI version followed: ``phala`` **1.1.18** (``phala --version`` prints ``v1.1.18+d27a321``), the only
+release the npm registry serves (``npm view phala versions``; the 1.1.0-beta.2 this module followed
+before is no longer installable). Its flags were re-read from that release as published: the npm
+tarball ``phala-1.1.18.tgz`` (integrity ``sha512-vi6iNNIMrjOWhVCucCtHTe9MGVcrHtUB9OUorjQl/WEhmxHh4Ft+1EPS
+r+O5z6ISX2dzakU+Wm/o7lBW3WJ7kw==``), ``dist/index.js``: the ``deploy`` command's option table and the
+global options, ``cvms get`` and ``cvms delete`` (``DEPLOY_FLAGS`` below is that table; a test keeps
+every flag the scripts pass inside it). ``tools/phala/`` installs exactly this release with
+``npm ci`` (every package of its tree checked against the lock file's integrity hashes). Its calls,
+as the generated scripts make them:
 
-* create: ``phala deploy --json --name N --compose F --instance-type T --kms K [--node-id I] [--fs X]
-  [-e ENVFILE] [--pre-launch-script P] --public-logs|--no-public-logs ... --no-dev-os``. The CLI
-  provisions, encrypts the env file client-side with the app's key and commits; ``--no-dev-os`` keeps
-  it from adding the operator's ``~/.ssh/id_*.pub`` to the env, as it does when neither dev flag is
-  given;
+* create: ``phala deploy --json --name N --instance-type T --kms K --no-dev-os --no-listed
+  [--node-id I] [--fs X] --compose F [-e ENVFILE] [--pre-launch-script P] --public-logs|--no-public-logs
+  --public-sysinfo|--no-public-sysinfo``. The CLI provisions, encrypts the env file client-side with
+  the app's key and commits; ``--no-dev-os`` keeps it from adding the operator's
+  ``~/.ssh/id_*.pub`` to the env, as it does when neither dev flag is given. 1.1.18 has no flag for
+  public TCB info or secure time (``--public-tcbinfo``/``--secure-time`` are "unknown or unexpected
+  option"s), so those settings are refused for a phala target;
 * update in place: ``phala deploy --json --cvm-id N --compose F [-e ENVFILE] [--pre-launch-script P]
   [--public-logs ...] --wait`` (the CLI PATCHes the CVM: compose, pre-launch script, env, public
   logs/sysinfo). What the PATCH cannot change (name, KMS, instance type, node, filesystem, public
   tcbinfo, secure time) is in ``triggers``, which the pulumi-command SDK marks ``replaceOnChanges``:
   a change replaces the CVM, deleting the old one first (``deleteBeforeReplace``);
-* read back: ``phala cvms get N --json``, the CVM as the API describes it (``app_id``, ``vm_uuid``,
-  ``compose_hash``, ``status``, ``gateway``...). The scripts send the deploy's own output to stderr, so
-  the step's stdout is exactly this document;
+* read back: ``phala cvms get N --json``: with ``--json`` the CLI prints ``{"success": true, ...}``
+  merged into the CVM as the API describes it (``app_id``, ``vm_uuid``, ``compose_hash``, ``status``,
+  ``gateway``...). The scripts send the deploy's own output to stderr, so the step's stdout is
+  exactly this document;
 * delete: ``phala cvms delete N --yes``.
 
 Every call runs in a fresh temporary directory, because the CLI reads ``phala.toml`` from the working
@@ -46,8 +55,18 @@ import uuid
 from typing import Any, Mapping
 
 
-CLI_VERSION = "1.1.0-beta.2"
-CLI_SOURCE = "Phala-Network/phala-cloud cli/ (package.json version 1.1.0-beta.2; deploy command.ts @0013b054)"
+CLI_VERSION = "1.1.18"
+CLI_SOURCE = "npm phala@1.1.18 (build d27a321), dist/index.js: the deploy, cvms get and cvms delete option tables"
+# `phala deploy` in 1.1.18: the command's options and the global ones (as `phala deploy --help` lists
+# them), each with its negated form where the CLI defines one.
+DEPLOY_FLAGS = frozenset({
+    "--help", "--version", "--api-token", "--api-key", "--json", "--no-json", "--interactive", "--cvm-id",
+    "--profile", "--api-version", "--name", "--compose", "--instance-type", "--region", "--env", "-e", "--kms",
+    "--wait", "--ssh-pubkey", "--dev-os", "--no-dev-os", "--public-logs", "--no-public-logs", "--public-sysinfo",
+    "--no-public-sysinfo", "--listed", "--no-listed", "--debug", "--disk-size", "--fs", "--image", "--node-id",
+    "--custom-app-id", "--nonce", "--pre-launch-script", "--private-key", "--rpc-url", "--prepare-only", "--commit",
+    "--token", "--compose-hash", "--transaction-hash",
+})
 STEP = "phala-deploy"
 STEP_MARK = "# dstack-fleet:step="
 API_KEY_ENV = "PHALA_CLOUD_API_KEY"
@@ -88,7 +107,6 @@ def deploy_args(app, target, *, update: bool, with_env: bool, with_pre_launch: b
             args += ["--node-id", str(target.node_id)]
         if settings.storage_fs:
             args += ["--fs", settings.storage_fs]
-        args += _flag("public-tcbinfo", settings.public_tcbinfo) + _flag("secure-time", settings.secure_time)
     args += ["--compose", "docker-compose.yml"]
     args += _flag("public-logs", settings.public_logs) + _flag("public-sysinfo", settings.public_sysinfo)
     if with_env:
@@ -241,4 +259,17 @@ def target_problems(app) -> list[str]:
     if app.config.kms and app.config.kms.app_id:
         problems.append(f"app {app.name}: a pinned app id on Phala needs --custom-app-id with a --nonce, which "
                         "dstack-fleet does not configure yet")
+    problems += [f"app {app.name}: {message}" for _, message in unsupported_settings(app.config.settings)]
     return problems
+
+
+def unsupported_settings(settings) -> list[tuple[str, str]]:
+    """``(settings key, message)`` for app settings the pinned CLI cannot pass to Phala Cloud."""
+    out = []
+    if settings.public_tcbinfo is not None:
+        out.append(("publicTcbinfo", f"phala {CLI_VERSION} has no flag for public TCB info; remove "
+                                     "settings.publicTcbinfo for a phala target (Phala Cloud decides it)"))
+    if settings.secure_time:
+        out.append(("secureTime", f"phala {CLI_VERSION} has no flag for secure time; remove settings.secureTime for "
+                                  "a phala target"))
+    return out

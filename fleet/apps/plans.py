@@ -11,12 +11,15 @@ Each environment gets its own app name (``<name>-<stack>``), so dev and prod nev
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleet.apps import compose as fc
 from fleet.apps import configdisk
+from fleet.apps import phala as phala_cli
+from fleet.apps import pulls as fleet_pulls
 from fleet.attest import measure
 from fleet.gcp import tdx
 from fleet.images import mkosibuild
@@ -60,14 +63,33 @@ def docker_build_hash(root: Path, key: str, source) -> str:
     return hashlib.sha256(canonical_json(settings)).hexdigest()
 
 
-def resolve_containers(config: StackConfig, lock: LockFile, root: Path, registry_path: str) -> dict[str, Container]:
+def app_container_keys(app: AppConfig) -> list[str]:
+    keys = [s.image for s in app.services]
+    if app.near_mpc:
+        keys += [app.near_mpc.launcher_image, app.near_mpc.mpc_image]
+    if app.kettle:
+        keys.append(app.kettle.launcher_image)
+    return keys
+
+
+def public_container_keys(config: StackConfig) -> set[str]:
+    """Containers an app opted in to publish (``phala.publicImages``): built into the public-read repository."""
+    return {key for app in config.fleet.apps if app.phala is not None and app.phala.public_images
+            for key in app_container_keys(app)}
+
+
+def resolve_containers(config: StackConfig, lock: LockFile, root: Path, registry_path: str,
+                       public_path: str | None = None) -> dict[str, Container]:
     out = {}
+    public = public_container_keys(config) if public_path else set()
     for key, source in sorted(config.fleet.containers.items()):
-        out[key] = _container(key, source, lock, root, registry_path)
+        path = public_path if key in public and source.external is None else registry_path
+        out[key] = _container(key, source, lock, root, path, public=path == public_path)
     return out
 
 
-def _container(key: str, source: ContainerSource, lock: LockFile, root: Path, registry_path: str) -> Container:
+def _container(key: str, source: ContainerSource, lock: LockFile, root: Path, registry_path: str, *,
+               public: bool = False) -> Container:
     if source.external is not None:
         ext = source.external
         kind = DigestKind(ext.digest_kind)
@@ -76,7 +98,7 @@ def _container(key: str, source: ContainerSource, lock: LockFile, root: Path, re
             # an image id cannot be pulled by; keep the repository and carry the id as the digest
             ref = parse_image_ref(f"{ext.image}@{ext.digest}")
         return Container(key, "external", ref, kind, repository=ext.image)
-    origin, input_hash = container_build_hash(root, key, source)
+    origin, input_hash = container_build_hash(root, key, source, public=public)
     entry = lock.container(input_hash)
     repository = f"{registry_path}/{key}"
     if entry is None:
@@ -85,12 +107,18 @@ def _container(key: str, source: ContainerSource, lock: LockFile, root: Path, re
                      input_hash, entry.image)
 
 
-def container_build_hash(root: Path, key: str, source: ContainerSource) -> tuple[str, str]:
-    """(builder, input hash) of a container the images stack builds: what images.lock.json keys it by."""
+def container_build_hash(root: Path, key: str, source: ContainerSource, *, public: bool = False) -> tuple[str, str]:
+    """(builder, input hash) of a container the images stack builds: what images.lock.json keys it by.
+    A container published to the public-read repository is another build (another push), so its
+    hash says so; a private one's hash is unchanged."""
     if source.mkosi is not None:
-        return "mkosi", mkosibuild.input_hash(root, key, source.mkosi)
-    assert source.docker is not None, "external containers are not built"
-    return "docker", docker_build_hash(root, key, source.docker)
+        origin, digest = "mkosi", mkosibuild.input_hash(root, key, source.mkosi)
+    else:
+        assert source.docker is not None, "external containers are not built"
+        origin, digest = "docker", docker_build_hash(root, key, source.docker)
+    if public:
+        digest = hashlib.sha256(canonical_json({"repository": "public", "build": digest})).hexdigest()
+    return origin, digest
 
 
 @dataclass
@@ -108,6 +136,7 @@ class AppPlan:
     user_config: str | None
     image_digest_events: dict[str, str] = field(default_factory=dict)  # event name -> hex payload
     user_config_summary: dict[str, object] | None = None  # NEAR's Rust launcher: what its TOML does
+    pulls: list[fleet_pulls.Pull] = field(default_factory=list)  # where each image is pulled from, and how
 
     @property
     def key(self) -> str:
@@ -171,7 +200,8 @@ def _identity(app: AppConfig) -> str:
     return measure.IDENTITY_COMPOSE
 
 
-def plan_app(app: AppConfig, stack: str, containers: dict[str, Container], root: Path) -> AppPlan:
+def plan_app(app: AppConfig, stack: str, containers: dict[str, Container], root: Path,
+             registries: fleet_pulls.Registries | None = None) -> AppPlan:
     name = app_name(app, stack)
     pending = []
     images: list[tuple[str, str]] = []
@@ -182,6 +212,9 @@ def plan_app(app: AppConfig, stack: str, containers: dict[str, Container], root:
         container = containers[key]
         if container.pending:
             pending.append(key)
+        elif app.target == "gce" and registries is not None and app.docker_hub == "mirror":
+            # a GCE guest pulls Docker Hub images through the bootstrap's mirror (fleet/apps/pulls.py)
+            container = dataclasses.replace(container, ref=fleet_pulls.through_mirror(container.ref, registries))
         return container
 
     text: str | None
@@ -223,9 +256,23 @@ def plan_app(app: AppConfig, stack: str, containers: dict[str, Container], root:
             text = fc.render_compose(spec)
 
     app_compose = None
+    routes: list[fleet_pulls.Pull] = []
+    if registries is not None:
+        routes = [fleet_pulls.route_pending(f"containers.{key}", containers[key].repository, app.target, registries)
+                  for key in sorted(set(pending))]
+        if app.kind == "near-mpc" and not containers[app.near_mpc.mpc_image].pending:
+            mpc = containers[app.near_mpc.mpc_image]
+            # the launcher pulls the MPC node itself, from MPC_REGISTRY (user config; Docker Hub by default)
+            routes.append(fleet_pulls.Pull("launcher: nearMpc.mpcImage", f"{mpc.repository}@{mpc.ref.digest}",
+                                           "direct (the launcher pulls it)", fleet_pulls.ANONYMOUS))
     if text is not None:
         parsed = fc.parse_compose(text)
         images = [(where, str(ref)) for where, ref in parsed.images]
+        if registries is not None:
+            routes = [fleet_pulls.route(where, ref, app.target, registries) for where, ref in images] + routes
+            if app.target == "gce" and fleet_pulls.needs_login(routes):
+                login = fleet_pulls.login_script(registries.host)
+                pre_launch = f"{login}\n{pre_launch}" if pre_launch else login
         settings = fc.AppComposeSettings(
             name=name, docker_compose_file=text, key_provider=fc.KeyProvider(app.key_provider),
             key_provider_id=app.kms.key_provider_id if app.kms else "",
@@ -248,7 +295,8 @@ def plan_app(app: AppConfig, stack: str, containers: dict[str, Container], root:
     return AppPlan(config=app, name=name, target=app.target, compose_text=text, app_compose=app_compose,
                    pre_launch_script=pre_launch, images=images, pending=sorted(set(pending)), identity=identity,
                    provenance="reported" if app.target == "phala" else "predicted", user_config=user_config,
-                   image_digest_events=events, user_config_summary=user_config_summary)
+                   image_digest_events=events, user_config_summary=user_config_summary,
+                   pulls=routes)
 
 
 def near_rust_user_config(app: AppConfig, containers: dict[str, Container]) -> fc.NearRustUserConfig:
@@ -284,9 +332,12 @@ def near_user_config_summary(rust: fc.NearRustUserConfig, mpc_image_digest: str 
     }
 
 
-def plan_apps(config: StackConfig, lock: LockFile, root: Path, registry_path: str) -> list[AppPlan]:
-    containers = resolve_containers(config, lock, root, registry_path)
-    return [plan_app(app, config.stack, containers, root) for app in config.fleet.apps]
+def plan_apps(config: StackConfig, lock: LockFile, root: Path, registry_path: str, *,
+              registries: fleet_pulls.Registries | None = None) -> list[AppPlan]:
+    """Every app of the stack. ``registries`` (the bootstrap's, as the env stack derives them) decides
+    the pull paths; without it references stay as written and no pull path is planned."""
+    containers = resolve_containers(config, lock, root, registry_path, registries.public if registries else None)
+    return [plan_app(app, config.stack, containers, root, registries) for app in config.fleet.apps]
 
 
 def app_problems(config: StackConfig, root: Path) -> list[Problem]:
@@ -366,8 +417,15 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
                   "phala")
             if app.kms and app.kms.app_id:
                 p(f"{at}.kms.appId", "Phala Cloud assigns the app id; a pinned app id is not supported there")
+            built = [k for k in app_container_keys(app) if k in fleet.containers and fleet.containers[k].external is None]
+            if built and not app.phala.public_images:
+                p(f"{at}.phala.publicImages", f"Phala Cloud pulls anonymously and cannot read the private registry the "
+                  f"images stack pushes {', '.join(sorted(set(built)))} to; set phala.publicImages: true to publish "
+                  "them to the public-read repository (anyone can pull them), or use external images")
             if not 5 <= len(app_name(app, config.stack)) <= 63:
                 p(f"{at}.name", f"the Phala CVM name {app_name(app, config.stack)!r} must be 5-63 characters")
+            for key, message in phala_cli.unsupported_settings(app.settings):
+                p(f"{at}.settings.{key}", message)
     for key, source in sorted(fleet.containers.items()):
         problem = repository_problem(source.external.image) if source.external else None
         if problem:

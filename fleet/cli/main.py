@@ -112,6 +112,28 @@ def cmd_lock(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    import json
+
+    from fleet.images import lock
+    from fleet.stacks import collect
+    from fleet.stacks.load import load_config
+
+    root = _root(args)
+    _, config = load_config(root, args.stack)
+    if config.fleet.role != "images":
+        print(f"error: stack {args.stack} has role {config.fleet.role}; builds are collected from the images stack",
+              file=sys.stderr)
+        return EXIT_INPUT
+    results = collect.collect(collect.hosts_of(config, root, lock.load(root)), collect.GcloudBucket())
+    for line in collect.report(results):
+        print(line)
+    Path(args.out).write_text(json.dumps(collect.lock_outputs(results), indent=2, sort_keys=True) + "\n",
+                              encoding="utf-8")
+    invalid = [r for r in results if r.state == collect.INVALID]
+    return EXIT_MANDATORY if invalid else EXIT_OK
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from fleet.plan.diff import DiffInputError, run_diff
 
@@ -179,6 +201,40 @@ def cmd_measurements(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from fleet.cli import gc
+    from fleet.stacks.load import load_config
+
+    root = _root(args)
+    _, config = load_config(root, args.stack)
+    try:
+        lines = gc.run(root, config, apply_changes=args.apply)
+    except gc.GcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    for line in lines:
+        print(line)
+    return EXIT_OK
+
+
+def cmd_toolchain(args: argparse.Namespace) -> int:
+    from fleet.cli import toolchain
+
+    if args.tools == ["registry-host"]:
+        print(toolchain.registry_host(_root(args), args.stack))
+        return EXIT_OK
+    unknown = [t for t in args.tools if t not in toolchain.PINS]
+    if unknown:
+        print(f"error: no pin for {', '.join(unknown)}; pinned: {', '.join(sorted(toolchain.PINS))}", file=sys.stderr)
+        return EXIT_INPUT
+    problems = [p for p in (toolchain.check(t) for t in args.tools) if p]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not problems:
+        print("pinned versions: " + ", ".join(toolchain.PINS[t].wanted for t in args.tools))
+    return EXIT_INPUT if problems else EXIT_OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fleet.cli import bench
 
@@ -241,6 +297,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     lock_cmd.add_argument("--replace", action="store_true", help="overwrite entries whose values changed")
     lock_cmd.set_defaults(func=cmd_lock)
 
+    collect_cmd = sub.add_parser("collect", help="read finished and failed image builds from the bucket, for make lock")
+    collect_cmd.add_argument("--stack", default="images")
+    collect_cmd.add_argument("--out", required=True, metavar="FILE", help="write what make lock OUTPUTS=FILE merges")
+    collect_cmd.set_defaults(func=cmd_collect)
+
     local = sub.add_parser("build-local", help="run an image build on this machine (the build host's script)")
     local.add_argument("--stack", required=True, help="env stack that declares the image")
     local.add_argument("--image", required=True, help="key in dstack-fleet:images")
@@ -259,6 +320,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                               help="flashbots: also write entries lacking a register (a missing index is not checked)")
     measurements.add_argument("--output", metavar="FILE", help="write here instead of stdout")
     measurements.set_defaults(func=cmd_measurements)
+
+    gc_cmd = sub.add_parser("gc", help="list (or with --apply, mark and delete) images and bucket artifacts "
+                                       "nothing names any more, after the retention period")
+    gc_cmd.add_argument("--stack", required=True)
+    gc_cmd.add_argument("--apply", action="store_true", help="mark, unmark and delete (default: only list)")
+    gc_cmd.set_defaults(func=cmd_gc)
+
+    tools = sub.add_parser("toolchain", help="check that mkosi, skopeo or phala is the pinned version "
+                                             "(or print the registry host: registry-host --stack S)")
+    tools.add_argument("tools", nargs="+", metavar="NAME")
+    tools.add_argument("--stack", default="images")
+    tools.set_defaults(func=cmd_toolchain)
 
     bench = sub.add_parser("bench", help="plan time against the mocks engine's floor, peak memory, graph depth")
     bench.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000], metavar="NODES")

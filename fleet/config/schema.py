@@ -388,10 +388,18 @@ class GithubConfig(Model):
     images_branch: str = Field("main", description="Branch whose workflow may run the images stack.")
 
 
+class GcConfig(Model):
+    retention_days: int = Field(30, ge=1, description="How long an image or bucket artifact stays after `make gc` "
+                                "first finds that nothing names it (it is marked then, and deleted only later).")
+
+
 class RegistryConfig(Model):
     cleanup_untagged_after_days: int = Field(30, ge=1, description="Delete untagged versions older than this, "
                                              "except digests the lock file names and the newest ones.")
     keep_recent: int = Field(10, ge=1, description="Always keep this many newest versions per image.")
+    public_app_images: bool = Field(False, description="Also create a public-read repository (allUsers may pull, "
+                                    "nothing else) for the built images of apps that opt in with "
+                                    "phala.publicImages; Phala Cloud cannot authenticate to the private one.")
 
 
 Digest = Annotated[str, _pattern(r"sha256:[0-9a-f]{64}", "a digest 'sha256:' + 64 lowercase hex digits")]
@@ -414,7 +422,7 @@ class ExternalContainer(Model):
 
 
 class DockerBuildContainer(Model):
-    """Built by the images stack with pulumi-docker and pushed to the bootstrap registry."""
+    """Built by the images stack with Docker (a generated step) and pushed to the bootstrap registry."""
 
     context: RepoPath = Field(description="Build context directory in the repository.")
     dockerfile: str = Field("Dockerfile", description="Dockerfile inside the context.")
@@ -574,6 +582,10 @@ class PhalaTarget(Model):
     gateway_domain: str = Field(description="Gateway base domain, e.g. dstack-pha-prod8.phala.network.")
     api_key_secret: SecretName = Field(description="dstack-fleet:secrets entry with the Phala API key.")
     ports: list[Port] = Field(default_factory=list, description="Ports served through the gateway.")
+    public_images: bool = Field(False, description="Push this app's built containers to the bootstrap's public-read "
+                                "repository, the only registry of ours Phala Cloud can pull from (anyone can then "
+                                "pull them: opt in only for images whose contents may be public). Needs "
+                                "dstack-fleet:registry.publicAppImages in the bootstrap stack.")
 
 
 class VerifyConfig(Model):
@@ -601,6 +613,10 @@ class AppConfig(Model):
         "bytes, with or without a KMS (identity 'compose': any compose change is a new identity); a pinned "
         "kms.appId keeps it (identity 'pinned').")
     kms: KmsSettings | None = Field(None, description="KMS settings (key provider kms).")
+    docker_hub: Literal["mirror", "direct"] = Field(
+        "mirror", description="gce target: pull Docker Hub images through the bootstrap's Docker Hub mirror "
+        "(mirror) or straight from Docker Hub (direct). Either is named in the measured compose, so switching "
+        "changes the compose-hash (and a derived app identity).")
     gateway_urls: list[str] = Field(default_factory=list, description="gce target: dstack gateway URLs "
                                     "(.sys-config.json; not measured).")
     stateful: bool = Field(True, description="The app keeps data under its keys; prod refuses identity changes.")
@@ -623,7 +639,7 @@ class RecipeHost(Model):
     machine_type: str | None = Field(None, description="Build host machine type (default per recipe).")
     disk_gb: int | None = Field(None, ge=50, description="Build disk size in GB (default per recipe).")
     disk_type: Literal["pd-ssd", "pd-balanced"] = Field("pd-ssd", description="Build disk type.")
-    timeout_minutes: int | None = Field(None, ge=10, description="How long `pulumi up` waits for the build.")
+    timeout_minutes: int | None = Field(None, ge=10, description="How long a started build may run before `python -m fleet collect` gives it up (its host is deleted, the failure recorded).")
 
 
 class BuildHostConfig(Model):
@@ -631,7 +647,7 @@ class BuildHostConfig(Model):
 
     boot_image: GceImageLink = Field(description="Build host boot image, pinned by self link (a family moves).")
     zone: Zone | None = Field(None, description="Zone of the build hosts (default: <gcp:region>-a).")
-    poll_seconds: int = Field(60, ge=5, description="How often the wait step looks for the build's outputs.")
+    poll_seconds: int = Field(60, ge=5, description="Unused: builds are collected by `python -m fleet collect` (kept so existing stack files stay valid).")
     recipes: dict[Literal["tplus-overlay", "dstack-os"], RecipeHost] = Field(
         default_factory=dict, description="Per-recipe sizing.")
 
@@ -699,6 +715,8 @@ class FleetConfig(Model):
         default_factory=list, description="images stack: the env stacks whose declared images and containers it "
         "builds (their stack files are read from this repository).")
     build_host: BuildHostConfig | None = Field(None, description="images stack: build host settings.")
+    gc: GcConfig = Field(default_factory=GcConfig, description="images and env stacks: garbage collection of "
+                         "what no stack and no lock entry names any more (`make gc`).")
     adopt: dict[str, str] = Field(
         default_factory=dict,
         description="Adopt resources created by hand: logical resource name -> import id (e.g. "

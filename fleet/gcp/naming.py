@@ -108,3 +108,8 @@ class Namer:
 
     def labels(self, **values: str) -> dict[str, str]:
         return labels(managed_by="dstack-fleet", stack=self.stack, **values)
+
+
+def public_repository_id(prefix: str) -> str:
+    """The bootstrap's public-read app repository: the one public grant the policy rules allow."""
+    return gcp_name(prefix, "public")

@@ -1,4 +1,4 @@
-"""Generated build scripts, the wait step, the outputs contract and the build host's plan.
+"""Generated build scripts, the outputs contract and the build host's plan.
 
 A build is one bash script per recipe (``build_script``), generated from a validated
 ``recipes.BuildSpec``. Every value is assigned once at the top with ``shlex.quote``; the functions
@@ -13,7 +13,9 @@ below only use them as ``"$VARIABLE"``, so no path, URL or label can become a co
    commit;
 4. ``tplus-overlay``: installs the guest and the overlay's init script into meta-dstack's
    ``dstack-sync`` recipe (rewriting ``BINARY`` and ``SRC_URI``, which upstream points at its
-   prebuilt ``mini-server``), performs ``get-modular.sh``'s steps at the pins, ``bitbake``s the image;
+   prebuilt ``mini-server``), performs ``get-modular.sh``'s steps at the pins and ``bitbake``s the
+   image, twice, in two complete trees (``tree-a``, ``tree-b``: their own build directories and shared
+   state, only the source downloads shared), and publishes nothing when the two disks differ;
    ``dstack-os``: applies kernel command-line overrides to the UKI recipe and runs the release's own
    ``repro-build.sh`` (build-a, build-b, compare), then compares the published files itself, because
    the release's ``check.sh`` accepts differing images when the rootfs matches and never compares
@@ -23,14 +25,19 @@ below only use them as ``"$VARIABLE"``, so no path, URL or label can become a co
    order, times and owners and ``gzip -n``, so the same disk gives the same tarball bytes;
 6. uploads ``disk.tar.gz``, ``disk.tar.gz.sha256`` and ``build.log`` to ``gs://<bucket>/<input
    hash>/``, reads the object's generation and crc32c back, and writes ``outputs.json`` last (made by
-   Python's ``json``); on failure it uploads the log and ``failure.txt`` instead;
-7. on a build host, powers the VM off (``shutdown -h now``) whatever happened, so it stops billing.
+   Python's ``json``); on failure it uploads the log and ``failure.txt`` instead. A build host also
+   writes ``started.json`` when it starts, so ``python -m fleet collect`` can tell a build that runs
+   from one that never started and one that ran past its timeout;
+7. on a build host, powers the VM off (``shutdown -h now``) whatever happened, so it stops billing
+   compute; the host itself (and its large disk) is deleted by the images stack once
+   ``python -m fleet collect`` has verified the outputs in the bucket (or recorded the failure).
 
 ``local`` mode runs the same script on the operator's machine: artifacts go to a local directory,
 and to the bucket too when one is given.
 
-The wait step (``wait_script``) runs where ``pulumi up`` runs: it polls for ``outputs.json`` with a
-bounded timeout and prints it; ``parse_outputs`` turns it into a lock-file entry.
+Nothing waits for a build where ``pulumi up`` runs (a build takes longer than a CI job may run):
+``fleet.stacks.collect`` reads the bucket later, and ``parse_outputs`` turns ``outputs.json`` into a
+lock-file entry.
 
 What cannot be checked here: a real Yocto or dstack build (hours, network, a large disk), real GCS
 semantics (generation and crc32c come from ``gcloud storage objects describe``) and the Ubuntu
@@ -59,7 +66,6 @@ from fleet.images.recipes import BuildSpec, GuestBinary, GuestSource
 Mode = Literal["remote", "local"]
 
 STEP_MARK = "# dstack-fleet:step="
-WAIT_STEP = "build-wait"
 BUILD_USER = "dstack-fleet-build"
 REMOTE_WORK_ROOT = "/var/lib/dstack-fleet-build"
 GUEST_UPLOAD_NAME = "inputs/guest"
@@ -169,6 +175,7 @@ def build_script(spec: BuildSpec, *, mode: Mode, bucket: str | None, work_dir: s
         _assign("CMDLINE_OVERRIDES_JSON", json.dumps(dict(spec.cmdline_overrides), sort_keys=True)),
         _assign("KERNEL_CMDLINE", spec.kernel_cmdline or ""),
         _assign("OUTPUTS_PROGRAM", OUTPUTS_PROGRAM),
+        _assign("STARTED_PROGRAM", STARTED_PROGRAM),
     ]
     if spec.recipe == "tplus-overlay":
         header += _tplus_values(spec, guest_location)
@@ -190,7 +197,7 @@ def _tplus_values(spec: BuildSpec, guest_location: str | None) -> list[str]:
     assert spec.init_script is not None and spec.guest is not None
     init = spec.init_script.encode("utf-8")
     lines = [
-        _assign("TREE_NAME", "tree"),
+        _assign("TREE_NAME", "tree"),  # the two builds run in tree-a and tree-b
         _assign("IMAGE", recipes.TPLUS_IMAGE),
         _assign("MACHINE", recipes.TPLUS_MACHINE),
         _assign("GUEST_NAME", recipes.TPLUS_GUEST_NAME),
@@ -318,6 +325,15 @@ with open(tmp, "w", encoding="utf-8") as f:
 os.replace(tmp, a["out"])
 '''
 
+# started.json, written by Python's json: when a build host began this build (collect's timeout).
+STARTED_PROGRAM = r'''
+import json, sys
+a = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+with open(a["out"], "w", encoding="utf-8") as f:
+    json.dump({"inputHash": a["input_hash"], "recipe": a["recipe"], "started_at": a["started_at"]}, f, sort_keys=True)
+    f.write("\n")
+'''
+
 COMMON_FUNCTIONS = r'''
 log() { printf '[dstack-fleet build %s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -413,6 +429,12 @@ publish() {
     # last: its presence is what says the build is complete
     gcloud storage cp "$DIST/outputs.json" "$PREFIX/outputs.json"
   fi
+}
+
+mark_started() {  # a build host records when it began, for python -m fleet collect
+  python3 -c "$STARTED_PROGRAM" out "$DIST/started.json" input_hash "$INPUT_HASH" recipe "$RECIPE" \
+    started_at "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  gcloud storage cp "$DIST/started.json" "$PREFIX/started.json"
 }
 
 clear_failure() {
@@ -552,21 +574,37 @@ setup_layers() {  # flashbots' setup, then get-modular.sh's steps on the pinned 
   printf '%s\n' "$IMAGE_INSTALL_LINE" >> build/conf/local.conf
 }
 
-build_phase() {
+build_tree() {  # NAME: one complete tree at the pins, patched and built; its disk to $WORK_DIR/NAME.wic
   local built
-  mkdir -p -- "$IMAGE_DIR"
-  obtain_guest "$WORK_DIR/guest.bin"
-  TREE="$WORK_DIR/$TREE_NAME"
+  TREE="$WORK_DIR/$1"
   fetch_upstreams "$TREE"
   install_guest "$WORK_DIR/guest.bin"
   setup_layers
-  log "bitbake $IMAGE for $MACHINE"
+  # the source downloads are checked by their recipes' checksums and may be shared; nothing else is
+  printf 'DL_DIR = "%s"\n' "$WORK_DIR/downloads" >> "$TREE/srcs/poky/build/conf/local.conf"
+  log "bitbake $IMAGE for $MACHINE in $1"
   bitbake "$IMAGE"
   built="${BUILDDIR:?oe-init-build-env set no BUILDDIR}/tmp/deploy/images/$MACHINE/$IMAGE-$MACHINE.rootfs.wic"
   if [ ! -e "$built" ]; then
     die "bitbake produced no $built"
   fi
-  cp --sparse=always --dereference -- "$built" "$IMAGE_DIR/disk.raw"
+  cp --sparse=always --dereference -- "$built" "$WORK_DIR/$1.wic"
+}
+
+build_phase() {
+  local sha_a sha_b
+  mkdir -p -- "$IMAGE_DIR"
+  obtain_guest "$WORK_DIR/guest.bin"
+  # two complete builds, each in a subshell (the setup script changes directory and environment)
+  (build_tree "$TREE_NAME-a")
+  (build_tree "$TREE_NAME-b")
+  sha_a=$(sha256sum -- "$WORK_DIR/$TREE_NAME-a.wic" | cut -d' ' -f1)
+  sha_b=$(sha256sum -- "$WORK_DIR/$TREE_NAME-b.wic" | cut -d' ' -f1)
+  if ! cmp -s -- "$WORK_DIR/$TREE_NAME-a.wic" "$WORK_DIR/$TREE_NAME-b.wic"; then
+    die "the two builds differ ($sha_a vs $sha_b), so the image is not reproducible; nothing is published"
+  fi
+  log "both builds are byte-identical: disk sha256 $sha_a"
+  cp --sparse=always -- "$WORK_DIR/$TREE_NAME-a.wic" "$IMAGE_DIR/disk.raw"
 }
 '''
 
@@ -655,6 +693,7 @@ main() {
   log "building $LABEL"
   clear_failure
   if [ "$MODE" = remote ]; then
+    mark_started
     prepare_host
   fi
   run_build_phase
@@ -663,55 +702,6 @@ main() {
 }
 
 main "$@"
-'''
-
-
-# ---- the wait step -----------------------------------------------------------------------------------
-
-def wait_script(*, recipe: str, input_hash: str, bucket: str, instance: str, zone: str, project: str,
-                timeout_seconds: int, poll_seconds: int = 60) -> str:
-    """A ``command.local.Command`` script: polls for the build's ``outputs.json`` and prints it;
-    stops at once when the build recorded a failure, and after ``timeout_seconds`` otherwise."""
-    if timeout_seconds < 1 or poll_seconds < 1:
-        raise BuildScriptError("the wait timeout and poll interval must be at least one second")
-    prefix = artifact_prefix(bucket, input_hash)
-    lines = [
-        f"{STEP_MARK}{WAIT_STEP}",
-        f"# Waits for the build host of recipe {recipe}, input hash {input_hash}. Generated by fleet/buildscript.py.",
-        "set -euo pipefail",
-        f"recipe={q(recipe)}",
-        f"input_hash={q(input_hash)}",
-        f"outputs_url={q(prefix + '/outputs.json')}",
-        f"failure_url={q(prefix + '/failure.txt')}",
-        f"log_url={q(prefix + '/build.log')}",
-        f"instance={q(instance)}",
-        f"zone={q(zone)}",
-        f"project={q(project)}",
-        f"timeout_seconds={int(timeout_seconds)}",
-        f"poll_seconds={int(poll_seconds)}",
-    ]
-    return "\n".join(lines) + WAIT_LOOP
-
-
-WAIT_LOOP = r'''
-deadline=$((SECONDS + timeout_seconds))
-while true; do
-  if outputs=$(gcloud storage cat "$outputs_url" 2>/dev/null); then
-    printf '%s\n' "$outputs"
-    exit 0
-  fi
-  if failure=$(gcloud storage cat "$failure_url" 2>/dev/null); then
-    printf 'the %s build of input hash %s failed: %s\nbuild log: %s\n' "$recipe" "$input_hash" "$failure" \
-      "$log_url" >&2
-    exit 1
-  fi
-  if [ "$SECONDS" -ge "$deadline" ]; then
-    printf 'timed out after %ss waiting for %s; the build log is %s once the build ends; follow it with: gcloud compute instances get-serial-port-output %s --zone %s --project %s\n' \
-      "$timeout_seconds" "$outputs_url" "$log_url" "$instance" "$zone" "$project" >&2
-    exit 1
-  fi
-  sleep "$poll_seconds"
-done
 '''
 
 
@@ -769,31 +759,6 @@ def parse_outputs(text: str, *, expect_input_hash: str | None = None) -> tuple[s
         except ValidationError as exc:
             problems += [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
     raise OutputsError("; ".join(problems))
-
-
-def offline_wait_stdout(ctx: Any) -> str:
-    """Offline-plan stand-in for the wait step's stdout (``fleet.offline.COMMAND_STEPS``): an
-    ``outputs.json`` of the shape a build writes, with fake but deterministic values derived from
-    the step's URN. No build ran; nothing here is a real hash."""
-    script = ctx.inputs.get("create") if isinstance(ctx.inputs.get("create"), str) else ""
-    values = {}
-    for line in script.splitlines():
-        name, sep, value = line.partition("=")
-        if sep and name in ("recipe", "input_hash", "outputs_url"):
-            values[name] = shlex.split(value)[0]
-    recipe, digest = values["recipe"], values["input_hash"]
-    url = values["outputs_url"].rsplit("/", 1)[0] + "/disk.tar.gz"
-    crc = base64.b64encode(bytes.fromhex(ctx.digest("crc32c")[:8])).decode("ascii")
-    document: dict[str, Any] = {
-        "inputHash": digest, "recipe": recipe, "label": f"{recipe} (offline plan stand-in)",
-        "artifact": {"url": url, "generation": str(int(ctx.digest("generation")[:12], 16)), "crc32c": crc,
-                     "sha256": ctx.digest("artifact")},
-        "source": "offline plan stand-in: no build ran, every value is fake",
-    }
-    if "os_image_hash" in recipes.RECIPE_OUTPUTS[recipe]:
-        document.update(os_image_hash=ctx.digest("os-image-hash"), rootfs_hash=ctx.digest("rootfs-hash"),
-                        uki_hash=ctx.digest("uki-hash"))
-    return json.dumps(document, indent=2, sort_keys=True)
 
 
 # ---- the build host's plan -------------------------------------------------------------------------
@@ -876,8 +841,8 @@ class BuildHostPlan:
     scopes: tuple[str, ...]
     metadata: dict[str, str]
     labels: dict[str, str]
-    wait_script: str
     bucket: str
+    project: str
     guest_upload: GuestUpload | None = None
     timeout_seconds: int = 0
     keys: tuple[str, ...] = field(default_factory=tuple)
@@ -885,6 +850,11 @@ class BuildHostPlan:
     @property
     def artifact_prefix(self) -> str:
         return artifact_prefix(self.bucket, self.input_hash)
+
+    def serial_hint(self) -> str:
+        """How to follow a running build (its log reaches the bucket only when it ends)."""
+        return (f"gcloud compute instances get-serial-port-output {self.instance_name} --zone {self.zone} "
+                f"--project {self.project}")
 
 
 def plan_build_host(spec: BuildSpec, settings: BuildHostSettings, namer: Namer, *, project: str,
@@ -918,7 +888,7 @@ def plan_build_host(spec: BuildSpec, settings: BuildHostSettings, namer: Namer, 
         recipe=spec.recipe,
         instance_name=instance_name,
         description=f"dstack-fleet build host: recipe {spec.recipe}, input hash {spec.input_hash} "
-                    f"(images {', '.join(spec.keys)}); powers itself off when done",
+                    f"(images {', '.join(spec.keys)}); powers itself off when done and is deleted once collected",
         zone=settings.zone,
         machine_type=settings.machine_type or defaults.machine_type,
         disk_gb=settings.disk_gb or defaults.disk_gb,
@@ -933,10 +903,8 @@ def plan_build_host(spec: BuildSpec, settings: BuildHostSettings, namer: Namer, 
             "block-project-ssh-keys": "TRUE",
         },
         labels=namer.labels(role="build-host", recipe=spec.recipe, input_hash=label_value(spec.input_hash[:32])),
-        wait_script=wait_script(recipe=spec.recipe, input_hash=spec.input_hash, bucket=settings.bucket,
-                                instance=instance_name, zone=settings.zone, project=project,
-                                timeout_seconds=timeout, poll_seconds=settings.poll_seconds),
         bucket=settings.bucket,
+        project=project,
         guest_upload=upload,
         timeout_seconds=timeout,
         keys=spec.keys,

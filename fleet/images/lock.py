@@ -104,11 +104,24 @@ class ContainerEntry(LockModel):
     source: str = Field(description="Where the digest comes from.")
 
 
+class FailedBuild(LockModel):
+    """A build that ended without outputs: its host was deleted and its log kept in the bucket. The
+    images stack does not start it again until the entry is removed (a reviewed change), so a build
+    that fails every time does not bill a large VM on every run."""
+
+    recipe: str = Field(description="Recipe of the build.")
+    reason: str = Field(description="What the build reported (failure.txt), or that it ran past its timeout.")
+    log: str = Field(description="gs:// URL of the build log, kept in the image bucket.")
+    at: str = Field(description="When the failure was collected (ISO 8601, UTC).")
+
+
 class LockFile(LockModel):
     version: Literal[1] = Field(description="Schema version of this file.")
     images: dict[Sha256, ImageEntry] = Field(default_factory=dict, description="Disk images by build input hash.")
     containers: dict[Sha256, ContainerEntry] = Field(
         default_factory=dict, description="Container images by build input hash.")
+    failed: dict[Sha256, FailedBuild] = Field(
+        default_factory=dict, description="Image builds that failed, by input hash; remove an entry to retry it.")
 
     def image(self, input_hash: str) -> ImageEntry | None:
         return self.images.get(input_hash)
@@ -118,6 +131,8 @@ class LockFile(LockModel):
 
     def to_json(self) -> str:
         data = self.model_dump(mode="json", exclude_none=True)
+        if not data["failed"]:
+            del data["failed"]  # absent until a build fails: lock files written before it stay as they were
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
@@ -150,14 +165,16 @@ class LockConflict(Exception):
 
 
 def merge(current: LockFile, outputs: dict, *, replace: bool = False) -> tuple[LockFile, list[str]]:
-    """Merge the images stack's ``lockEntries`` output into the lock. Returns the new lock and a
-    line per added or changed entry. Existing entries are kept: a lock only grows, so every
-    version an env stack still declares stays resolvable."""
+    """Merge the images stack's ``lockEntries`` output (or ``python -m fleet collect``'s file) into
+    the lock. Returns the new lock and a line per added or changed entry. Existing entries are
+    kept: a lock only grows, so every version an env stack still declares stays resolvable. A
+    failure is recorded only for a hash that has no image; an image recorded later clears it."""
     entries = outputs.get("lockEntries", outputs)
-    if not isinstance(entries, dict) or not set(entries) <= {"images", "containers"}:
+    if not isinstance(entries, dict) or not set(entries) <= {"images", "containers", "failed"}:
         raise ConfigError([Problem("images stack outputs", "lockEntries",
-                                   "must be an object with 'images' and/or 'containers'")])
+                                   "must be an object with 'images', 'containers' and/or 'failed'")])
     data = current.model_dump(mode="json", exclude_none=True)
+    data.setdefault("failed", {})
     changes: list[str] = []
     for section in ("images", "containers"):
         for key, entry in sorted((entries.get(section) or {}).items()):
@@ -170,6 +187,13 @@ def merge(current: LockFile, outputs: dict, *, replace: bool = False) -> tuple[L
                     "outputs (a non-reproducible build or a replaced object). Investigate, then rerun with --replace")
             data[section][key] = entry
             changes.append(f"{'changed' if old else 'added'} {section}.{key}")
+            if section == "images" and data["failed"].pop(key, None) is not None:
+                changes.append(f"cleared failed.{key}")
+    for key, entry in sorted((entries.get("failed") or {}).items()):
+        if key in data["images"] or data["failed"].get(key) == entry:
+            continue
+        changes.append(f"{'changed' if key in data['failed'] else 'added'} failed.{key}")
+        data["failed"][key] = entry
     merged = parse(json.dumps(data), source="merged lock")
     return merged, changes
 

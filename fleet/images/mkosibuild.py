@@ -15,7 +15,10 @@ from the project root, as the images stack's ``command.local.Command``:
 4. turns the tar into a deterministic OCI image layout (``python -m fleet.ocilayout``, the image
    config from the settings, every time from ``SourceDateEpoch``);
 5. pushes it with ``skopeo copy --preserve-digests`` to ``<repository>:<input hash[:32]>`` and
-   checks that the digest skopeo reports is the layout's manifest digest;
+   checks that the digest skopeo reports is the layout's manifest digest. Tags are immutable in our
+   registry and name the input hash, so before building anything the step asks the registry
+   (``skopeo inspect``) whether the tag exists; if it does (a rerun after the lock entry was lost,
+   another stack's run), the tag's digest is the lock entry and nothing is built or pushed again;
 6. prints one JSON line, the lock entry: ``{"digest", "digest_kind": "manifest", "image", "source"}``.
 
 **The pinned mkosi is 25.3** (tag ``v25.3``, commit ``54c625c380ef5500f17460981a3c67b109b6a847``,
@@ -54,6 +57,10 @@ STEP_MARK = "# dstack-fleet:step="
 MKOSI_VERSION = "25.3"
 MKOSI_COMMIT = "54c625c380ef5500f17460981a3c67b109b6a847"
 MKOSI_INSTALL = f"python3 -m pip install 'git+https://github.com/systemd/mkosi@{MKOSI_COMMIT}'  # v{MKOSI_VERSION}"
+# skopeo pushes (and resolves existing tags): Ubuntu 24.04's package, the runners' and build hosts' OS;
+# the apt version is pinned in .github/workflows/images.yml, the upstream version checked here.
+SKOPEO_VERSION = "1.13.3"
+SKOPEO_APT_VERSION = "1.13.3+ds1-2build2"
 PYTHON = ".venv/bin/python"  # the project's interpreter, relative to the project root
 TAG_LENGTH = 32  # the registry tag is the input hash's first 32 digits, as for docker builds
 OUTPUT_NAME = "rootfs"
@@ -419,6 +426,19 @@ make_layout() {
   log "OCI layout: manifest $manifest_digest, image id $image_id"
 }
 
+resolve_existing() {  # the tag names the input hash and cannot be moved: if it exists, it is the build
+  local existing
+  printf '%s\n' "$SKOPEO_POLICY" > "$work/policy.json"
+  if ! existing=$(skopeo --policy "$work/policy.json" inspect --no-tags --format '{{.Digest}}' \
+      "docker://$REPOSITORY:$TAG" 2> "$work/inspect.err"); then
+    log "$REPOSITORY:$TAG does not exist yet; building it"
+    return 1
+  fi
+  log "$REPOSITORY:$TAG already exists (tags are immutable): $existing; nothing is built or pushed again"
+  "$PYTHON" -m fleet.mkosibuild lock-line --repository="$REPOSITORY" --digest="$existing" \
+    --source="$SOURCE; an existing immutable tag, resolved to its digest"
+}
+
 push() {
   local pushed
   printf '%s\n' "$SKOPEO_POLICY" > "$work/policy.json"
@@ -437,6 +457,9 @@ push() {
 log "building $MKOSI_DIR as $REPOSITORY:$TAG (input hash $INPUT_HASH)"
 check_settings
 check_tools
+if resolve_existing; then
+  exit 0
+fi
 build_once a
 build_once b
 compare_builds

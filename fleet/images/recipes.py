@@ -254,8 +254,9 @@ class HostDefaults:
 # packages plus what the generated script uses; dstack-os builds inside its own pinned Docker image.
 _COMMON_PACKAGES = ("ca-certificates", "curl", "git", "python3", "tar", "gzip", "coreutils")
 BUILD_HOST_DEFAULTS = {
+    # built twice, in two complete trees (fleet.images.buildscript): room and time for both
     "tplus-overlay": HostDefaults(
-        machine_type="n2-standard-16", disk_gb=300, timeout_seconds=6 * 3600,
+        machine_type="n2-standard-16", disk_gb=400, timeout_seconds=10 * 3600,
         packages=_COMMON_PACKAGES + (
             "build-essential", "chrpath", "cpio", "debianutils", "diffstat", "file", "gawk", "gcc",
             "iputils-ping", "libacl1", "locales", "lz4", "patch", "python3-git", "python3-jinja2",

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pulumi
 
 from fleet.apps import phala
-from fleet.images import buildscript, mkosibuild
+from fleet.images import dockerbuild, mkosibuild
 
 COMPUTE = "https://www.googleapis.com/compute/v1"
 FAKE_PROJECT_NUMBER = "123456789012"
@@ -178,15 +178,14 @@ COMPUTED: dict[str, Callable[[Context], dict[str, Any]]] = {
 # output the program parses registers a stand-in here that produces output of the same shape.
 STEP_MARK = "# dstack-fleet:step="
 COMMAND_STEPS: dict[str, Callable[[Context], str]] = {
-    # The BuildHost's wait step prints the build's outputs.json. Offline stand-in: an outputs.json of
-    # the real shape whose values are fake, derived from the step's URN (fleet/images/buildscript.py).
-    "build-wait": buildscript.offline_wait_stdout,
     # An app's Phala deploy step prints `phala cvms get <name> --json`; the stand-in is a document of that
     # shape with fake values derived from the step's URN (fleet/apps/phala.py).
     "phala-deploy": phala.offline_cvm_stdout,
     # A container built with mkosi prints its lock entry as one JSON line; the stand-in is a line of that
     # shape with fake digests derived from the step's URN (fleet/images/mkosibuild.py).
     "mkosi-build": mkosibuild.offline_step_stdout,
+    # A container built with Docker prints its lock entry the same way (fleet/images/dockerbuild.py).
+    "docker-build": dockerbuild.offline_step_stdout,
 }
 
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import yaml
 
 from fleet.gcp import tdx
+from fleet.gcp.naming import public_repository_id
 from fleet.apps.imageref import InvalidImageReference, find_image_references, parse_image_ref, unpinned_reason
 from fleet.config.problems import ConfigError, Problem
 from fleet.config.values import UNKNOWN, Secret
@@ -247,6 +248,7 @@ class RuleContext:
     allowed_images: tuple[str, ...] = ()
     external_ip_groups: frozenset[str] = frozenset()
     extra_machine_types: tuple[str, ...] = ()
+    public_repositories: frozenset[str] = frozenset()  # repositories anyone may read (bootstrap opt-in)
     outputs: Mapping[str, Any] | None = None  # stack outputs (None: not available)
     measurements: Mapping[str, Any] | None = None  # the plan's measurements (None: from outputs)
     stack_urn: str = ""
@@ -747,6 +749,32 @@ def check_no_open_ingress(view: ResourceView, context: RuleContext) -> Iterator[
 # hardened-instances
 
 
+PUBLIC_PRINCIPALS = ("allUsers", "allAuthenticatedUsers")
+PUBLIC_READ = ("gcp:artifactregistry/repositoryIamMember:RepositoryIamMember", "roles/artifactregistry.reader")
+
+
+def _public_principals(view: ResourceView) -> list[str]:
+    found = []
+    for path, value in walk(view.inputs):
+        if isinstance(value, str) and any(p in value for p in PUBLIC_PRINCIPALS) and path and path[0] in (
+                "member", "members", "policyData", "bindings"):
+            found.append(render_path(path))
+    return found
+
+
+def check_no_public_access(view: ResourceView, context: RuleContext) -> Iterator[Finding]:
+    where = _public_principals(view)
+    if not where:
+        return
+    repository = view.inputs.get("repository")
+    if ((view.type, view.inputs.get("role")) == PUBLIC_READ and isinstance(repository, str)
+            and repository in context.public_repositories and where == ["member"]
+            and view.inputs.get("member") == "allUsers"):
+        return  # reading the public app repository the bootstrap stack opted in to
+    yield _violation(view, f"{', '.join(where)} grants access to everyone on the internet; the only public "
+                           "grant allowed is reading the public app repository (dstack-fleet:registry.publicAppImages)")
+
+
 def _truthy(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "y"))
 
@@ -1008,6 +1036,9 @@ _CONFIG_PROPERTIES: dict[str, dict[str, Any]] = {
                           "description": "dstack-fleet:tdx.extraMachineTypes."},
     "externalIpGroups": {"type": "array", "items": {"type": "string"},
                          "description": "Node groups that declare externalIp: true."},
+    "publicRepositories": {"type": "array", "items": {"type": "string"},
+                           "description": "Artifact Registry repositories anyone may read (the bootstrap's public "
+                                          "app repository when dstack-fleet:registry.publicAppImages is set)."},
 }
 
 RULES: tuple[Rule, ...] = (
@@ -1055,6 +1086,15 @@ RULES: tuple[Rule, ...] = (
                     "dstack-fleet:network.publicIngress with a reason.",
         applies_to="gcp:compute/firewall:Firewall",
         scope="resource", check=check_no_open_ingress, config_keys=("publicPorts",)),
+    Rule(
+        name="no-public-access",
+        description="No IAM grant names allUsers or allAuthenticatedUsers, except reading (roles/"
+                    "artifactregistry.reader, allUsers) the one public app repository the bootstrap stack opts in "
+                    "to with dstack-fleet:registry.publicAppImages.",
+        remediation="Grant a service account or group instead; publish an app's images with phala.publicImages "
+                    "and dstack-fleet:registry.publicAppImages rather than opening another repository.",
+        applies_to="IAM members, bindings and policies of every resource type",
+        scope="resource", check=check_no_public_access, config_keys=("publicRepositories",)),
     Rule(
         name="hardened-instances",
         description="Instances keep the interactive serial console off, block project SSH keys, do not run as the "
@@ -1145,6 +1185,8 @@ def context_from_config(config: Any, *, project: str = "", outputs: Mapping[str,
         allowed_images=tuple(policy.allowed_images),
         external_ip_groups=frozenset(g.name for g in fleet.nodes if g.external_ip),
         extra_machine_types=tuple(fleet.tdx.extra_machine_types),
+        public_repositories=frozenset({public_repository_id(fleet.name_prefix)} if fleet.role == "bootstrap"
+                                      and fleet.registry.public_app_images else ()),
         outputs=outputs,
         measurements=measurements,
         stack_urn=stack_urn(config.stack, project) if project else "",
@@ -1187,7 +1229,8 @@ def evaluate(resources: Sequence[Any], context: RuleContext) -> list[dict[str, s
 
 def pack_config(tier: str | None, overrides: Mapping[str, str] | None = None,
                 public_ports: Iterable[int] = (), allowed_images: Iterable[str] = (), *,
-                extra_machine_types: Iterable[str] = (), external_ip_groups: Iterable[str] = ()) -> dict[str, Any]:
+                extra_machine_types: Iterable[str] = (), external_ip_groups: Iterable[str] = (),
+                public_repositories: Iterable[str] = ()) -> dict[str, Any]:
     """The ``--policy-pack-config`` document for a stack: the tier's level for every policy, the
     stack's overrides, and each policy's settings."""
     overrides = dict(overrides or {})
@@ -1203,6 +1246,7 @@ def pack_config(tier: str | None, overrides: Mapping[str, str] | None = None,
         "allowedImages": sorted(set(allowed_images)),
         "extraMachineTypes": sorted(set(extra_machine_types)),
         "externalIpGroups": sorted(set(external_ip_groups)),
+        "publicRepositories": sorted(set(public_repositories)),
     }
     document: dict[str, Any] = {"all": default_level(tier)}
     for r in crossguard_rules():
@@ -1217,7 +1261,8 @@ def pack_config_for(config: Any) -> dict[str, Any]:
     context = context_from_config(config)
     return pack_config(context.tier, context.enforcement, context.public_ports, context.allowed_images,
                        extra_machine_types=context.extra_machine_types,
-                       external_ip_groups=context.external_ip_groups)
+                       external_ip_groups=context.external_ip_groups,
+                       public_repositories=context.public_repositories)
 
 
 def context_from_policy_config(config: Mapping[str, Any] | None) -> RuleContext:
@@ -1231,6 +1276,7 @@ def context_from_policy_config(config: Mapping[str, Any] | None) -> RuleContext:
         allowed_images=tuple(config.get("allowedImages", ()) or ()),
         external_ip_groups=frozenset(config.get("externalIpGroups", ()) or ()),
         extra_machine_types=tuple(config.get("extraMachineTypes", ()) or ()),
+        public_repositories=frozenset(config.get("publicRepositories", ()) or ()),
     )
 
 

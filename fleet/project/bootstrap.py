@@ -9,8 +9,9 @@ every email, bucket and registry path without reading another stack's state, and
 
 Least privilege: the preview identity can only read (and decrypt stack secrets); each deploy
 identity can change only its own environment's project, state objects and key; node identities can
-only write logs and metrics (and read the registry, for dstack nodes); no primitive role and no
-public member is ever granted.
+only write logs and metrics (and read the registry, for dstack nodes); no primitive role is ever
+granted, and no public member but ``allUsers`` reading the public app repository when
+``dstack-fleet:registry.publicAppImages`` asks for it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 from fleet.project import accounts
 from fleet.config.schema import StackConfig
-from fleet.gcp.naming import MAX_SERVICE_ACCOUNT_ID, gcp_name
+from fleet.gcp.naming import MAX_SERVICE_ACCOUNT_ID, gcp_name, public_repository_id
 
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
 PRIMITIVE_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
@@ -98,8 +99,21 @@ class Names:
         return gcp_name(self.prefix, "dockerhub")
 
     @property
+    def public_registry_id(self) -> str:
+        """The public-read repository for the built images of apps that opt in (Phala Cloud pulls them)."""
+        return public_repository_id(self.prefix)
+
+    @property
+    def registry_host(self) -> str:
+        return f"{self.region}-docker.pkg.dev"
+
+    @property
     def registry_path(self) -> str:
         return f"{self.region}-docker.pkg.dev/{self.project}/{self.registry_id}"
+
+    @property
+    def public_registry_path(self) -> str:
+        return f"{self.region}-docker.pkg.dev/{self.project}/{self.public_registry_id}"
 
     @property
     def mirror_path(self) -> str:
@@ -168,6 +182,7 @@ class BootstrapPlan:
     environments: dict[str, str]  # env stack -> project
     images_project: str
     service_agents: dict[str, str] = field(default_factory=dict)  # project -> member placeholder
+    public_repository: str | None = None  # the public-read app repository, when the stack opts in
 
     def account(self, key: str) -> Account:
         return next(a for a in self.accounts if a.key == key)
@@ -253,7 +268,7 @@ def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
     registry = names.registry_id
     bindings: list[Binding] = []
     labels = {state: "state-bucket", image_bucket: "image-bucket", registry: "registry",
-              names.mirror_id: "dockerhub-mirror"}
+              names.mirror_id: "dockerhub-mirror", names.public_registry_id: "public-apps"}
     labels.update({project: f"project-{env}" for env, project in envs.items()})
     labels[images_project] = "project-images"
     labels.update({names.key(stack): f"key-{stack}" for stack in [*envs, "images"]})
@@ -261,8 +276,9 @@ def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
 
     def add(b: tuple) -> None:
         scope, target, role, member, *rest = b
-        who = member.split(":", 1)[1]
-        who = next((a.key for a in accts if a.email == who), None) or f"compute-agent-{labels.get(who, who)}"
+        who = member.split(":", 1)[1] if ":" in member else member
+        who = next((a.key for a in accts if a.email == who), None) or (
+            who if who in PUBLIC_MEMBERS else f"compute-agent-{labels.get(who, who)}")
         bindings.append(Binding(scope, target, role, member, who, labels[target], rest[0] if rest else None))
 
     # preview: read-only everywhere it looks, plus decrypting stack secrets to run a preview
@@ -317,6 +333,14 @@ def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
                 add(("repository", registry, "roles/artifactregistry.reader", member))
                 add(("repository", names.mirror_id, "roles/artifactregistry.reader", member))
 
+    # the one public grant: anyone may pull from the public app repository, which holds only the
+    # images of apps that opted in (phala.publicImages); fleet.policy's no-public-access allows exactly it
+    public = None
+    if fleet.registry.public_app_images:
+        public = names.public_registry_id
+        add(("repository", public, "roles/artifactregistry.writer", images))
+        add(("repository", public, "roles/artifactregistry.reader", "allUsers"))
+
     keys = {stack: names.key(stack) for stack in [*envs, "images"]}
     return BootstrapPlan(
         names=names,
@@ -328,6 +352,7 @@ def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
         attribute_condition=attribute_condition(fleet.github, list(envs)),
         environments=envs,
         images_project=images_project,
+        public_repository=public,
     )
 
 

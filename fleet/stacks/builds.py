@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleet.project import accounts
-from fleet.apps.plans import container_build_hash
+from fleet.apps.plans import container_build_hash, public_container_keys
 from fleet.project.bootstrap import Names
 from fleet.images.buildscript import BuildHostPlan, BuildHostSettings, build_script, plan_build_host
 from fleet.config.schema import DockerBuildContainer, MkosiBuildContainer, StackConfig
@@ -46,14 +46,17 @@ class BuildPlan:
     locked_images: list[str]
     locked_containers: list[str]
     builder_account: str
+    failed_images: list[str] = field(default_factory=list)
     pending_stacks: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
         building = {h.input_hash for h in self.hosts}
         images = {}
         for spec in self.specs:
+            status = ("building" if spec.input_hash in building
+                      else "failed" if spec.input_hash in self.failed_images else "locked")
             images[spec.input_hash] = {"recipe": spec.recipe, "label": spec.label, "keys": list(spec.keys),
-                                       "status": "building" if spec.input_hash in building else "locked",
+                                       "status": status,
                                        **({"kernelCmdline": spec.kernel_cmdline} if spec.kernel_cmdline else {})}
         containers = {c.input_hash: {"key": c.key, "builder": c.builder, "repository": c.repository,
                                      "stacks": list(c.stacks), "status": "building"} for c in self.containers}
@@ -94,24 +97,28 @@ def plan_builds(config: StackConfig, root: Path, lock: LockFile, names: Names, n
                 continue
             init = script if source.build.recipe == "tplus-overlay" else None
             specs.append(build_spec(key, build_inputs(source), derived.get(key, {}), init_script=init, root=root))
+        public = public_container_keys(env)
         for key, source in sorted(env.fleet.containers.items()):
             if source.external is not None:
                 continue
-            _, digest = container_build_hash(root, key, source)
+            _, digest = container_build_hash(root, key, source, public=key in public)
             if digest in lock.containers:
                 continue
             existing = containers.get(digest)
             stacks = (existing.stacks if existing else ()) + (env.stack,)
             build = source.docker or source.mkosi
             assert build is not None
-            containers[digest] = ContainerBuild(key, digest, build, f"{names.registry_path}/{key}", stacks)
-    to_run = builds_to_run(specs, lock.images)
+            # an app that opted in (phala.publicImages) gets its containers from the public-read repository
+            path = names.public_registry_path if key in public else names.registry_path
+            containers[digest] = ContainerBuild(key, digest, build, f"{path}/{key}", stacks)
+    # a collected failure is not retried until its entry is removed from the lock (a reviewed change)
+    to_run = builds_to_run(specs, set(lock.images) | set(lock.failed))
     hosts = [plan_build_host(spec, host_settings(config, names, spec.recipe), namer, project=config.gcp.project,
                              root=root) for spec in to_run]
     builder = accounts.email(names.builder_account_id(), config.gcp.project)
     return BuildPlan(hosts=hosts, containers=sorted(containers.values(), key=lambda c: c.input_hash), specs=specs,
                      locked_images=sorted(lock.images), locked_containers=sorted(lock.containers),
-                     builder_account=builder)
+                     builder_account=builder, failed_images=sorted(lock.failed))
 
 
 def local_build_script(root: Path, stack: str, key: str, output_dir: Path, *, bucket: str | None = None,

@@ -1,0 +1,162 @@
+"""Container images built with Docker by a generated step, pushed once to an immutable tag.
+
+A container declared as ``docker: {context, dockerfile, platform, args, target}`` is built by a bash
+step (``step_script``, marked ``# dstack-fleet:step=docker-build``) that the images stack runs from
+the project root as a ``command.local.Command``:
+
+1. asks the registry whether ``<repository>:<input hash[:32]>`` exists (``skopeo inspect``). Tags are
+   immutable in our registry and name the input hash, so an existing tag *is* this build (pushed by an
+   earlier run whose lock entry was lost, or by another stack's run): its digest becomes the lock
+   entry, and nothing is built or pushed again (a second push of an immutable tag is refused);
+2. otherwise builds for the one platform and pushes (``docker buildx build --push``, without
+   provenance or SBOM attestations, which would turn the pushed manifest into an index), reads the
+   pushed manifest digest from buildx's ``--metadata-file`` (``containerimage.digest``) and checks
+   that the registry reports the same digest for the tag;
+3. prints one JSON line, the lock entry ``{"digest", "digest_kind": "manifest", "image", "source"}``.
+
+It replaces pulumi-docker's ``docker.Image``, which pushes unconditionally and so fails on a tag that
+exists. What it needs where it runs: Docker with buildx, skopeo, registry credentials that both read
+(``docker login``), and the project's ``.venv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from fleet.images import mkosibuild
+
+STEP = "docker-build"
+STEP_MARK = "# dstack-fleet:step="
+TAG_LENGTH = mkosibuild.TAG_LENGTH
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+class DockerBuildError(ValueError):
+    """Settings that cannot be built, or metadata that cannot be read (one line)."""
+
+
+STEP_BODY = r'''
+log() { printf '[dstack-fleet docker %s] %s\n' "$KEY" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+work=$(mktemp -d "${TMPDIR:-/var/tmp}/dstack-fleet-docker.XXXXXX")
+trap 'rm -rf -- "$work"' EXIT
+printf '%s\n' "$SKOPEO_POLICY" > "$work/policy.json"
+
+registry_digest() {  # the digest the registry has under $REPOSITORY:$TAG; fails when there is none
+  skopeo --policy "$work/policy.json" inspect --no-tags --format '{{.Digest}}' "docker://$REPOSITORY:$TAG" \
+    2> "$work/inspect.err"
+}
+
+if existing=$(registry_digest); then
+  log "$REPOSITORY:$TAG already exists (tags are immutable): $existing; nothing is built or pushed again"
+  "$PYTHON" -m fleet.images.mkosibuild lock-line --repository="$REPOSITORY" --digest="$existing" \
+    --source="$SOURCE; an existing immutable tag, resolved to its digest"
+  exit 0
+fi
+if [ ! -d "$CONTEXT" ]; then
+  die "$CONTEXT: no such build context (the step runs from the project root)"
+fi
+log "building $CONTEXT for $PLATFORM as $REPOSITORY:$TAG (input hash $INPUT_HASH)"
+docker buildx build --platform "$PLATFORM" --file "$CONTEXT/$DOCKERFILE" "${BUILD_ARGS[@]}" \
+  --provenance=false --sbom=false --tag "$REPOSITORY:$TAG" --push --metadata-file "$work/metadata.json" \
+  "$CONTEXT" >&2
+pushed=$("$PYTHON" -m fleet.images.dockerbuild read-metadata "$work/metadata.json")
+reported=$(registry_digest) || die "the registry has no $REPOSITORY:$TAG after the push: $(cat "$work/inspect.err")"
+if [ "$reported" != "$pushed" ]; then
+  die "buildx pushed $pushed, but the registry reports $reported for $REPOSITORY:$TAG; no lock entry"
+fi
+"$PYTHON" -m fleet.images.mkosibuild lock-line --repository="$REPOSITORY" --digest="$pushed" --source="$SOURCE"
+'''
+
+
+def _assign(name: str, value: object) -> str:
+    return f"readonly {name}={shlex.quote(str(value))}"
+
+
+def source_text(context: str, input_hash: str) -> str:
+    return f"images stack docker build of {context} (input hash {input_hash})"
+
+
+def step_script(build: Any, *, key: str, input_hash: str, repository: str) -> str:
+    """The bash step for a validated ``DockerBuildContainer``. Every value is assigned once, quoted,
+    and only used as ``"$VARIABLE"``."""
+    if not _HEX64.fullmatch(input_hash):
+        raise DockerBuildError(f"input hash {input_hash!r} is not 64 lowercase hex digits")
+    if "@" in repository or not re.fullmatch(r"[a-z0-9][a-z0-9._/:-]*[a-z0-9]", repository):
+        raise DockerBuildError(f"repository {repository!r} is not a registry path without tag or digest")
+    build_args = [f"--build-arg={name}={value}" for name, value in sorted((build.args or {}).items())]
+    if build.target:
+        build_args.append(f"--target={build.target}")
+    header = [
+        "#!/bin/bash",
+        "# shellcheck disable=SC2016 # the values are literal data, single-quoted on purpose",
+        "set -euo pipefail",
+        f"{STEP_MARK}{STEP}",
+        f"# Container image {key!r} built with Docker, input hash {input_hash}. Generated by fleet/images/dockerbuild.py.",
+        _assign("KEY", key),
+        _assign("INPUT_HASH", input_hash),
+        _assign("CONTEXT", build.context),
+        _assign("DOCKERFILE", build.dockerfile),
+        _assign("PLATFORM", build.platform),
+        _assign("REPOSITORY", repository),
+        _assign("TAG", input_hash[:TAG_LENGTH]),
+        _assign("PYTHON", mkosibuild.PYTHON),
+        _assign("SOURCE", source_text(build.context, input_hash)),
+        _assign("SKOPEO_POLICY", json.dumps(mkosibuild.SKOPEO_POLICY, sort_keys=True, separators=(",", ":"))),
+        f"readonly BUILD_ARGS=({' '.join(shlex.quote(a) for a in build_args)})",
+    ]
+    return "\n".join(header) + "\n" + STEP_BODY
+
+
+def offline_step_stdout(ctx: Any) -> str:
+    """Offline stand-in for the step's stdout (``fleet.plan.offline.COMMAND_STEPS``): a lock entry of the
+    real shape with a fake digest derived from the step's URN."""
+    values: dict[str, str] = {}
+    for line in str(ctx.inputs.get("create") or "").splitlines():
+        name, _, value = line[len("readonly "):].partition("=")
+        if line.startswith("readonly ") and name in ("REPOSITORY", "SOURCE"):
+            try:
+                values[name] = shlex.split(value)[0]
+            except (ValueError, IndexError):
+                pass
+    entry = mkosibuild.lock_entry(values.get("REPOSITORY") or f"offline.invalid/{ctx.name}",
+                                  f"sha256:{ctx.digest('docker-manifest')}",
+                                  values.get("SOURCE") or "images stack docker build")
+    return json.dumps(entry, sort_keys=True) + "\n"
+
+
+def read_metadata(path: Path) -> str:
+    """The pushed manifest digest from ``docker buildx build --metadata-file``."""
+    try:
+        digest = json.loads(path.read_text(encoding="utf-8"))["containerimage.digest"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DockerBuildError(f"{path}: no containerimage.digest in buildx's metadata ({exc})") from None
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise DockerBuildError(f"{path}: containerimage.digest {digest!r} is not sha256:<64 hex>")
+    return digest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fleet.images.dockerbuild")
+    commands = parser.add_subparsers(dest="command", required=True)
+    read = commands.add_parser("read-metadata", help="print the pushed digest from buildx's metadata file")
+    read.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        print(read_metadata(args.file))
+    except DockerBuildError as exc:
+        print(f"fleet.images.dockerbuild: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
