@@ -40,19 +40,12 @@ class DstackApp(pulumi.ComponentResource):
         common = {"target": app.target, "name": app.name, "identity": app.identity, "values": app.provenance}
         if app.target == "vmm":
             target = app.config.vmm
-            if target.token_secret and target.token_secret not in config.fleet.secrets:
-                raise pulumi.RunError(f"app {app.key}: vmm.tokenSecret {target.token_secret!r} is not in "
-                                      "dstack-fleet:secrets")
             props = vm_props(app, target)
             vm = Vm(f"{app.name}-vm", props, pulumi.ResourceOptions(parent=self))
             self.resource = vm
             outputs = {**common, "composeHash": app.compose_hash, "appId": props["appId"], "instanceId": vm.vmId,
                        "status": vm.status, "urls": []}
         else:
-            target = app.config.phala
-            if target.api_key_secret not in config.fleet.secrets:
-                raise pulumi.RunError(f"app {app.key}: phala.apiKeySecret {target.api_key_secret!r} is not in "
-                                      "dstack-fleet:secrets")
             deployment = phala_deployment(app, config=config, parent=self)
             self.resource = deployment.command
             outputs = {**common, "composeHash": deployment.compose_hash, "appId": deployment.app_id,

@@ -118,7 +118,7 @@ def with_phala_app(config):
     config["dstack-fleet:containers"]["hello"] = {"external": {
         "image": "docker.io/acme/hello", "digest": HELLO_DIGEST, "digestKind": "manifest", "source": "test"}}
     phala_entry(config)["secretEnv"] = {"GREETING": "greeting"}
-    config["dstack-fleet:secrets"]["greeting"] = {"secure": "v1:placeholder"}
+    config.setdefault("dstack-fleet:secrets", {})["greeting"] = {"secure": "v1:placeholder"}
 
 
 def dev_app(project, change=with_phala_app, secrets=None):

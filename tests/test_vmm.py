@@ -196,7 +196,7 @@ def with_kms_env(config):
     app["keyProvider"] = "kms"
     app["kms"] = {"urls": ["https://kms.staging.acme.internal:8000"]}
     app["secretEnv"] = {"API_KEY": "apiKey"}
-    config["dstack-fleet:secrets"]["apiKey"] = {"secure": "v1:placeholder"}
+    config.setdefault("dstack-fleet:secrets", {})["apiKey"] = {"secure": "v1:placeholder"}
 
 
 def provider(secrets: dict[str, str]) -> VmProvider:

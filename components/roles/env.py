@@ -26,7 +26,8 @@ from fleet.stacks.expectations import os_versions, plan_measurements, verify_scr
 from fleet.images.versions import ImageVersion
 from fleet.gcp.naming import Namer
 from fleet.nodes.network import network_spec, public_ingress
-from fleet.plan.offline import is_real_update
+from fleet.plan.offline import is_offline_plan, is_real_update
+from fleet.stacks import readiness
 
 
 def build(config: StackConfig, namer: Namer, root: Path) -> None:
@@ -36,6 +37,7 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     fleet = fleet_nodes.plan_fleet(config, namer, versions)
     apps = fleet_apps.plan_apps(config, lock, root, names.registry_path)
 
+    guard_secrets(config)
     network = Network("network", network_spec(config, namer, public_ingress(config, namer) + fleet.ingress),
                       config.gcp.project)
     guard_pending_images(config, namer, lock, versions)
@@ -57,14 +59,26 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     export_overlay(fleet)
 
 
+def guard_secrets(config: StackConfig) -> None:
+    """A secret an app needs must be set before a real preview or update; the offline plan shows it as
+    ``[secret: not set]`` and says how to set it."""
+    missing = readiness.preview_refusals(config)
+    if missing and not is_offline_plan():
+        raise pulumi.RunError(f"{config.stack} refuses to deploy:\n" + "\n".join(missing))
+    for line in missing:
+        pulumi.log.warn(line)
+
+
 def guard_pending_images(config: StackConfig, namer: Namer, lock, versions: dict[str, ImageVersion]) -> None:
-    pending = boot_images.pending_in_use(config, lock, namer, versions)
-    for key in pending:
-        pulumi.log.warn(f"image {key!r} is pending build (input hash {versions[key].content_hash}); "
+    """A real update refuses while a node's image is pending, in every tier: it cannot create the node,
+    and leaving the node out would delete it if it is deployed (the program cannot see state)."""
+    pending = readiness.pending_images(config, lock, namer, versions)
+    for image in pending:
+        pulumi.log.warn(f"image {image.key!r} is pending build (input hash {image.content_hash}); "
                         "build it with `make up STACK=images` and record it with `make lock`")
-    if pending and config.fleet.tier in ("staging", "prod") and is_real_update():
-        raise pulumi.RunError(f"{config.stack} refuses pending images {', '.join(pending)}: staging and prod run "
-                              "only what was built and recorded in images.lock.json")
+    if pending and is_real_update():
+        raise pulumi.RunError(f"{config.stack} refuses pending images {', '.join(i.key for i in pending)}:\n"
+                              + "\n".join(i.line() for i in pending))
     for key in boot_images.unused_versions(config):
         pulumi.log.warn(f"image version {key!r} is declared but no node uses it; remove it from "
                         "dstack-fleet:images to delete it")
@@ -92,9 +106,7 @@ def deploy_nodes(config: StackConfig, namer: Namer, fleet, apps: list[AppPlan], 
         data_image = DataDiskImage(upload=upload, project=config.gcp.project, namer=namer, labels=namer.labels())
     deployed: dict[str, list[pulumi.Resource]] = {}
     for spec in fleet.nodes:
-        if spec.image.pending and is_real_update():
-            pulumi.log.warn(f"node {spec.key} waits for image {spec.image_key!r} (pending build); skipped")
-            continue
+        # a pending image never drops a node: a real update refused above (guard_pending_images)
         if spec.image.creates_image:
             boot_image = images[spec.image.logical_name].self_link
         else:

@@ -22,7 +22,7 @@ def _root(args: argparse.Namespace) -> Path:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from fleet.plan.planner import PlanFailed, build_plan, render_markdown, render_text
+    from fleet.plan.planner import PlanFailed, UpRefused, build_plan, render_markdown, render_text
 
     root = _root(args)
     # The plan is a short batch that allocates a few objects per registration and frees them by
@@ -37,6 +37,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.debug:
             traceback.print_exception(exc.error)
         return EXIT_PROGRAM
+    except UpRefused as exc:  # what a real `pulumi up` would refuse, one line per reason
+        print(f"error: a real `pulumi up` of {exc.stack} refuses:", file=sys.stderr)
+        for line in exc.lines:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_INPUT
     finally:
         if collecting:  # a caller in the same process (the tests) gets its collector back
             gc.enable()
