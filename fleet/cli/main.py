@@ -63,6 +63,19 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return EXIT_INPUT
 
 
+def cmd_policy_config(args: argparse.Namespace) -> int:
+    """The stack's ``--policy-pack-config`` document on stdout: what ``make preview``/``make up`` pass,
+    for workflows that run the CLI themselves (the cloud preview)."""
+    import json
+
+    from fleet.policy.rules import pack_config_for
+    from fleet.stacks.load import load_config
+
+    _, config = load_config(_root(args), args.stack)  # ConfigError: exit 2 with one line per problem
+    sys.stdout.write(json.dumps(pack_config_for(config), indent=2, sort_keys=True) + "\n")
+    return EXIT_OK
+
+
 def cmd_lock(args: argparse.Namespace) -> int:
     import json
     import subprocess
@@ -213,6 +226,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--pass", dest="pass_", choices=("preview", "up"), default="preview", help=argparse.SUPPRESS)
     bench.add_argument("--out", metavar="FILE", help=argparse.SUPPRESS)
     bench.set_defaults(func=cmd_bench)
+
+    policy = sub.add_parser("policy-config", help="print the stack's policy pack config (--policy-pack-config)")
+    policy.add_argument("--stack", required=True)
+    policy.set_defaults(func=cmd_policy_config)
 
     deploy = sub.add_parser("deploy", help="run the real Pulumi CLI (make preview / make up)")
     deploy.add_argument("action", choices=("preview", "up"))
