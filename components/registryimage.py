@@ -1,10 +1,11 @@
 """A container image built by the images stack and pushed to the bootstrap registry.
 
-Tagged with its input hash (tags are immutable in our registry, and the input hash names the
-build); the pushed *manifest* digest is exported for ``make lock``. Env stacks never build: they
-read the digest from the lock file.
+The pushed *manifest* digest is exported for ``make lock``. Env stacks never build: they read the digest
+from the lock file.
 
-- ``RegistryImage``: built with pulumi-docker for linux/amd64 (``repo_digest``).
+- ``RegistryImage``: built with pulumi-docker for linux/amd64 (``repo_digest``), tagged
+  ``<input hash[:32]>-<nonce>`` so a rebuild never pushes to a tag the immutable registry already holds
+  (``fleet/images/dockerbuild.py``).
 - ``MkosiImage``: built reproducibly with mkosi by a generated step (fleet/images/mkosibuild.py) that builds
   twice, compares, turns the tar into a deterministic OCI image, pushes it with skopeo and prints its
   lock entry.
@@ -16,7 +17,7 @@ import pulumi
 import pulumi_command as command
 import pulumi_docker as docker
 
-from fleet.images import mkosibuild
+from fleet.images import dockerbuild, mkosibuild
 from fleet.stacks.builds import ContainerBuild
 from fleet.config.schema import DockerBuildContainer, MkosiBuildContainer
 
@@ -27,11 +28,14 @@ class RegistryImage(pulumi.ComponentResource):
     def __init__(self, key: str, build: DockerBuildContainer, *, input_hash: str, repository: str,
                  opts: pulumi.ResourceOptions | None = None):
         super().__init__("dstack-fleet:images:RegistryImage", f"container-{key}", {"inputHash": input_hash}, opts)
+        # a nonce made once per build (replaced with any build input), so each build pushes a new tag
+        nonce = command.local.Command(
+            f"container-{key}-tag", create=dockerbuild.tag_script(), interpreter=["/bin/bash", "-c"],
+            triggers=dockerbuild.tag_triggers(input_hash, build), opts=pulumi.ResourceOptions(parent=self))
         image = docker.Image(
             f"container-{key}",
-            image_name=f"{repository}:{input_hash[:32]}",
-            build={"context": build.context, "dockerfile": f"{build.context}/{build.dockerfile}",
-                   "platform": build.platform, "args": build.args or None, "target": build.target},
+            image_name=nonce.stdout.apply(lambda out: f"{repository}:{_push_tag(input_hash, out)}"),
+            build=dockerbuild.build_settings(build),
             build_on_preview=False,
             skip_push=False,
             opts=pulumi.ResourceOptions(parent=self),
@@ -56,6 +60,13 @@ class MkosiImage(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self))
         self.lock_entry = step.stdout.apply(_lock_entry)
         self.register_outputs({"lockEntry": self.lock_entry})
+
+
+def _push_tag(input_hash: str, stdout: str) -> str:
+    try:
+        return dockerbuild.push_tag(input_hash, stdout)
+    except dockerbuild.DockerBuildError as exc:
+        raise pulumi.RunError(str(exc)) from None
 
 
 def _lock_entry(stdout: str) -> dict:

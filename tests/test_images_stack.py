@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fleet.images import lock as fleet_lock
 from fleet.nodes import boot_images
 from fleet.plan.planner import build_plan
@@ -89,3 +91,63 @@ def test_lock_entries_flow_into_the_env_stacks(project):
     # with its image built, the Phala app is deployed, and its identity is what Phala reports
     assert dev.outputs["appTargets"]["hello-dev"]["values"] == "reported"
     assert [r for r in dev.resources if r.type == "command:local:Command" and r.name.startswith("hello-dev")]
+
+
+# ---------------------------------------------------------------------------------------------
+# docker builds: no None sent to the provider, and never a push to a tag the registry already holds
+
+
+def hello_resources(plan):
+    component = next(r for r in plan.resources if r.type == "dstack-fleet:images:RegistryImage")
+    children = {r.type: r for r in plan.resources if r.parent == component.urn}
+    return children["docker:index/image:Image"], children["command:local:Command"]
+
+
+def with_build_settings(project, **settings):
+    project.mutate("dev", "dev", lambda c: c["dstack-fleet:containers"]["hello"]["docker"].update(settings))
+
+
+def test_docker_build_inputs_hold_only_what_is_set(project):
+    """Before: `args: null` and `target: null` reached pulumi-docker."""
+    image, _ = hello_resources(shipped_plan("images"))
+    assert image.inputs["build"] == {"context": "apps/hello", "dockerfile": "apps/hello/Dockerfile",
+                                     "platform": "linux/amd64"}
+    assert None not in image.inputs.values() and None not in image.inputs["build"].values()
+    with_build_settings(project, args={"VERSION": "1"}, target="runtime")
+    image, _ = hello_resources(build_plan(project.root, "images"))
+    assert image.inputs["build"]["args"] == {"VERSION": "1"} and image.inputs["build"]["target"] == "runtime"
+
+
+def test_every_docker_build_pushes_to_a_tag_of_its_own(project, tmp_path):
+    """The registry's tags are immutable and a Docker build is not reproducible: a rebuild of the same input
+    hash (state lost, the resource replaced) pushing to the first build's tag would be refused. The tag is
+    the input hash plus a nonce made once per build and kept in state."""
+    import subprocess
+
+    from fleet.images import dockerbuild
+
+    plan = shipped_plan("images")
+    image, step = hello_resources(plan)
+    input_hash = next(r for r in plan.resources if r.type == "dstack-fleet:images:RegistryImage").inputs["inputHash"]
+    assert str(image.inputs["imageName"]) == "<computed>"  # a new build's tag is made when it runs
+    assert step.inputs["triggers"][0] == input_hash  # any new build input makes a new nonce ...
+    assert json.loads(step.inputs["triggers"][1]) == image.inputs["build"]  # ... so a new tag
+    # the step prints a fresh nonce every time it runs (a new resource after lost state runs it again)
+    nonces = {subprocess.run(["/bin/bash", "-c", step.inputs["create"]], capture_output=True, text=True,
+                             check=True).stdout for _ in range(3)}
+    assert len(nonces) == 3
+    tags = {dockerbuild.push_tag(input_hash, n) for n in nonces}
+    assert all(t.startswith(input_hash[:32] + "-") and dockerbuild.TAG_RE.fullmatch(t) for t in tags)
+    # the update pass pushes to <repository>:<input hash[:32]>-<nonce>; the lock gets the pushed digest
+    pushed = plan.update_run.by_urn()[image.urn].inputs["imageName"]
+    repository, _, tag = pushed.rpartition(":")
+    assert repository == "us-central1-docker.pkg.dev/acme-tee-ops/fleet/hello"
+    assert tag.startswith(input_hash[:32] + "-") and dockerbuild.NONCE_RE.fullmatch(tag.rsplit("-", 1)[1])
+    entry = reveal(plan.update_run.outputs["lockEntries"])["containers"][input_hash]
+    assert entry["image"] == repository and entry["digest"].startswith("sha256:")
+    # a changed build setting is a new nonce step (replaced through its triggers)
+    with_build_settings(project, target="runtime")
+    _, changed = hello_resources(build_plan(project.root, "images"))
+    assert changed.inputs["triggers"] != step.inputs["triggers"]
+    with pytest.raises(dockerbuild.DockerBuildError, match="not 8 hex digits"):
+        dockerbuild.push_tag(input_hash, "oops")

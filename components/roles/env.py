@@ -140,16 +140,29 @@ def deploy_app_targets(config: StackConfig, apps: list[AppPlan],
     return targets
 
 
+# A registry look-up needs no Docker daemon, but pulumi-docker's default provider checks for one when it is
+# configured, so a deploying machine (CI) without Docker fails. pulumi-docker 5.2.0 provider.py,
+# disable_docker_daemon_check: "the provider will not check if the Docker daemon is running. This is useful
+# for resources/data_sourcess that do not require a running Docker daemon, such as the data source
+# RegistryImage". ``host`` is set so the provider's inputs never depend on the machine's DOCKER_HOST
+# (the SDK reads it when unset); nothing connects to it with the check off.
+REGISTRY_LOOKUP_PROVIDER = "registry-lookup"
+DOCKER_HOST_UNUSED = "unix:///var/run/docker.sock"
+
+
 def check_external_images(config: StackConfig) -> None:
     """Ask the registry for each external image marked checkAtDeploy; a missing digest stops the deploy."""
+    checks = [(key, source.external) for key, source in sorted(config.fleet.containers.items())
+              if source.external is not None and source.external.check_at_deploy]
+    if not checks:
+        return
     import pulumi_docker as docker  # only stacks that check external images load the Docker SDK
 
-    for key, source in sorted(config.fleet.containers.items()):
-        ext = source.external
-        if ext is not None and ext.check_at_deploy:
-            reference = f"{ext.image}@{ext.digest}"
-            docker.get_registry_image_output(name=reference).sha256_digest.apply(
-                lambda reported, e=ext.digest, r=reference: fleet_apps.registry_check(reported, e, r))
+    provider = docker.Provider(REGISTRY_LOOKUP_PROVIDER, disable_docker_daemon_check=True, host=DOCKER_HOST_UNUSED)
+    for _, ext in checks:
+        reference = f"{ext.image}@{ext.digest}"
+        docker.get_registry_image_output(name=reference, opts=pulumi.InvokeOutputOptions(provider=provider)) \
+            .sha256_digest.apply(lambda reported, e=ext.digest, r=reference: fleet_apps.registry_check(reported, e, r))
 
 
 def post_deploy_checks(apps: list[AppPlan], measurements: dict, deployed: dict[str, list[pulumi.Resource]]) -> None:
