@@ -260,3 +260,16 @@ def test_config_change_replaces_the_config_disk_stops_the_node_and_spares_the_da
     assert [d["deviceName"] for d in instance.inputs["attachedDisks"]] == ["data", "dstack-config"]
     expected = after_plan.measurements["app:mpc-dstack"]
     assert expected["os_image_hash"] == "c" * 64 and expected["machine_type"] == "c3-standard-4"
+
+
+def test_the_reset_onto_a_new_config_disk_waits_for_the_cloud_nat():
+    """The reset guest pulls its containers through the region's Cloud NAT (no external address): the
+    reset runs after the NAT exists (before, it could run first on a new stack)."""
+    from tests.plans import shipped_plan
+
+    plan = shipped_plan("dev")
+    (reset,) = [r for r in plan.resources if r.name == "apps-0-apply-config"]
+    (nat,) = [r for r in plan.resources if r.type == "gcp:compute/routerNat:RouterNat"]
+    (instance,) = [r for r in plan.resources if r.type == "gcp:compute/instance:Instance" and r.name == "apps-0"]
+    assert nat.urn in reset.dependencies and instance.urn in reset.dependencies
+    assert reset.inputs["update"].startswith("gcloud compute instances reset fleet-dev-apps-0 ")

@@ -122,7 +122,8 @@ def deploy_nodes(config: StackConfig, namer: Namer, fleet, apps: list[AppPlan], 
             pulumi.log.warn(f"dstack node {spec.key} waits for its app's images (pending build); skipped")
             continue
         deployed.setdefault(spec.identity.group, []).append(
-            DstackNode(spec, files=files, upload=upload, namer=namer, data_image=data_image.image, **common))
+            DstackNode(spec, files=files, upload=upload, namer=namer, data_image=data_image.image,
+                       nat=network.nats[spec.identity.region], **common))
     return deployed
 
 
