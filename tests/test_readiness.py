@@ -198,3 +198,18 @@ def test_a_real_up_never_drops_a_node_whose_image_is_pending(project):
     assert instances == sorted(r.name for r in plan.resources if r.type == "gcp:compute/instance:Instance")
     with pytest.raises(UpRefused):
         build_plan(project.root, "dev", secret_overrides=SECRETS, passes="up")
+
+
+@pytest.mark.parametrize("shape", ["ring", "mesh"])
+def test_the_bench_plans_the_up_pass_of_its_generated_stacks(tmp_path, shape):
+    """make bench times the up pass as a real up runs it, so its generated stacks carry stand-in builds."""
+    from fleet.cli import bench
+
+    shipped = (ROOT / "images.lock.json").read_bytes()
+    project = bench._stack_dir(ROOT, tmp_path, shape, 10)
+    up = build_plan(project, bench.STACK, passes="up")
+    assert [r.urn for r in up.resources] == [r.urn for r in build_plan(project, bench.STACK, passes="preview").resources]
+    assert sum(r.type == "gcp:compute/instance:Instance" for r in up.resources) == 10
+    lock = json.loads((project / "images.lock.json").read_text())
+    assert all(entry["source"] == "make bench stand-in, not a build" for entry in lock["images"].values())
+    assert (ROOT / "images.lock.json").read_bytes() == shipped  # only the temporary copy has stand-ins
