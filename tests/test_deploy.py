@@ -394,3 +394,19 @@ def test_the_checks_are_one_function_each_in_order():
     assert deploy.BEFORE_CLI == (deploy.check_secrets_provider, deploy.check_secrets_set)
     assert deploy.ON_STATE == (deploy.check_deployed_waiting, deploy.check_pending_images)
 
+
+
+def test_up_refuses_a_dstack_node_whose_app_waits_for_a_container_build(fake_pulumi, project):
+    env, log = fake_pulumi
+    initialised(project, "dev", change=lambda c: c["dstack-fleet:containers"].update(
+        {"mpc-launcher": {"docker": {"context": "apps/hello"}}}))
+    lock(project, "dev")
+    entries = json.loads((project.root / "images.lock.json").read_text())
+    entries["containers"] = {}
+    (project.root / "images.lock.json").write_text(json.dumps(entries))
+    result = fleet_deploy(project, "up", "dev", env)
+    assert result.returncode == 2, result.stderr
+    assert "dev refuses nodes that wait for container builds:" in result.stderr
+    assert "nodes apps-0 run app mpc, whose container images mpc-launcher are pending build" in result.stderr
+    assert not any(c["argv"][2:3] == ["up"] for c in calls(log))
+    assert fleet_deploy(project, "preview", "dev", env).returncode == 0  # a preview shows it waiting

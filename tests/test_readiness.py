@@ -213,3 +213,28 @@ def test_the_bench_plans_the_up_pass_of_its_generated_stacks(tmp_path, shape):
     lock = json.loads((project / "images.lock.json").read_text())
     assert all(entry["source"] == "make bench stand-in, not a build" for entry in lock["images"].values())
     assert (ROOT / "images.lock.json").read_bytes() == shipped  # only the temporary copy has stand-ins
+
+
+def test_a_dstack_node_whose_app_waits_for_a_container_build_is_refused_not_dropped(project):
+    """Its configuration disk needs the app-compose, which needs the container's digest: preview leaves the
+    node out with a warning, a real up refuses (leaving it out would delete a deployed node)."""
+    def built_launcher(config):
+        config["dstack-fleet:containers"]["mpc-launcher"] = {"docker": {"context": "apps/hello"}}
+
+    project.mutate("dev", "dev", built_launcher)
+    lock_everything(project, "dev")
+    lock = json.loads((project.root / "images.lock.json").read_text())
+    lock["containers"] = {}
+    (project.root / "images.lock.json").write_text(json.dumps(lock))
+    preview = build_plan(project.root, "dev", secret_overrides=SECRETS, passes="preview")
+    assert "apps-0" not in {r.name for r in preview.resources}
+    with pytest.raises(UpRefused) as refused:
+        build_plan(project.root, "dev", secret_overrides=SECRETS, passes="up")
+    assert refused.value.lines == [
+        "nodes apps-0 run app mpc, whose container images mpc-launcher are pending build: build them with "
+        "`make up STACK=images`, record them with `make lock` and commit images.lock.json"]
+    from fleet.config import stackfile
+    sf = stackfile.read(project.root, "dev", secret_overrides=SECRETS)
+    with pytest.raises(pulumi.RunError, match="dev refuses nodes that wait for container builds:\nnodes apps-0 run"):
+        run_program(project.root, stack="dev", config=sf.config, secret_keys=sf.secret_keys, preview=False,
+                    as_deployment=True)

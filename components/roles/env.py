@@ -41,6 +41,7 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     network = Network("network", network_spec(config, namer, public_ingress(config, namer) + fleet.ingress),
                       config.gcp.project)
     guard_pending_images(config, namer, lock, versions)
+    guard_waiting_nodes(config, apps)
     images = image_versions(config, versions)
     deployed = deploy_nodes(config, namer, fleet, apps, images, network, Upload(
         bucket=names.image_bucket, prefix=f"config-disks/{config.stack}"))
@@ -82,6 +83,14 @@ def guard_pending_images(config: StackConfig, namer: Namer, lock, versions: dict
     for key in boot_images.unused_versions(config):
         pulumi.log.warn(f"image version {key!r} is declared but no node uses it; remove it from "
                         "dstack-fleet:images to delete it")
+
+
+def guard_waiting_nodes(config: StackConfig, apps: list[AppPlan]) -> None:
+    """A dstack node whose app's containers are pending has no configuration disk yet: preview and the
+    offline plan leave it out (with a warning below), a real update refuses (it would delete a deployed one)."""
+    waiting = readiness.waiting_nodes(config, apps)
+    if waiting and is_real_update():
+        raise pulumi.RunError(f"{config.stack} refuses nodes that wait for container builds:\n" + "\n".join(waiting))
 
 
 def image_versions(config: StackConfig, versions: dict[str, ImageVersion]) -> dict[str, GcpImage]:

@@ -213,11 +213,16 @@ def check_deployed_waiting(d: Deployment, export: dict[str, Any]) -> None:
 
 
 def check_pending_images(d: Deployment, export: dict[str, Any]) -> None:
-    """A node booting a pending image cannot be created: a real ``up`` refuses in every tier."""
+    """A node booting a pending image, or running an app whose containers are pending, cannot be created:
+    a real ``up`` refuses in every tier."""
     pending = readiness.pending_images(d.config, d.lock, d.namer)
     if pending:
         raise DeployRefused(f"{d.stack} refuses pending images {', '.join(p.key for p in pending)}:\n"
                             + "\n".join(p.line() for p in pending))
+    apps = fleet_apps.plan_apps(d.config, d.lock, d.root, names_for(d.config).registry_path)
+    waiting = readiness.waiting_nodes(d.config, apps)
+    if waiting:
+        raise DeployRefused(f"{d.stack} refuses nodes that wait for container builds:\n" + "\n".join(waiting))
 
 
 ON_STATE: tuple[Callable[[Deployment, dict[str, Any]], None], ...] = (check_deployed_waiting, check_pending_images)

@@ -21,8 +21,10 @@ from dataclasses import replace
 
 from fleet.config.values import display
 from fleet.plan.harness import ProgramRun, Registration, run_program
+from fleet.apps.plans import plan_apps
 from fleet.gcp.naming import Namer
 from fleet.images import lock as fleet_lock
+from fleet.project.bootstrap import names_for
 from fleet.policy import rules
 from fleet.stacks import readiness
 from fleet.stacks.load import load_config
@@ -108,7 +110,9 @@ def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = Non
     rule_context = rules.context_from_config(cfg)  # ConfigError for an unknown rule name, before any run
     if passes == "up":
         namer = Namer(prefix=cfg.fleet.name_prefix, stack=stack, project=cfg.gcp.project)
-        refusals = readiness.up_refusals(cfg, fleet_lock.load(root), namer)
+        lock = fleet_lock.load(root)
+        apps = plan_apps(cfg, lock, root, names_for(cfg).registry_path)
+        refusals = readiness.up_refusals(cfg, lock, namer, apps)
         if refusals:
             raise UpRefused(stack, refusals)
     runs: dict[str, ProgramRun] = {}

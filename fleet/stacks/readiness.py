@@ -16,9 +16,10 @@ The two gaps:
   the command that sets it is named;
 * **an image a node boots is pending** (the lock file has no build of it): a real ``up`` cannot create
   the node, and dropping it instead would delete a deployed node with its address and data disk, so
-  ``up`` refuses in every tier. Apps whose *containers* are pending are not registered by preview or
-  up (there is no app-compose yet); ``fleet deploy`` refuses when such an app or its dstack nodes are
-  already deployed, because the update would delete them.
+  ``up`` refuses in every tier; so it does for a dstack node whose app's *containers* are pending (its
+  configuration disk needs the app-compose). An app on a VMM host or Phala Cloud whose containers are
+  pending is not registered by preview or up (there is no app-compose yet); ``fleet deploy`` refuses
+  when such an app is already deployed, because the update would delete it.
 """
 
 from __future__ import annotations
@@ -97,10 +98,27 @@ def pending_images(config: StackConfig, lock: LockFile, namer: Namer,
             for key in boot_images.pending_in_use(config, lock, namer, versions)]
 
 
-def up_refusals(config: StackConfig, lock: LockFile, namer: Namer,
+def waiting_nodes(config: StackConfig, apps: Iterable[AppPlan]) -> list[str]:
+    """One line per dstack node group whose app's containers are pending: the node cannot get its
+    configuration disk (there is no app-compose yet), and leaving it out would delete it if deployed."""
+    lines = []
+    for app in apps:
+        if app.target != "gce" or not app.pending:
+            continue
+        group = next((g for g in config.fleet.nodes if g.name == app.config.nodes), None)
+        nodes = [f"{group.name}-{n}" for n in ordinals(group)] if group is not None else []
+        lines.append(f"nodes {', '.join(nodes)} run app {app.key}, whose container images {', '.join(app.pending)} "
+                     "are pending build: build them with `make up STACK=images`, record them with `make lock` and "
+                     "commit images.lock.json")
+    return lines
+
+
+def up_refusals(config: StackConfig, lock: LockFile, namer: Namer, apps: Iterable[AppPlan] = (),
                 versions: dict[str, ImageVersion] | None = None) -> list[str]:
-    """One line per reason a real ``pulumi up`` of this stack refuses; empty when it may run."""
+    """One line per reason a real ``pulumi up`` of this stack refuses; empty when it may run. ``apps``:
+    the stack's planned apps (``fleet.apps.plans.plan_apps``), for nodes that wait for containers."""
     lines = [p.line() for p in pending_images(config, lock, namer, versions)]
+    lines += waiting_nodes(config, apps)
     lines += [m.line(config.stack) for m in missing_secrets(config)]
     return lines
 
