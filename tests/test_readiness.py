@@ -238,3 +238,25 @@ def test_a_dstack_node_whose_app_waits_for_a_container_build_is_refused_not_drop
     with pytest.raises(pulumi.RunError, match="dev refuses nodes that wait for container builds:\nnodes apps-0 run"):
         run_program(project.root, stack="dev", config=sf.config, secret_keys=sf.secret_keys, preview=False,
                     as_deployment=True)
+
+
+def none_paths(value, path=""):
+    if value is None:
+        yield path or "."
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from none_paths(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from none_paths(item, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_no_provider_is_sent_a_none(stack):
+    """A `null` is not "unset" to every provider (docker.Image got `args: null`, `target: null`)."""
+    from tests.plans import shipped_plan
+
+    plan = shipped_plan(stack)
+    for run in (plan.resources, plan.update_run.resources):
+        found = [(r.name, p) for r in run if r.custom for p in none_paths(r.inputs)]
+        assert found == []
