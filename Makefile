@@ -1,5 +1,7 @@
-# dstack-fleet entry points. Everything runs from a fresh clone with only Python 3.11 and PyPI:
-# the first target that needs Python creates .venv and installs the hash-locked requirements.
+# dstack-fleet entry points. Everything runs from a fresh clone with only Python (3.11, 3.12 or 3.13) and
+# PyPI: the first target that needs Python creates .venv and installs the hash-locked requirements.
+# `make` alone (or `make help`) lists the targets.
+.DEFAULT_GOAL := help
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -14,21 +16,25 @@ PLAN_JSON ?=
 PASS   ?= preview
 BASE   ?= HEAD
 
-.PHONY: venv test test-fast test-random plan golden readme preview up lock lock-deps diff bench clean
+.PHONY: help venv test test-fast test-random plan golden readme preview up lock lock-deps diff bench clean
 
 # FLEET_ROOT plans another checkout's stacks with this code (tests use it on temporary copies).
 ROOT_ARG = $(if $(FLEET_ROOT),--root $(FLEET_ROOT))
-PLAN_CMD = $(PY) -m fleet $(ROOT_ARG) plan --stack $(STACK) --format $(FORMAT) --pass $(PASS) $(if $(PLAN_JSON),--json $(PLAN_JSON))
-DIFF_CMD = $(PY) -m fleet $(ROOT_ARG) diff --stack $(STACK) --base $(BASE) $(if $(DIFF_MD),--output $(DIFF_MD))
+DEBUG_ARG = $(if $(DEBUG),--debug)
+PLAN_CMD = $(PY) -m fleet $(ROOT_ARG) $(DEBUG_ARG) plan --stack $(STACK) --format $(FORMAT) --pass $(PASS) $(if $(VERBOSE),--verbose) $(if $(PLAN_JSON),--json $(PLAN_JSON))
+DIFF_CMD = $(PY) -m fleet $(ROOT_ARG) $(DEBUG_ARG) diff --stack $(STACK) --base $(BASE) $(if $(DIFF_MD),--output $(DIFF_MD))
 
 # `make plan` and `make diff` must exit with the tool's own code: 0 ok, 1 a mandatory check failed,
 # 2 bad input. GNU make reports every failing recipe as 2 and exits 1 only in question mode (-q), so
 # when one of them is the only goal the tool runs while the Makefile is read, its output is printed,
-# and code 1 is passed on through question mode; other codes fail the recipe below.
+# and code 1 is passed on through question mode; other codes fail the recipe below. GNU make has no
+# other exit status: a program failure (the tool's 3) leaves make with 2, after the tool's message.
+# The sub-make that builds .venv gets PYTHON explicitly: command-line variables reach sub-makes only
+# through MAKEFLAGS, which is not exported yet while the Makefile is being read.
 TOOL_GOAL := $(filter plan diff,$(MAKECMDGOALS))
 ifneq ($(TOOL_GOAL),)
 ifeq ($(words $(MAKECMDGOALS)),1)
-$(if $(PY_DEPS),$(shell $(MAKE) --no-print-directory -s venv >&2))
+$(if $(PY_DEPS),$(shell $(MAKE) --no-print-directory -s venv PYTHON='$(PYTHON)' >&2))
 TOOL_OUT := $(shell mktemp)
 TOOL_STATUS := $(shell $(if $(filter plan,$(TOOL_GOAL)),$(PLAN_CMD),$(DIFF_CMD)) >$(TOOL_OUT); echo $$?)
 TOOL_TEXT := $(file <$(TOOL_OUT))
@@ -41,14 +47,21 @@ endif
 endif
 
 $(STAMP): requirements.txt requirements-dev.txt
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "dstack-fleet needs Python 3.11 (set PYTHON=python3.11)")'
-	rm -rf $(VENV)
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps \
-		-r requirements.txt -r requirements-dev.txt
-	touch $@
+	@$(PYTHON) -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] <= (3, 13) else "dstack-fleet needs Python 3.11, 3.12 or 3.13; this is " + sys.version.split()[0] + " (set PYTHON=python3.11)")'
+	@echo "creating $(VENV) with $$($(PYTHON) -c 'import sys; print(sys.executable, sys.version.split()[0])') and installing the hash-locked requirements (a minute or two on a first run) ..."
+	@rm -rf $(VENV)
+	@$(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --disable-pip-version-check --no-input --progress-bar off --require-hashes --no-deps \
+		-r requirements.txt -r requirements-dev.txt | grep -E '^(Collecting|Successfully installed)' | sed 's/^/  /' || true
+	@$(PY) -c 'import pulumi, pulumi_gcp, pytest' || { echo "the install into $(VENV) failed; run it again to see pip's errors" >&2; exit 1; }
+	@touch $@
+	@echo "$(VENV) is ready"
 
 venv: $(STAMP)
+
+help:  ## this list
+	@echo "dstack-fleet: make <target> [STACK=dev] ...  (the first run creates .venv)"
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)$$/\1\t\2/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
 
 # The suite runs on every core (pytest-xdist; a file's tests stay on one worker so its module fixtures,
 # such as the policy pack's server, start once). `make test-fast`: the pure core and config tests, for
@@ -57,57 +70,66 @@ PYTEST     = $(PY) -m pytest -n auto --dist loadfile
 FAST_TESTS = $(addprefix tests/test_,$(addsuffix .py,architecture naming config identity topology initscript \
              imageref compose measure verify lock rules recipes ocilayout phala harness))
 
-test: $(PY_DEPS)
+test: $(PY_DEPS)  ## the whole offline test suite on every core
 	$(PYTEST) -p no:randomly $(TEST_ARGS)
 
-test-fast: $(PY_DEPS)
+test-fast: $(PY_DEPS)  ## the pure core and config tests, for iterating
 	$(PYTEST) -p no:randomly $(FAST_TESTS) $(TEST_ARGS)
 
-test-random: $(PY_DEPS)
+test-random: $(PY_DEPS)  ## the whole suite in a random order
 	$(PYTEST) -p randomly $(TEST_ARGS)
 
-plan: $(PY_DEPS)
+plan: $(PY_DEPS)  ## offline plan: STACK=dev [PASS=preview|up] [PLAN_JSON=f] [FORMAT=text|markdown] [VERBOSE=1] [DEBUG=1]
 ifdef TOOL_STATUS
 	@exit $(TOOL_STATUS)
 else
 	$(PLAN_CMD)
 endif
 
-diff: $(PY_DEPS)
+diff: $(PY_DEPS)  ## Markdown diff of offline plans: STACK=prod BASE=origin/main
 ifdef TOOL_STATUS
 	@exit $(TOOL_STATUS)
 else
 	$(DIFF_CMD)
 endif
 
-golden: $(PY_DEPS)
+golden: $(PY_DEPS)  ## rewrite tests/golden/ after a reviewed change
 	$(PY) -m tests.regenerate golden
 
-readme: $(PY_DEPS)
+readme: $(PY_DEPS)  ## rewrite the README's generated sections
 	$(PY) -m tests.regenerate readme
 
-preview: $(PY_DEPS)
+preview: $(PY_DEPS)  ## pulumi preview with the policy pack: STACK=dev
 	$(PY) -m fleet deploy preview --stack $(STACK)
 
-up: $(PY_DEPS)
+up: $(PY_DEPS)  ## pulumi up with the policy pack: STACK=dev
 	$(PY) -m fleet deploy up --stack $(STACK)
 
 # Run one image build on this machine: make build-local STACK=dev IMAGE=<key> OUT=dist/
-build-local: $(PY_DEPS)
+build-local: $(PY_DEPS)  ## one image build on this machine: STACK=dev IMAGE=key OUT=dist/
 	$(PY) -m fleet build-local --stack $(STACK) --image $(IMAGE) --out $(OUT) $(if $(BUCKET),--bucket $(BUCKET))
 
-bench: $(PY_DEPS)
+bench: $(PY_DEPS)  ## plan time against the engine's floor, memory, graph depth
 	$(PY) -m fleet bench
 
 # Record the images stack's build outputs in images.lock.json (OUTPUTS=file.json works offline).
-lock: $(PY_DEPS)
+lock: $(PY_DEPS)  ## record the images stack's outputs in images.lock.json [OUTPUTS=f]
 	$(PY) -m fleet lock $(if $(OUTPUTS),--outputs $(OUTPUTS))
 
 # Re-resolve and hash-lock the requirements (needs network access to PyPI).
-lock-deps:
-	$(PYTHON) -m venv /tmp/dstack-fleet-piptools && /tmp/dstack-fleet-piptools/bin/pip install --quiet pip-tools==7.6.2
-	/tmp/dstack-fleet-piptools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements.txt requirements.in
-	/tmp/dstack-fleet-piptools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras -o requirements-dev.txt requirements-dev.in
+# Compiled into copies (so the current pins are kept) and moved over a file only when its content changed:
+# an unchanged file keeps its timestamp, so .venv is not rebuilt for nothing.
+PIPTOOLS = $(VENV)-piptools
+lock-deps:  ## re-resolve and hash-lock requirements*.txt (needs PyPI)
+	@test -x $(PIPTOOLS)/bin/pip-compile || { $(PYTHON) -m venv $(PIPTOOLS) && $(PIPTOOLS)/bin/pip install --quiet pip-tools==7.6.2; }
+	@set -e; for name in requirements requirements-dev; do \
+		cp $$name.txt $(PIPTOOLS)/$$name.txt; \
+		$(PIPTOOLS)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+			-o $(PIPTOOLS)/$$name.txt $$name.in; \
+		sed -i "s#$(PIPTOOLS)/$$name.txt#$$name.txt#" $(PIPTOOLS)/$$name.txt; \
+		if cmp -s $(PIPTOOLS)/$$name.txt $$name.txt; then echo "$$name.txt: unchanged"; \
+		else mv $(PIPTOOLS)/$$name.txt $$name.txt; echo "$$name.txt: updated"; fi; \
+	done
 
-clean:
-	rm -rf $(VENV) .pytest_cache
+clean:  ## remove .venv
+	rm -rf $(VENV) $(PIPTOOLS) .pytest_cache

@@ -83,8 +83,9 @@ def test_each_environment_gets_its_own_identity(project):
 
 
 @pytest.mark.parametrize("change,identity", [
-    (lambda a: None, "derived"),
-    (lambda a: a.update(keyProvider="kms", kms={"urls": ["https://kms.example"], "appId": "ab" * 20}), "stable"),
+    (lambda a: None, "compose"),
+    (lambda a: a.update(keyProvider="kms", kms={"urls": ["https://kms.example"]}), "compose"),
+    (lambda a: a.update(keyProvider="kms", kms={"urls": ["https://kms.example"], "appId": "ab" * 20}), "pinned"),
 ])
 def test_identity_kind(project, change, identity):
     app = json.loads(json.dumps(NEAR_APP))
@@ -93,8 +94,10 @@ def test_identity_kind(project, change, identity):
     _, config = load_config(project.root, "ident")
     (plan,) = fleet_apps.plan_apps(config, fleet_lock.load(ROOT), project.root, "r")
     assert plan.identity == identity
-    if identity == "stable":
-        assert plan.app_id == "ab" * 20
+    if identity == "pinned":
+        assert plan.app_id == plan.summary()["appId"] == "ab" * 20
+    else:  # with or without a KMS, the guest derives an unpinned app id from the compose hash
+        assert plan.app_id == plan.summary()["appId"] == plan.compose_hash[:40]
 
 
 def test_phala_values_are_reported_not_predicted():
@@ -240,3 +243,223 @@ def test_only_manifest_digests_can_be_checked(project):
     with pytest.raises(ConfigError) as info:
         load_config(project.root, "idcheck")
     assert any("containers.x.external.checkAtDeploy: only a manifest digest" in l for l in info.value.lines())
+
+
+def _config_disk_files(document: dict, node: str) -> dict[str, bytes]:
+    import base64
+
+    step = next(r for r in document["resources"]
+                if r["type"] == "command:local:Command" and r["name"].endswith("-build") and node in r["parent"])
+    return {name: base64.b64decode(data) for name, data in json.loads(step["inputs"]["stdin"]).items()}
+
+
+def test_gce_nodes_carry_the_uki_hash_as_vm_config_os_image_hash(project):
+    # Dstack-TEE/dstack f1ba0a22 (the dstack OS 0.6.0.a2's dstack) verifier/src/verification.rs
+    # verify_os_image_hash_for_gcp_tdx: vm_config.os_image_hash must equal the UKI Authenticode hash
+    # in PCR 2's event log; the KMS runs it when [core.image] verify is on. The lock's os_image_hash
+    # (digest.txt) would make such a KMS refuse every GCE app.
+    def kms(c):
+        c["dstack-fleet:apps"][0].update(keyProvider="kms", kms={"urls": ["https://kms.example"]})
+    project.mutate("dev", "dev", kms)
+    first = json.loads(build_plan(project.root, "dev").to_json())
+    content = first["outputs"]["images"]["dstack-0-6-0-a2"]["contentHash"]
+    digest_txt, uki = "d1" * 32, "0b" * 32
+    artifact = {"url": f"gs://acme-tee-ops-images/{content}/disk.tar.gz", "generation": "1", "crc32c": "AAAAAA==",
+                "sha256": "ab" * 32}
+    (project.root / "images.lock.json").write_text(json.dumps({"version": 1, "images": {content: {
+        "recipe": "dstack-os", "label": "test", "artifact": artifact, "os_image_hash": digest_txt,
+        "rootfs_hash": "cd" * 32, "uki_hash": uki, "source": "test fixture"}}}))
+    document = json.loads(build_plan(project.root, "dev").to_json())
+    files = _config_disk_files(document, "apps-0")
+    vm_config = json.loads(json.loads(files[".sys-config.json"])["vm_config"])
+    assert vm_config["os_image_hash"] == uki != digest_txt
+    node = document["measurements"]["node:apps-0"]
+    assert node["os_image_hash"] == uki and node["image_digest"] == digest_txt
+    app = document["measurements"]["app:mpc-dev"]
+    events = {e["event"]: e["payload"] for e in app["rtmr3_events"]}
+    # the KMS answers GetAppKey with the vm_config value, which the guest extends as os-image-hash
+    assert app["os_image_hash"] == events["os-image-hash"] == uki
+    assert app["identity"] == "compose" and app["app_id"] == app["compose_hash"][:40] == events["app-id"]
+
+
+def test_an_external_image_with_a_tag_is_refused_with_advice(project):
+    # `docker.io/nearone/mpc-launcher:latest` used to pass the schema's pattern and end up measured as
+    # `...:latest@sha256:...` in the compose.
+    def tagged(c):
+        c["dstack-fleet:containers"]["mpc-launcher"]["external"]["image"] = "docker.io/nearone/mpc-launcher:latest"
+    project.mutate("dev", "dev", tagged)
+    with pytest.raises(ConfigError) as info:
+        load_config(project.root, "dev")
+    assert any("dstack-fleet:containers.mpc-launcher.external.image: 'docker.io/nearone/mpc-launcher:latest' "
+               "names the tag :latest; give the repository alone (docker.io/nearone/mpc-launcher)" in line
+               for line in info.value.lines())
+
+
+# -- NEAR's Rust launcher: TOML user config (near/mpc b0b6b716 crates/tee-launcher/src) -------------
+
+NEAR_TEMPLATE = (ROOT / "tests" / "vectors" / "near-mpc-os-0.5.8" / "node.conf.localnet.toml.tpl").read_text()
+
+
+def test_the_toml_writer_expresses_nears_own_localnet_user_config():
+    import re
+    import tomllib
+
+    from fleet.apps import compose as fc
+
+    values = {"MPC_IMAGE": "nearone/mpc-node:localnet", "PORTS_TOML": '{ host = 80, container = 80 },\n',
+              "NEAR_BOOT_NODES": "ed25519:abc@10.0.0.1:24567", "MPC_SECRET_STORE_KEY": "00" * 16,
+              "MPC_ACCOUNT_ID": "frodo.test.near", "MPC_CONTRACT_ID": "mpc.test.near"}
+    theirs = tomllib.loads(re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], NEAR_TEMPLATE))
+    launcher = theirs["launcher_config"]
+    node = {k: v for k, v in theirs["mpc_node_config"].items() if k != "secrets"}
+    ours = fc.NearRustUserConfig(
+        image_reference=launcher["image_reference"], port_mappings=((80, 80),),
+        pull_max_retries=launcher["pull_max_retries"], pull_retry_interval_secs=launcher["pull_retry_interval_secs"],
+        pull_max_delay_secs=launcher["pull_max_delay_secs"], mpc_node_config=node)
+    parsed = fc.parse_near_rust_user_config(ours.text())
+    assert parsed["launcher_config"] == launcher
+    assert parsed["mpc_node_config"] == node
+    # NEAR's template carries secrets in the host-readable file; here they are refused with the reason
+    with_secrets = fc.NearRustUserConfig(image_reference="nearone/mpc-node", mpc_node_config=theirs["mpc_node_config"])
+    assert [path for path, _ in with_secrets.problems()] == ["mpc_node_config.secrets"]
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("a\x7fb", "DEL is escaped"), ('q"uote\\', "quotes"), ("line\nbreak\ttab", "control characters"), ("é ü", "utf-8"),
+])
+def test_the_toml_writer_round_trips_awkward_strings(text, why):
+    import tomllib
+
+    from fleet.apps import compose as fc
+
+    document = {"launcher_config": {"image_reference": "x", "port_mappings": []},
+                "mpc_node_config": {"odd key": text, "nested": {"list": [text, 1, True, 2.5]}}}
+    assert tomllib.loads(fc.toml_text(document)) == document, why
+
+
+def _rust_near(c, **launcher_config):
+    app = c["dstack-fleet:apps"][0]
+    app["nearMpc"]["launcherConfig"] = {"portMappings": [{"host": 80, "container": 80}], **launcher_config}
+    app["nearMpc"]["nodeConfig"] = {"home_dir": "/data", "log": {"format": "plain", "filter": "info"}}
+
+
+def test_a_rust_near_app_gets_its_toml_user_config_on_the_config_disk(project):
+    project.mutate("dev", "dev", _rust_near)
+    document = json.loads(build_plan(project.root, "dev").to_json())
+    import tomllib
+
+    files = _config_disk_files(document, "apps-0")
+    user_config = tomllib.loads(files[".user-config"].decode())
+    assert user_config == {"launcher_config": {"image_reference": "docker.io/nearone/mpc-node",
+                                               "port_mappings": [{"host": 80, "container": 80}]},
+                           "mpc_node_config": {"home_dir": "/data", "log": {"format": "plain", "filter": "info"}}}
+    summary = document["outputs"]["apps"]["mpc-dev"]["userConfig"]
+    assert summary["format"] == "toml" and "mpc_node_config" in summary["unmeasured"]
+    default = "sha256:6a5700fccbb3facddd1f3934f4976c4dcefc176c4aac28cd2fd035984b368980"
+    assert summary["mpcImageDigest"] == default and "DEFAULT_IMAGE_DIGEST" in summary["selectedBy"]
+
+
+def test_seed_003_upgrade_is_a_user_config_change_and_a_restart(project):
+    from fleet.plan import diff
+
+    project.mutate("dev", "dev", _rust_near)
+    base = json.loads(build_plan(project.root, "dev").to_json())
+    new_digest = "ab" * 32
+
+    def upgrade(c):
+        _rust_near(c)
+        c["dstack-fleet:containers"]["mpc-node-v2"] = {"external": {
+            "image": "docker.io/nearone/mpc-node", "digest": f"sha256:{new_digest}", "digestKind": "manifest",
+            "source": "approved on the contract by vote_code_hash"}}
+        c["dstack-fleet:apps"][0]["nearMpc"]["launcherConfig"]["hashOverride"] = "mpc-node-v2"
+    project.mutate("dev", "dev", upgrade)
+    head = json.loads(build_plan(project.root, "dev").to_json())
+    before, after = base["measurements"]["app:mpc-dev"], head["measurements"]["app:mpc-dev"]
+    assert before["compose_hash"] == after["compose_hash"] and before["app_id"] == after["app_id"]
+    assert after["image_digests"] == {"mpc-image-digest": new_digest} != before["image_digests"]
+    report = diff.compare("dev", "base", diff.PlanResult(base), head)
+    assert (f"| `mpc-dev` | user config only: restart the CVM: the launcher rereads it; RTMR3 mpc-image-digest "
+            f"becomes sha256:{new_digest} | kept |") in report.markdown
+    assert not any("new identity" in f for f in report.failures)
+    assert "app:mpc-dev.image_digests.mpc-image-digest" in report.markdown
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda n: n.update(userConfig={"MPC_IMAGE_TAGS": "latest"}), "nearMpc.userConfig: the rust launcher reads TOML"),
+    (lambda n: n.update(nodeConfig={"tee": {}}), "nearMpc.nodeConfig.tee: the launcher inserts its own"),
+    (lambda n: n.update(nodeConfig={"gcp": {}}), "nearMpc.nodeConfig.gcp: the launcher refuses it with PLATFORM=TEE"),
+    (lambda n: n.update(nodeConfig={"secrets": {"secret_store_key_hex": "00"}}),
+     "nearMpc.nodeConfig.secrets: the user config is unmeasured and host-readable"),
+    (lambda n: n.update(launcherConfig={"imageReference": "nearone/mpc-node@sha256:" + "a" * 64}),
+     "nearMpc.launcherConfig.imageReference: 'nearone/mpc-node@sha256:"),
+    (lambda n: n.update(launcherConfig={"hashOverride": "mpc-launcher"}),
+     "is in docker.io/nearone/mpc-launcher, but the launcher pulls from docker.io/nearone/mpc-node"),
+    (lambda n: n.update(launcherConfig={"hashOverride": "nope"}), "container 'nope' is not declared"),
+])
+def test_rust_launcher_settings_that_would_break_are_refused(project, change, message):
+    def mutate(c):
+        change(c["dstack-fleet:apps"][0]["nearMpc"])
+    project.mutate("dev", "dev", mutate)
+    with pytest.raises(ConfigError) as info:
+        load_config(project.root, "dev")
+    assert any(message in line for line in info.value.lines()), info.value.lines()
+
+
+def test_a_launcher_on_a_release_without_emit_event_is_refused(project):
+    # Dstack-TEE/dstack f672c731 (2025-04-28) added EmitEvent, first released in v0.5.0.
+    containers = {
+        "launcher": {"external": {"image": "docker.io/nearone/mpc-launcher", "digest": "sha256:" + "1" * 64,
+                                  "source": "t"}},
+        "node": {"external": {"image": "docker.io/nearone/mpc-node", "digest": "sha256:" + "2" * 64, "source": "t"}},
+    }
+    app = {"name": "mpc", "kind": "near-mpc", "target": "vmm", "keyProvider": "local", "dstackVersion": "0.4.2",
+           "nearMpc": {"launcherImage": "launcher", "mpcImage": "node", "launcher": "rust"}, "vmm": NEAR_APP["vmm"]}
+    project.write_stack("old", minimal_env([app], containers=containers))
+    with pytest.raises(ConfigError) as info:
+        load_config(project.root, "old")
+    assert any("nearMpc: dstack 0.4.2 has no EmitEvent in its guest agent" in line for line in info.value.lines())
+    app["dstackVersion"] = "0.5.0"
+    project.write_stack("old", minimal_env([app], containers=containers))
+    load_config(project.root, "old")
+
+
+def test_machine_memory_sizes_the_td_hob_so_the_table_is_googles():
+    # Google's accelerator-optimized machine family page, A3 High: a3-highgpu-1g = 26 vCPUs, 234 GB
+    # (an eighth of a3-highgpu-8g's 208 vCPUs / 1,872 GB); C3: 4 GB per vCPU for standard.
+    from fleet.gcp import tdx
+
+    assert (tdx.vcpus("a3-highgpu-1g"), tdx.memory_gib("a3-highgpu-1g")) == (26, 234)
+    assert "234 GB" in tdx.FIXED_SHAPES_SOURCE
+    assert (tdx.vcpus("c3-standard-4"), tdx.memory_gib("c3-standard-4")) == (4, 16)
+    assert tdx.memory_gib("c3-highmem-8") == 64 and tdx.memory_gib("n2-standard-4") is None
+
+
+def test_dev_runs_a_kettle_app_whose_manifest_is_measured_and_predicted(project):
+    # seed 002: the manifest URL and sha256 are literal compose values, checked by the measured
+    # pre-launch script; teekit's example manifest at canvasxyz/teekit 147be92d hashes to 9c436b40…
+    from fleet.apps import plans as apps
+
+    _, config = load_config(project.root, "dev")
+    kettle = config.fleet.containers["kettle-launcher"].docker
+    digest = apps.docker_build_hash(project.root, "kettle-launcher", kettle)
+    (project.root / "images.lock.json").write_text(json.dumps({"version": 1, "containers": {digest: {
+        "image": "us-central1-docker.pkg.dev/acme-tee-ops/fleet/kettle-launcher", "digest": "sha256:" + "7" * 64,
+        "digest_kind": "manifest", "source": "test fixture"}}}))
+    document = json.loads(build_plan(project.root, "dev").to_json())
+    summary = document["outputs"]["apps"]["kettle-dev"]
+    manifest = config.fleet.apps[1].kettle
+    assert summary["kettle"]["manifestUrl"] == manifest.manifest_url
+    assert summary["kettle"]["manifestSha256"] == manifest.manifest_sha256 == (
+        "9c436b40320029b1a7c1ac4f65f80df7201f9e65fc75a0c4daded06961bbcef4")
+    files = _config_disk_files(document, "kettle-0")
+    compose = json.loads(files["app-compose.json"])
+    assert f"KETTLE_MANIFEST_SHA256={manifest.manifest_sha256}" in compose["docker_compose_file"]
+    assert f"KETTLE_MANIFEST_URL={manifest.manifest_url}" in compose["docker_compose_file"]
+    assert manifest.manifest_sha256 in compose["pre_launch_script"]
+    expected = document["measurements"]["app:kettle-dev"]
+    import hashlib
+
+    assert expected["compose_hash"] == hashlib.sha256(files["app-compose.json"]).hexdigest() == summary["composeHash"]
+    events = {e["event"]: e["payload"] for e in expected["rtmr3_events"]}
+    assert events["compose-hash"] == expected["compose_hash"] and events["app-id"] == expected["compose_hash"][:40]
+    assert expected["identity"] == "compose" and expected["values"] == "predicted"

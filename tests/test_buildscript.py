@@ -842,6 +842,10 @@ def test_dstack_os_build_publishes_the_measured_hashes(tools, tmp_path):
     details = json.loads((out / "outputs.json").read_text())["details"]
     assert details["rootfs_size"] == "1048576"
     assert details["cmdline_overrides"] == {"dstack.data_device": "/dev/disk/by-id/google-dstack-data"}
+    # the lock records the UKI's final command line: dstack-uki.bb's base, the override, the rootfs values
+    assert entry["kernel_cmdline"] == spec.kernel_cmdline.replace("<rootfs_hash>", ROOTFS_HASH).replace(
+        "<rootfs_size>", "1048576")
+    assert " dstack.data_device=/dev/disk/by-id/google-dstack-data dstack.rootfs_hash=" in entry["kernel_cmdline"]
     # the override reached the UKI recipe before the build (the stand-in build put the recipe on the disk)
     uki = (out / "work/src/meta-dstack/meta-dstack/recipes-core/images/dstack-uki.bb").read_text()
     assert uki.endswith('UKI_CMDLINE_BASE:append = " dstack.data_device=/dev/disk/by-id/google-dstack-data"\n')

@@ -277,11 +277,13 @@ def test_every_settings_problem_is_reported_at_once_with_its_path():
     assert str(lines[0]).startswith("stacks/Pulumi.dev.yaml: dstack-fleet:apps[0].")
 
 
-def test_kms_app_id_is_not_the_compose_hash():
+def test_kms_app_id_without_a_pinned_id_is_the_compose_hash_prefix_too():
+    # Dstack-TEE/dstack v0.5.11 (40eaf35e) dstack-util/src/system_setup.rs measure_app_info: an empty
+    # .instance_info app_id becomes the truncated compose hash before the KMS path reads it.
     settings = AppComposeSettings(name="app", docker_compose_file=simple_compose(), key_provider=KeyProvider.KMS,
                                   allowed_envs=("TOKEN",))
     app = build_app_compose(settings, dstack_version="0.5.11")
-    assert app.app_id is None
+    assert app.app_id == measure.compose_hash(app.data)[:40]
     local = build_app_compose(AppComposeSettings(name="app", docker_compose_file=simple_compose()),
                               dstack_version="0.5.11")
     assert local.app_id == measure.compose_hash(local.data)[:40]

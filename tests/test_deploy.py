@@ -274,9 +274,9 @@ def test_up_refuses_when_a_deployed_app_now_waits_for_a_container_build(fake_pul
     env, log = fake_pulumi
     initialised(project, "dev")
     lock(project, "dev")
-    entries = json.loads((project.root / "images.lock.json").read_text())
-    entries["containers"] = {}  # hello and simple-app are not built (any more)
-    (project.root / "images.lock.json").write_text(json.dumps(entries))
+    from .test_readiness import unlock_containers
+
+    unlock_containers(project, "dev", "hello", "simple-app")  # not built (any more)
     exported = tmp_path / "export.json"
     exported.write_text(json.dumps(export_of(("", "dstack-fleet:apps:DstackApp", "hello-dev"),
                                              ("dstack-fleet:nodes:OverlayNode", "gcp:compute/instance:Instance",
@@ -401,9 +401,9 @@ def test_up_refuses_a_dstack_node_whose_app_waits_for_a_container_build(fake_pul
     initialised(project, "dev", change=lambda c: c["dstack-fleet:containers"].update(
         {"mpc-launcher": {"docker": {"context": "apps/hello"}}}))
     lock(project, "dev")
-    entries = json.loads((project.root / "images.lock.json").read_text())
-    entries["containers"] = {}
-    (project.root / "images.lock.json").write_text(json.dumps(entries))
+    from .test_readiness import unlock_containers
+
+    unlock_containers(project, "dev", "mpc-launcher")
     result = fleet_deploy(project, "up", "dev", env)
     assert result.returncode == 2, result.stderr
     assert "dev refuses nodes that wait for container builds:" in result.stderr

@@ -90,14 +90,14 @@ def test_adding_a_node_shows_topology(project):
 def test_measurement_and_identity_changes_appear(prod_doc):
     base, head = copy.deepcopy(prod_doc), copy.deepcopy(prod_doc)
     base["measurements"] = {"app:wallet": {"app_id": "a" * 40, "compose_hash": "1" * 64, "stateful": True,
-                                           "identity": "derived"}}
+                                           "identity": "compose"}}
     head["measurements"] = {"app:wallet": {"app_id": "b" * 40, "compose_hash": "2" * 64, "stateful": True,
-                                           "identity": "derived"}}
+                                           "identity": "compose"}}
     report = compare(base, head)
     assert "### App identity changes" in report.markdown and "### Expected measurements" in report.markdown
     assert "| `app:wallet.compose_hash` |" in report.markdown
     assert any("app app:wallet would get a new identity" in f for f in report.failures)
-    head["measurements"]["app:wallet"]["identity"] = "stable"
+    head["measurements"]["app:wallet"]["identity"] = "pinned"
     assert not any("new identity" in f for f in compare(base, head).failures)
 
 
@@ -185,7 +185,7 @@ def test_a_prod_change_that_replaces_the_whole_group_exits_1(repo):
 
 def test_app_changes_say_how_they_land(prod_doc):
     base, head = copy.deepcopy(prod_doc), copy.deepcopy(prod_doc)
-    app = {"name": "mpc-prod", "identity": "derived", "composeHash": "1" * 64, "userConfigSha256": "a" * 64}
+    app = {"name": "mpc-prod", "identity": "compose", "composeHash": "1" * 64, "userConfigSha256": "a" * 64}
     base["outputs"]["apps"] = {"mpc-prod": app}
     head["outputs"]["apps"] = {"mpc-prod": dict(app, userConfigSha256="b" * 64)}
     assert "| `mpc-prod` | user config only: restart | kept |" in compare(base, head).markdown
@@ -200,3 +200,17 @@ def test_a_kms_app_without_a_pinned_id_follows_its_compose(prod_doc):
     base["measurements"] = {"app:mpc-prod": m}
     head["measurements"] = {"app:mpc-prod": dict(m, compose_hash="2" * 64)}
     assert any("app app:mpc-prod would get a new identity" in f for f in compare(base, head).failures)
+
+
+def test_a_base_plan_in_the_old_words_is_not_an_identity_change(prod_doc):
+    # Plans before the one vocabulary said "derived"/"stable" and showed a KMS app's id as "known at
+    # boot"; the guest derives that id from the compose hash, so the same compose keeps the identity.
+    base, head = copy.deepcopy(prod_doc), copy.deepcopy(prod_doc)
+    base["measurements"] = {"app:mpc-prod": {"app_id": "known at boot", "compose_hash": "1" * 64,
+                                             "identity": "derived", "stateful": True}}
+    head["measurements"] = {"app:mpc-prod": {"app_id": "1" * 40, "compose_hash": "1" * 64,
+                                             "identity": "compose", "stateful": True}}
+    assert diff.identity_changes(base["measurements"], head["measurements"]) == []
+    base["measurements"]["app:mpc-prod"].update(identity="stable", app_id="ab" * 20)
+    head["measurements"]["app:mpc-prod"].update(identity="pinned", app_id="ab" * 20, compose_hash="2" * 64)
+    assert diff.identity_changes(base["measurements"], head["measurements"]) == []

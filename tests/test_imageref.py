@@ -15,6 +15,7 @@ from fleet.apps.imageref import (
     PinnedImage,
     find_image_references,
     parse_image_ref,
+    repository_problem,
     unpinned_reason,
 )
 
@@ -238,3 +239,24 @@ def test_find_image_references_in_free_text():
 def test_find_image_references_ignores_mounts_urls_and_key_values():
     text = "/a/b:/c/d ./x/y:/z https://ghcr.io/org/img:1 no-new-privileges:true 3000:3000 a:b"
     assert find_image_references(text) == []
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("docker.io/nearone/mpc-launcher", None),
+    ("registry:5000/img", None),  # a port is not a tag
+    ("[::1]:5000/team/img", None),
+    ("docker.io/nearone/mpc-launcher:latest", "names the tag :latest; give the repository alone "
+                                              "(docker.io/nearone/mpc-launcher)"),
+    ("registry:5000/img:5000", "names the tag :5000; give the repository alone (registry:5000/img)"),
+    (f"nearone/mpc-node@sha256:{HEX}", f"carries the digest sha256:{HEX}; give the repository alone (nearone/mpc-node)"),
+    (f"img:tag@sha256:{HEX}", "carries the digest"),
+    ("Nearone/MPC", "is not an image repository"),
+])
+def test_a_repository_is_refused_with_a_tag_or_digest(text, problem):
+    found = repository_problem(text)
+    assert (found is None) if problem is None else (problem in found)
+
+
+@given(st.sampled_from([text for text, _, _, tag, digest in PARSED if tag is None and digest is None]))
+def test_every_bare_repository_of_the_corpus_is_accepted(text):
+    assert repository_problem(text) is None

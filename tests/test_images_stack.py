@@ -42,7 +42,8 @@ def test_one_build_host_per_input_hash_the_env_stacks_declare():
             assert "accessConfigs" not in r.inputs["networkInterfaces"][0]
             assert "cloud-platform" not in json.dumps(r.inputs["serviceAccount"])
             assert r.inputs["bootDisk"]["initializeParams"]["image"].startswith("projects/ubuntu-os-cloud/global/images/")
-    assert [r.name for r in plan.resources if r.type == "docker:index/image:Image"] == ["container-hello"]
+    assert [r.name for r in plan.resources if r.type == "docker:index/image:Image"] == [
+        "container-hello", "container-kettle-launcher"]
 
 
 def test_an_mkosi_container_is_built_by_a_step_keyed_by_the_hash_the_env_stack_looks_up():
@@ -72,7 +73,7 @@ def test_lock_entries_flow_into_the_env_stacks(project):
     images = build_plan(project.root, "images")
     entries = reveal(images.update_run.outputs["lockEntries"])
     merged, changes = fleet_lock.merge(fleet_lock.load(project.root), {"lockEntries": entries})
-    assert len(changes) == len(set(env_input_hashes(project.root).values())) + 2  # + hello and simple-app
+    assert len(changes) == len(set(env_input_hashes(project.root).values())) + 3  # + hello, kettle-launcher, simple-app
     fleet_lock.write(project.root, merged)
     # built and locked: the images stack no longer builds them ...
     again = build_plan(project.root, "images")

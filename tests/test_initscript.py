@@ -181,3 +181,103 @@ def test_baked_table_is_identical_for_every_node_and_changes_with_membership():
     bigger = OverlayPlan(**{**plan().__dict__, "members": plan().members + (Member("overlay-3", "10.30.0.13"),),
                             "peers": peer_keys("mesh", KEYS + ["overlay-3"], "overlay-0", {})})
     assert render(bigger) != script
+
+
+# -- every tool the script calls is in the image ----------------------------------------------------
+
+_SHELL_WORDS = {"if", "then", "else", "elif", "fi", "do", "done", "while", "until", "for", "case", "esac", "!", "{",
+                "}", "in"}
+# POSIX sh special and regular built-ins the script may use (busybox ash has them all)
+_BUILTINS = {"[", "test", "echo", "set", "shift", "exec", "return", "exit", "continue", "break", ":", "true", "false",
+             "cd", "export", "local", "read", "printf", "trap", "unset", "wait", "kill"}
+_STARTS_COMMAND = {";", ";;", "|", "||", "&&", "(", ")", "then", "do", "else", "elif", "if", "while", "until", "!",
+                   "{"}
+
+
+def called_commands(script: str) -> set[str]:
+    """The first word of every simple command in ``script`` (a small lexer for the shapes the
+    generator writes: case patterns, for loops, $(...), redirections, continuation lines)."""
+    import re
+    import shlex
+
+    found: set[str] = set()
+    text = script.replace("\\\n", " ")
+    inner = re.findall(r"-c '([^']*)'", text)  # the inline sh -c program start_daemon passes
+    for line in text.splitlines() + inner:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        pattern = re.match(r"^[^\s()'\"]+(\|[^\s()'\"]+)*\)\s*(.*)$", line)
+        if pattern:  # a case pattern: only what follows ')' runs
+            line = pattern.group(2)
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=";|&()")
+        lexer.whitespace_split = True
+        tokens = list(lexer)
+        start, skip = True, False
+        for index, token in enumerate(tokens):
+            if skip:
+                skip = token not in (";", "do")
+                start = token in (";", "do")
+                continue
+            if token in ("for", "case"):
+                skip = True
+                continue
+            if token.endswith((">", "<")) and index + 1 < len(tokens) and tokens[index + 1] == "&":
+                start = False  # 2>&1: not a separator
+                continue
+            if start and token not in _STARTS_COMMAND and token not in _SHELL_WORDS:
+                if re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", token):
+                    continue  # an assignment; x=$(...) runs what follows '('
+
+                if not re.match(r"^[-$0-9(<>&]", token):
+                    found.add(token)
+                start = False
+                continue
+            start = token in _STARTS_COMMAND or (start and token in _SHELL_WORDS) or token.endswith("$")
+    return found
+
+
+def test_the_image_provides_every_tool_the_init_script_calls():
+    # fleet/images/recipes.py: the pinned busybox applets (poky c5627ab0 defconfig + mdev fragment)
+    # and the packages the build appends to core-image-minimal; the guest binary the recipe installs.
+    import re
+
+    from fleet.images import recipes
+    from fleet.nodes import initscript
+
+    provided = recipes.tplus_image_tools() | {initscript.DAEMON, "/bin/sh"}
+    for delivery, interface in VARIANTS:
+        script = render(plan(delivery, interface))
+        functions = set(re.findall(r"^([a-z_]+)\(\) [{(]", script, re.MULTILINE))
+        called = called_commands(script) - _BUILTINS - functions
+        assert called, (delivery, interface)
+        assert called <= provided, (delivery, interface, sorted(called - provided))
+    # the script calls these, and the pinned busybox lacks mke2fs, so e2fsprogs must be in the list
+    everything = set().union(*(called_commands(render(plan(d, i))) for d, i in VARIANTS))
+    assert {"mkfs.ext4", "blkid", "start-stop-daemon", "wget", "ip", "mount"} <= everything
+    assert "mkfs.ext4" not in recipes.BUSYBOX_APPLETS and "e2fsprogs-mke2fs" in recipes.TPLUS_IMAGE_PACKAGES
+
+
+def test_the_lexer_sees_a_tool_a_change_would_add():
+    assert "cryptsetup" in called_commands('x() {\n    if ! cryptsetup open "$1" data; then\n        return 1\n    fi\n}\n')
+    assert called_commands("case \"$1\" in\n    a|b) foo ;;\nesac\nfor x in $y; do bar; done\n") == {"foo", "bar"}
+    assert called_commands('y=$(baz 2>&1 | qux)\n') == {"baz", "qux"}
+
+
+def test_the_data_disk_is_the_unpartitioned_whole_disk(tmp_path):
+    # busybox mdev makes no /dev/disk/by-id/google-data, so the script finds the disk in sysfs
+    sys_block, dev = tmp_path / "sys", tmp_path / "dev"
+    for name, parts in (("nvme0n1", ["nvme0n1p1", "nvme0n1p15"]), ("nvme0n2", []), ("loop0", [])):
+        (sys_block / name).mkdir(parents=True)
+        (dev / name).parent.mkdir(exist_ok=True)
+        (dev / name).write_text("")
+        for part in parts:
+            (sys_block / name / part).mkdir()
+            (sys_block / name / part / "partition").write_text("1")
+    head, tail = render(plan()).rsplit('case "$1" in', 1)  # the dispatch at the end
+    script = head + 'case "$1" in\n    find) find_data_device; exit $? ;;' + tail
+    path = tmp_path / "init"
+    path.write_text(script)
+    result = subprocess.run(["sh", str(path), "find"], capture_output=True, text=True,
+                            env=dict(os.environ, DSTACK_FLEET_SYS_BLOCK=str(sys_block), DSTACK_FLEET_DEV_DIR=str(dev)))
+    assert result.returncode == 0 and result.stdout.strip() == f"{dev}/nvme0n2", result.stderr

@@ -31,7 +31,7 @@ def launcher_digest(tcb_info: dict) -> str:
 
 def vector_expectation(tcb_info: dict, **overrides) -> dict:
     arguments = dict(
-        dstack_version="0.5.4",
+        dstack_version="0.5.8",  # NEAR's vectors log storage-fs, which dstack emits from v0.5.5 on
         key_provider_id=LOCAL_PROVIDER_ID,
         image_digests={"mpc-image-digest": launcher_digest(tcb_info)},
         machine_type="c3-standard-4",
@@ -126,7 +126,7 @@ def test_os_image_hash_rejects_other_text(text):
 @pytest.mark.parametrize("tcb_info", [LOCALNET, QUOTE_SET], ids=["localnet", "quote-set"])
 def test_local_profile_predicts_the_vector_byte_for_byte(tcb_info):
     expected = vector_expectation(tcb_info)
-    assert expected["profile"] == "dstack-os/0.5/local"
+    assert expected["profile"] == "dstack-os/0.5.6-0.5.11/local"
     logged = [{"event": e["event"], "payload": e["event_payload"], "digest": e["digest"]}
               for e in rtmr3_events(tcb_info)]
     assert expected["rtmr3_events"] == logged
@@ -166,12 +166,15 @@ def kms_compose(**fields) -> bytes:
 
 
 def test_kms_profile_marks_values_only_the_boot_knows():
-    expected = measure.expected_measurements(kms_compose(), dstack_version="0.5.11",
+    compose = kms_compose()
+    expected = measure.expected_measurements(compose, dstack_version="0.5.11",
                                              os_image_hash=measure.PENDING_BUILD)
     events = {e["event"]: e for e in expected["rtmr3_events"]}
-    assert expected["profile"] == "dstack-os/0.5/kms"
-    assert expected["app_id"] == "known at boot"
-    assert events["app-id"]["payload"] == events["app-id"]["digest"] == "known at boot"
+    assert expected["profile"] == "dstack-os/0.5.6-0.5.11/kms"
+    # v0.5.11 system_setup.rs measure_app_info: a KMS app emits .instance_info's app_id, which the
+    # guest fills with the truncated compose hash when the deployment leaves it empty.
+    derived = hashlib.sha256(compose).hexdigest()[:40]
+    assert expected["app_id"] == events["app-id"]["payload"] == derived
     assert events["mr-kms"]["payload"] == "known at boot"
     assert events["instance-id"]["payload"] == "known at boot"
     assert events["os-image-hash"]["payload"] == "pending build"
@@ -196,7 +199,7 @@ def test_instance_id_without_key_provider_is_random_per_boot():
     compose = kms_compose(kms_enabled=False)
     expected = measure.expected_measurements(compose, dstack_version="0.5.11", instance_id_seed=bytes(20))
     events = {e["event"]: e["payload"] for e in expected["rtmr3_events"]}
-    assert expected["profile"] == "dstack-os/0.5/none"
+    assert expected["profile"] == "dstack-os/0.5.6-0.5.11/none"
     assert events["instance-id"] == "known at boot"
     assert events["key-provider"] == measure.key_provider_payload("none", "").hex()
     assert expected["rtmr3"] == "known at boot"
@@ -231,9 +234,10 @@ def test_overlay_nodes_have_no_dstack_events():
     ("recipe", "version", "provider", "message"),
     [
         ("meta-dstack", "0.5.11", "local", "no measurement profile for recipe 'meta-dstack'; known: dstack-os"),
-        ("dstack-os", "0.6.0", "local", r"no measurement profile for dstack-os 0\.6\.0.*known: 0\.5"),
+        ("dstack-os", "0.6.0", "local", r"no measurement profile for dstack-os 0\.6\.0; known releases: 0\.5\.0.*"
+                                        r"0\.5\.11, 0\.6\.0\.a2\."),
         ("dstack-os", "0.5.11", "tpm", "key provider 'tpm'.*known: kms, local, none"),
-        ("dstack-os", "latest", "local", "not a version"),
+        ("dstack-os", "latest", "local", "no measurement profile for dstack-os latest; known releases"),
         ("dstack-os", None, "local", "needs a dstack version"),
     ],
 )
@@ -317,11 +321,12 @@ def test_v06a2_profiles_keep_the_v05_event_order():
 
 
 @pytest.mark.parametrize(("version", "provider", "message"), [
-    ("0.6.0", "none", r"dstack-os 0\.6\.0 \(series 0\.6\); known: 0\.5, 0\.6\.0\.a2"),
-    ("0.6.0.a1", "none", r"dstack-os 0\.6\.0\.a1 .*known: 0\.5, 0\.6\.0\.a2"),
-    ("0.6.1", "kms", "known: 0.5, 0.6.0.a2"),
+    ("0.6.0", "none", r"dstack-os 0\.6\.0; known releases: .*0\.6\.0\.a2\."),
+    ("0.6.0.a1", "none", r"dstack-os 0\.6\.0\.a1; known releases: .*0\.6\.0\.a2\."),
+    ("0.6.1", "kms", r"known releases: .*0\.5\.11, 0\.6\.0\.a2\."),
+    ("0.5.12", "none", r"no measurement profile for dstack-os 0\.5\.12; known releases"),
     ("0.6.0.a2", "nitro", r"key provider 'nitro' on dstack-os 0\.6\.0\.a2; known: kms, local, none, tpm"),
-    ("0.5.11", "tpm", r"key provider 'tpm' on dstack-os 0\.5; known: kms, local, none"),
+    ("0.5.11", "tpm", r"key provider 'tpm' on dstack-os 0\.5\.6-0\.5\.11; known: kms, local, none"),
 ])
 def test_the_pre_release_profile_stands_only_for_itself(version, provider, message):
     with pytest.raises(measure.UnknownProfile, match=message):
@@ -427,3 +432,136 @@ def test_v06a2_refuses_v2_event_logs_it_would_not_write():
     explicit_v1 = measure.expected_measurements(v06_compose(event_log_version=1, no_instance_id=True),
                                                 dstack_version=V06)
     assert re.fullmatch("[0-9a-f]{96}", explicit_v1["rtmr3"])
+
+
+# -- profiles per release, each replaying real vectors ---------------------------------------------
+
+def _vector_events(name: str) -> tuple[list[dict], str]:
+    """(RTMR3 events, the RTMR3 they replay to) of a vector file under tests/vectors."""
+    document = json.loads((VECTORS / name).read_text())
+    if "quote" in document:  # a guest agent GetQuote response: RTMR3 from the TD report in the quote
+        quote = bytes.fromhex(document["quote"])
+        events = json.loads(document["event_log"])
+        # TDX quote v4: 48-byte header, then the TD report; RTMR3 is its 10th 48-byte register field
+        return [e for e in events if e["imr"] == 3], quote[520:568].hex()
+    return [e for e in document["event_log"] if e["imr"] == 3], document["rtmr3"]
+
+
+def _profile_replay(profile: measure.MeasurementProfile, logged: list[dict]) -> str:
+    """Replay the profile's prediction for the vector's app, taking from the log only what the profile
+    itself says a booted guest alone knows (its markers) and the inputs a deployment supplies."""
+    payloads = {e["event"]: e["event_payload"] for e in logged}
+    compose_hash = payloads["compose-hash"]
+    provider = json.loads(bytes.fromhex(payloads["key-provider"]))
+    app_events = [e for e in logged[[e["event"] for e in logged].index("system-ready") + 1:]]
+    events = measure.expected_events(
+        profile, compose_hash_hex=compose_hash, app_id=None, no_instance_id=payloads["instance-id"] == "",
+        key_provider_id=provider["id"], storage_fs=bytes.fromhex(payloads["storage-fs"]).decode(),
+        os_image_hash=payloads.get("os-image-hash"),
+        image_digests={e["event"]: "sha256:" + e["event_payload"] for e in app_events})
+    digests = []
+    for event in events:
+        payload = event.payload
+        if isinstance(payload, str):  # known at boot: the vector's value
+            if event.event not in payloads:
+                continue  # an optional event (mr-kms) this boot did not emit
+            payload = bytes.fromhex(payloads[event.event])
+        digests.append(measure.event_digest(event.event, payload))
+    return measure.replay(digests).hex()
+
+
+@pytest.mark.parametrize("release", measure.GUEST_RELEASES, ids=lambda r: r.name)
+def test_every_release_names_its_source_commit_and_a_vector_or_why_not(release):
+    assert re.fullmatch(r"Dstack-TEE/dstack@[0-9a-f]{40}:dstack-util/src/system_setup\.rs.*", release.source)
+    assert release.vectors or release.no_vector
+    for name in release.vectors:
+        assert (VECTORS / name).is_file(), name
+    for provider in release.key_providers:
+        assert measure.measurement_profile("dstack-os", release.releases[-1], provider).source == release.source
+
+
+@pytest.mark.parametrize(("release", "vector"), [(r, v) for r in measure.GUEST_RELEASES for v in r.vectors],
+                         ids=lambda x: getattr(x, "name", x))
+def test_each_profile_replays_its_vectors(release, vector):
+    logged, rtmr3 = _vector_events(vector)
+    name = json.loads(bytes.fromhex(next(e["event_payload"] for e in logged if e["event"] == "key-provider")))["name"]
+    provider = {"local-sgx": "local"}.get(name, name)
+    profile = measure.measurement_profile("dstack-os", release.releases[-1], provider)
+    assert [e["event"] for e in logged if e["event"] in profile.boot_events] == [
+        e for e in profile.boot_events if e in {x["event"] for x in logged}]
+    assert _profile_replay(profile, logged) == rtmr3
+
+
+@pytest.mark.parametrize("vector", ["near-mpc-tcb-info.json", "near-mpc-os-0.5.8/tcb_info.prod.json"])
+def test_a_drifted_profile_fails_the_replay(vector):
+    # dstack v0.5.1-v0.5.4 emit no storage-fs (v0.5.5 7bf1843a added it): their profile must not pass
+    # for a guest that logs it, which the old single "0.5" series profile did.
+    logged, rtmr3 = _vector_events(vector)
+    old = measure.measurement_profile("dstack-os", "0.5.4", "local")
+    assert "storage-fs" not in old.boot_events
+    assert _profile_replay(old, logged) != rtmr3
+    assert _profile_replay(measure.measurement_profile("dstack-os", "0.5.8", "local"), logged) == rtmr3
+
+
+def test_the_0_6_0_vector_logs_the_vm_config_it_sent_its_kms():
+    # Dstack-TEE/dstack 02bb2476 captured the fixture with vm_config.os_image_hash 07a2388c…; 53defce6
+    # later edited the file's vm_config (to e6f5cfec…, sha256 of its checksum_file) but not its log.
+    document = json.loads((VECTORS / "dstack-0.6.0-tdx-lite" / "tdx-lite-getquote.json").read_text())
+    logged, _ = _vector_events("dstack-0.6.0-tdx-lite/tdx-lite-getquote.json")
+    event = next(e["event_payload"] for e in logged if e["event"] == "os-image-hash")
+    captured = "07a2388c7a6a1b6a646d443f1517990a4ec294471d63146cda9d56972765051d"
+    assert event == captured != json.loads(document["vm_config"])["os_image_hash"]
+    release = measure.guest_release("0.6.0.a2")
+    assert measure.os_image_hash_event_payload(release, captured) == captured
+    assert measure.os_image_hash_event_payload(measure.guest_release("0.5.0"), captured) is None
+    assert [e["event"] for e in logged] == list(
+        measure.measurement_profile("dstack-os", "0.6.0.a2", "kms").boot_events[:5]) + [
+        "os-image-hash", "key-provider", "storage-fs", "system-ready"]  # mr-kms is optional
+
+
+def test_releases_split_where_the_source_changes():
+    def events(version):
+        return measure.measurement_profile("dstack-os", version, "kms").boot_events
+    assert "os-image-hash" not in events("0.5.0") and "storage-fs" not in events("0.5.0")  # v0.5.0 ce6e88d0
+    assert "os-image-hash" in events("0.5.1") and "storage-fs" not in events("0.5.4")
+    assert "storage-fs" in events("0.5.5") and events("0.5.5") == events("0.5.11") == events("0.6.0.a2")
+    # v0.5.0-v0.5.5 emit .instance_info's app_id (bailing without a KMS when it is not the compose-derived
+    # value); v0.5.6-v0.5.11 force the compose-derived value without a KMS; 0.6.0.a2 emits it in every mode.
+    assert measure.guest_release("0.5.5").app_id_event == "instance-info"
+    assert measure.guest_release("0.5.6").app_id_event == "compose-unless-kms"
+    assert measure.guest_release("0.6.0.a2").app_id_event == "instance-info"
+    assert measure.guest_release("0.6.0") is None and measure.guest_release("v0.5.11").name == "0.5.6-0.5.11"
+
+
+def test_emit_event_exists_from_0_5_0_to_the_pinned_0_6_0_a2():
+    # guest-agent/rpc/proto/agent_rpc.proto: EmitEvent added in f672c731 (2025-04-28), in v0.5.0 and
+    # f1ba0a22 (0.6.0.a2); removed by 10898e63 (2026-07-11, #768), which no release here contains.
+    assert "f672c731" in measure.EMIT_EVENT_SOURCE and "10898e63" in measure.EMIT_EVENT_SOURCE
+    assert "2026-07-11" in measure.UPSTREAM_DRIFT["EmitEvent removed"]
+    problem = measure.emit_event_problem("0.4.2")
+    assert problem and "no EmitEvent" in problem and "0.5.0 or later" in problem
+    assert all(measure.emit_event_problem(v) is None for r in measure.GUEST_RELEASES for v in r.releases)
+
+
+def test_gce_vm_config_carries_the_uki_authenticode_hash():
+    # Dstack-TEE/dstack f1ba0a22 verifier/src/verification.rs verify_os_image_hash_for_gcp_tdx compares
+    # vm_config.os_image_hash with PCR 2's UKI event digest ("Event 28").
+    a2, v05 = measure.guest_release("0.6.0.a2"), measure.guest_release("0.5.11")
+    digest, uki = "aa" * 32, "bb" * 32
+    assert measure.vm_config_os_image_hash(a2, target="gce", digest_txt=digest, uki_hash=uki) == uki
+    assert measure.vm_config_os_image_hash(a2, target="vmm", digest_txt=digest, uki_hash=uki) == digest
+    assert measure.vm_config_os_image_hash(v05, target="gce", digest_txt=digest, uki_hash=uki) == digest
+    expected = measure.expected_measurements(kms_compose(), dstack_version="0.6.0.a2", os_image_hash=uki)
+    events = {e["event"]: e["payload"] for e in expected["rtmr3_events"]}
+    assert expected["os_image_hash"] == events["os-image-hash"] == uki
+
+
+def test_storage_fs_falls_back_to_the_kernel_command_line():
+    # f1ba0a22 system_setup.rs parse_dstack_options: dstack.storage_fs= on the command line, then
+    # app-compose's storage_fs wins, default zfs.
+    def fs(compose, cmdline=None):
+        expected = measure.expected_measurements(compose, dstack_version="0.6.0.a2", cmdline_storage_fs=cmdline)
+        return bytes.fromhex(next(e["payload"] for e in expected["rtmr3_events"] if e["event"] == "storage-fs"))
+    plain = kms_compose(kms_enabled=False, no_instance_id=True)
+    assert fs(plain) == b"zfs" and fs(plain, "ext4") == b"ext4"
+    assert fs(kms_compose(kms_enabled=False, no_instance_id=True, storage_fs="zfs"), "ext4") == b"zfs"

@@ -135,13 +135,45 @@ def test_text_output_shows_the_tree_counts_and_outputs(plans):
     assert "├─ network  (dstack-fleet:network:Network)" in text
     assert "│  ├─ fw-deny-all-ingress  (gcp:compute/firewall:Firewall)" in text
     assert "Counts by type:" in text and "gcp:compute/subnetwork:Subnetwork" in text
-    assert '"network": "<computed>"' in text
+    assert '"network": "<computed>"' not in text  # the outputs' JSON only with --verbose
+    assert '"network": "<computed>"' in render_text(plans["dev"], verbose=True)
+
+
+def test_a_reviewer_sees_every_node_within_the_first_80_lines_of_prod(plans):
+    lines = render_text(plans["prod"]).splitlines()
+    start = lines.index("Nodes (7):")
+    table = lines[start + 1:start + 9]
+    assert start + 8 < 80
+    assert table[0].split() == ["group", "#", "zone", "address", "image", "status", "peers", "expected", "measurements"]
+    overlay0 = next(line.split() for line in table if line.split()[:2] == ["overlay", "0"])
+    node = plans["prod"].outputs["nodes"]["overlay-0"]
+    assert overlay0[2:6] == [node["zone"], node["address"], node["image"], node["imageStatus"]]
+    assert overlay0[6] == str(len(node["peers"]))
+
+
+def test_repeated_components_are_one_line_unless_verbose(plans):
+    text, verbose = render_text(plans["prod"]), render_text(plans["prod"], verbose=True)
+    assert "overlay-0  (dstack-fleet:nodes:OverlayNode)  4 resources: address, data, snapshots, overlay-0" in text
+    assert "overlay-0-address  (gcp:compute/address:Address)" not in text
+    assert "overlay-0-address  (gcp:compute/address:Address)" in verbose
+
+
+def test_identical_findings_are_one_line_with_a_count_and_the_names(plans):
+    plan = plans["prod"]
+    pending = [v for v in plan.violations if v["message"].startswith("pending:")]
+    assert len(pending) == 7
+    lines = [line for line in render_text(plan).splitlines() if "tdx-only" in line]
+    assert len(lines) == 1 and lines[0].startswith("  - [advisory] tdx-only ×7: pending:")
+    assert lines[0].endswith("apps-0, apps-1, overlay-0, overlay-1, overlay-2, overlay-3, overlay-4")
 
 
 def test_markdown_output(plans):
     md = render_markdown(plans["prod"])
     assert md.startswith("## dstack-fleet plan: `prod`")
     assert "| `gcp:compute/network:Network` | 1 |" in md
+    sections = [line for line in md.splitlines() if line.startswith("### ")]
+    assert sections == ["### Resources", "### Nodes", "### Apps", "### Warnings", "### Policy violations"]
+    assert "| advisory | tdx-only | 7: `apps-0`, `apps-1`," in md
 
 
 def test_make_plan_dev_prints_the_tree():

@@ -415,10 +415,13 @@ def test_prebuilt_image_nobody_vouched_for_fails_tdx_only(project):
     result = plan_cli(project, "handmade")
     assert result.returncode == 1, result.stdout + result.stderr
     line = next(l for l in result.stdout.splitlines() if "[mandatory]" in l)
-    assert "tdx-only: urn:pulumi:handmade::dstack-fleet::dstack-fleet:nodes:OverlayNode$gcp:compute/instance:" \
-           "Instance::overlay-0" in line
+    assert line.startswith("  - [mandatory] tdx-only ×5: ") and line.endswith(": overlay-0, overlay-1, overlay-2, "
+                                                                           "overlay-3, overlay-4")
     assert "nor listed in dstack-fleet:policy.allowedImages" in line and HANDMADE not in result.stdout.split(
         "Policy violations")[1]
+    document = json.loads(plan_cli(project, "handmade", "--json", "-").stdout)  # the JSON names every resource
+    assert "urn:pulumi:handmade::dstack-fleet::dstack-fleet:nodes:OverlayNode$gcp:compute/instance:Instance::" \
+           "overlay-0" in {v["urn"] for v in document["violations"] if v["enforcement"] == "mandatory"}
 
     project.mutate("prod", "vouched", lambda c: (_prebuilt(c, HANDMADE), c.update(
         {"dstack-fleet:policy": {"allowedImages": [HANDMADE]}})))

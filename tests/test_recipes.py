@@ -66,8 +66,28 @@ def test_the_guest_installs_where_the_init_script_starts_it():
 def test_dstack_release_reads_the_parameters_of_its_version():
     release = recipes.DSTACK_OS_RELEASES["0.6.0.a2"]
     assert release.upstream.repository == "https://github.com/Dstack-TEE/meta-dstack"
-    assert sorted(release.cmdline) == ["dstack.data_device", "dstack.rootfs_device"]
+    # initramfs init (dstack.rootfs_device), dstack-prepare.sh (dstack.data_device), dstack-util
+    # parse_dstack_options (dstack.storage_fs), and the kernel patch list: linux-yocto%.bbappend adds
+    # 0001-x86-tdx-select-dma-direct-remap.patch on tdx, which makes the kernel honour coherent_pool=
+    # (seed 001's coherent_pool=8M).
+    assert sorted(release.cmdline) == ["coherent_pool", "dstack.data_device", "dstack.rootfs_device",
+                                       "dstack.storage_fs"]
+    assert "0001-x86-tdx-select-dma-direct-remap.patch" in release.cmdline["coherent_pool"].read_by
+    assert recipes.validate_build({**DSTACK_BUILD, "cmdlineOverrides": {"coherent_pool": "8M"}}, key="img") == []
     assert recipes.RECIPE_OUTPUTS["tplus-overlay"] == ()
+
+
+def test_the_final_command_line_records_the_overrides():
+    # dstack-uki.bb at meta-dstack v0.6.0.a2: cmdline = UKI_CMDLINE_BASE (to which the build appends the
+    # overrides) + " dstack.rootfs_hash=<ROOT_HASH> dstack.rootfs_size=<DATA_SIZE>"
+    release = recipes.DSTACK_OS_RELEASES["0.6.0.a2"]
+    base = ("console=ttyS0 init=/init panic=1 net.ifnames=0 biosdevname=0 mce=off oops=panic pci=noearly "
+            "pci=nommconf random.trust_cpu=y random.trust_bootloader=n tsc=reliable no-kvmclock")
+    overrides = {"coherent_pool": "8M", "dstack.data_device": "PARTLABEL=dstack-data"}
+    spec = recipes.build_spec("img", {**DSTACK_BUILD, "cmdlineOverrides": overrides})
+    assert spec.kernel_cmdline == (base + " coherent_pool=8M dstack.data_device=PARTLABEL=dstack-data "
+                                   "dstack.rootfs_hash=<rootfs_hash> dstack.rootfs_size=<rootfs_size>")
+    assert release.kernel_cmdline((), "ab" * 32, "1024") == base + f" dstack.rootfs_hash={'ab' * 32} dstack.rootfs_size=1024"
 
 
 # ---- the input hash -----------------------------------------------------------------------------------------------
@@ -229,12 +249,24 @@ def _with(base: dict, path: str, value) -> dict:
     ({**DSTACK_BUILD, "rootfsHash": "ab" * 32}, f"{P}.rootfsHash", "rootfsHash is a build output"),
     ({**DSTACK_BUILD, "cmdlineOverrides": {"dstack.data_dev": "/dev/sdb"}}, f'{P}.cmdlineOverrides["dstack.data_dev"]',
      "dstack.data_dev is not read by the pinned dstack OS (an older README's name); did you mean dstack.data_device?"),
-    ({**DSTACK_BUILD, "cmdlineOverrides": {"coherent_pool": "8M"}}, f'{P}.cmdlineOverrides["coherent_pool"]',
-     "the pinned release reads only dstack.data_device, dstack.rootfs_device"),
+    ({**DSTACK_BUILD, "cmdlineOverrides": {"coherent_pool": "8 M"}}, f'{P}.cmdlineOverrides["coherent_pool"]',
+     "'8 M' is not a value for coherent_pool: use a size such as 8M"),
+    ({**DSTACK_BUILD, "cmdlineOverrides": {"swiotlb": "65536"}}, f'{P}.cmdlineOverrides["swiotlb"]',
+     "not a parameter the pinned dstack OS or its kernel patches are known to honour; allowed: coherent_pool, "
+     "dstack.data_device, dstack.rootfs_device, dstack.storage_fs"),
+    ({**DSTACK_BUILD, "cmdlineOverrides": {"console": "ttyS1"}}, f'{P}.cmdlineOverrides["console"]',
+     "the pinned dstack OS sets console=ttyS0 itself (Dstack-TEE/meta-dstack@86be7d60252f82ff1c9c8ac2a083d0a2e08c7a9e:"
+     "meta-dstack/recipes-core/images/dstack-uki.bb"),
+    ({**DSTACK_BUILD, "cmdlineOverrides": {"init": "/bin/sh"}}, f'{P}.cmdlineOverrides["init"]',
+     "the pinned dstack OS sets init=/init itself"),
+    ({**DSTACK_BUILD, "cmdlineOverrides": {"dstack.storage_encrypted": "0"}},
+     f'{P}.cmdlineOverrides["dstack.storage_encrypted"]', "refused: off leaves the data disk unencrypted"),
+    ({**DSTACK_BUILD, "cmdlineOverrides": {"dstack.storage_fs": "btrfs"}}, f'{P}.cmdlineOverrides["dstack.storage_fs"]',
+     "'btrfs' is not a value for dstack.storage_fs: use zfs or ext4"),
     ({**DSTACK_BUILD, "cmdlineOverrides": {"dstack.rootfs_device": "/dev/sda2 dstack.rootfs_hash=00"}},
-     f'{P}.cmdlineOverrides["dstack.rootfs_device"]', "is not a device for dstack.rootfs_device"),
+     f'{P}.cmdlineOverrides["dstack.rootfs_device"]', "is not a value for dstack.rootfs_device"),
     ({**DSTACK_BUILD, "cmdlineOverrides": {"dstack.rootfs_device": "PARTUUID=" + "0" * 36}},
-     f'{P}.cmdlineOverrides["dstack.rootfs_device"]', "use /dev/..., PARTLABEL=<label> (no spaces"),
+     f'{P}.cmdlineOverrides["dstack.rootfs_device"]', "use /dev/... or PARTLABEL=<label> (no spaces"),
     ({**DSTACK_BUILD, "guest": BINARY_BUILD["guest"]}, f"{P}.guest",
      "unknown key for recipe dstack-os; known: recipe, version, cmdlineOverrides"),
 ])

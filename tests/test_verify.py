@@ -85,7 +85,8 @@ def test_localnet_tcb_info_verifies():
 def test_quote_set_verifies_up_to_date_inside_the_collateral_window():
     result = run_process("--tcb-info", str(QUOTE_SET / "tcb_info.json"), *QUOTE_ARGS, "--at", INSIDE_WINDOW)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = {line.split()[0] + " " + line.split()[1]: line for line in result.stdout.splitlines() if line.strip()}
+    table = result.stdout[result.stdout.index("check "):]
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in table.splitlines() if line.strip()}
     assert "UpToDate; advisories: none" in rows["TCB status"]
     for register in ("rtmr0", "rtmr1", "rtmr2", "rtmr3"):
         assert f"{register} replay = quote" in result.stdout
@@ -347,7 +348,7 @@ def test_kms_mode_app_id_is_not_taken_from_the_compose_hash(tmp_path, capsys):
 
 
 def localnet_expectation(**overrides) -> dict:
-    arguments = dict(dstack_version="0.5.4", key_provider_id=LOCAL_PROVIDER_ID,
+    arguments = dict(dstack_version="0.5.8", key_provider_id=LOCAL_PROVIDER_ID,
                      image_digests={"mpc-image-digest": LOCALNET_IMAGE}, machine_type="c3-standard-4") | overrides
     return measure.expected_measurements(localnet()["app_compose"].encode(), **arguments)
 
@@ -395,7 +396,7 @@ def test_plan_os_image_hash_is_compared_with_the_reported_one(tmp_path, capsys):
     reported = json.loads(tcb.read_text())["os_image_hash"]
     for planned, code_wanted in ((reported, 0), ("ab" * 32, 1)):
         expectation = measure.expected_measurements(
-            json.loads(tcb.read_text())["app_compose"].encode(), dstack_version="0.5.4",
+            json.loads(tcb.read_text())["app_compose"].encode(), dstack_version="0.5.8",
             key_provider_id=LOCAL_PROVIDER_ID, os_image_hash=planned,
             image_digests={"mpc-image-digest": QUOTE_SET_IMAGE})
         plan = write_plan(tmp_path, {"mpc-0": expectation})
@@ -475,7 +476,7 @@ def test_malformed_tcb_info_exits_2_with_one_line(tmp_path, capsys, edit, messag
         ({"tcb": "{not json"}, "is not JSON"),
         ({"quote": json.loads((QUOTE_SET / "quote.json").read_text())[:600]}, "not a quote dcap-qvl can parse"),
         ({"quote": [1, 2, 300]}, "other than bytes"),
-        ({"quote": "not a quote at all"}, "not a quote dcap-qvl can parse"),
+        ({"quote": "not a quote at all"}, "18 bytes is too short for a quote"),
         ({"collateral": "[1]"}, "not Intel PCS collateral"),
         ({"collateral": "{oops"}, "is not JSON"),
         ({"at": "next tuesday"}, "--at 'next tuesday' is not ISO-8601"),

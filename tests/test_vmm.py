@@ -616,7 +616,7 @@ def test_component_registers_the_vm_under_a_DstackApp_without_secrets(project, p
     by_type = {r.type: r for r in run.resources}
     assert set(by_type) == {"dstack-fleet:apps:DstackApp", TYPE}
     component, vm = by_type["dstack-fleet:apps:DstackApp"], by_type[TYPE]
-    assert component.inputs == {"name": "mpc-vmmtest", "target": "vmm", "identity": "derived"}
+    assert component.inputs == {"name": "mpc-vmmtest", "target": "vmm", "identity": "compose"}
     assert vm.parent == component.urn and vm.urn.endswith("DstackApp$pulumi-python:dynamic/vmm:Vm::mpc-vmmtest-vm")
     assert vm.options["deleteBeforeReplace"] is True
     assert vm.inputs["composeFile"].encode() == app.app_compose.data

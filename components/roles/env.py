@@ -22,7 +22,7 @@ from fleet.nodes import specs as fleet_nodes
 from fleet.apps.plans import AppPlan
 from fleet.config.schema import StackConfig
 from fleet.apps.configdisk import Upload
-from fleet.stacks.expectations import os_versions, plan_measurements, verify_script
+from fleet.stacks.expectations import image_storage_fs, os_versions, plan_measurements, verify_script
 from fleet.images.versions import ImageVersion
 from fleet.gcp.naming import Namer
 from fleet.nodes.network import network_spec, public_ingress
@@ -47,7 +47,7 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
         bucket=names.image_bucket, prefix=f"config-disks/{config.stack}"))
     targets = deploy_app_targets(config, apps, deployed)
     check_external_images(config)
-    measurements = plan_measurements(fleet, apps, os_versions(config))
+    measurements = plan_measurements(fleet, apps, os_versions(config), image_storage_fs(config))
     post_deploy_checks(apps, measurements, deployed)
 
     pulumi.export("network", network.network.self_link)
@@ -126,7 +126,12 @@ def deploy_nodes(config: StackConfig, namer: Namer, fleet, apps: list[AppPlan], 
         if spec.identity.kind == "overlay":
             OverlayNode(spec, **common)
             continue
-        files = fleet_apps.gce_node_files(apps, spec, config.stack)
+        os_version = os_versions(config).get(spec.image_key)
+        files = fleet_apps.gce_node_files(apps, spec, config.stack, os_version)
+        if not spec.image.pending and fleet_apps.gce_os_image_hash(spec, os_version) is None:
+            pulumi.log.warn(f"dstack node {spec.key}: image {spec.image_key!r} has no UKI Authenticode hash "
+                            "(uki_hash) in images.lock.json, so its vm_config carries no os_image_hash and a KMS "
+                            "that verifies images refuses its keys")
         if files is None:
             pulumi.log.warn(f"dstack node {spec.key} waits for its app's images (pending build); skipped")
             continue

@@ -14,14 +14,16 @@ import hashlib
 import json
 import re
 import shlex
+import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import PurePosixPath
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+import tomli_w
 import yaml
 
 from fleet.apps.imageref import DigestKind, ImageDigest, ImageRef, parse_image_ref, unpinned_reason
@@ -741,11 +743,11 @@ class AppCompose:
         return compose_hash(self.data)
 
     @property
-    def app_id(self) -> str | None:
-        """Without a KMS the app-id is the compose hash's first 20 bytes; with a KMS it is assigned
-        by the KMS (on-chain: the app contract's address), so it cannot be computed here."""
-        if self.key_provider is KeyProvider.KMS:
-            return None
+    def app_id(self) -> str:
+        """The app id a guest derives from these bytes when none is deployed: the compose hash's
+        first 20 bytes, with or without a KMS (Dstack-TEE/dstack v0.5.11 and f1ba0a22
+        dstack-util/src/system_setup.rs ``measure_app_info``; vmm-cli.py's ``--app-id`` default). A
+        KMS then derives the app's keys from it; only a pinned id (``.instance_info``) differs."""
         return app_id_from_compose_hash(self.compose_hash)
 
 
@@ -851,7 +853,8 @@ def near_launcher_compose(launcher_image: ImageRef, default_image_digest: ImageD
 
 
 def near_user_config(values: Mapping[str, str], *, launcher: NearLauncher = NearLauncher.PYTHON) -> str:
-    """The unmeasured ``/tapp/user_config`` text for the Python launcher: ``KEY=value`` lines in the
+    """The unmeasured ``/tapp/user_config`` text for the Python launcher (the Rust one reads TOML:
+    ``NearRustUserConfig``): ``KEY=value`` lines in the
     mapping's order. The launcher strips each line and splits at the first ``=`` without any
     quoting, so a value must be one line without surrounding whitespace; keys it would ignore,
     keys it refuses and settings that must be measured are refused here."""
@@ -902,6 +905,119 @@ def near_user_config(values: Mapping[str, str], *, launcher: NearLauncher = Near
         problems.append(("", f"{total} bytes of variables; the launcher stops above {_NEAR_MAX_TOTAL}"))
     _raise_if(problems)
     return "".join(f"{key}={value}\n" for key, value in values.items())
+
+
+# -- the Rust launcher's user config (TOML) --------------------------------------------------------
+# near/mpc b0b6b7167e89c015ad59bfb4b0bbc78fcc8432cc crates/tee-launcher/src/types.rs (`Config`,
+# `LauncherConfig`, `PortMapping`), src/lib.rs (`load_config` reads /tapp/user_config as TOML and
+# fails without it; `select_image_hash` in src/selection.rs) and src/config.rs
+# (`intercept_node_config`, `validate_image_reference`).
+
+NEAR_RUST_SOURCE = "near/mpc@b0b6b7167e89c015ad59bfb4b0bbc78fcc8432cc:crates/tee-launcher/src"
+_NEAR_RESERVED_NODE_KEYS = {"tee": "the launcher inserts its own [mpc_node_config.tee] and refuses a user's"}
+_NEAR_TEE_BLOCKED_NODE_KEYS = {"gcp": "the launcher refuses it with PLATFORM=TEE (TEE_BLOCKED_KEYS: it could "
+                                      "exfiltrate key material)"}
+# Not refused by the launcher, refused here: the user config is host-readable (the config disk in the
+# image bucket, the VMM's request, this plan and the Pulumi state).
+_NEAR_HOST_READABLE_NODE_KEYS = {"secrets": "the user config is unmeasured and host-readable (config disk, VMM "
+                                            "request, plan, state); MPC node secrets cannot be delivered this way "
+                                            "yet"}
+def toml_text(document: Mapping[str, Any]) -> str:
+    """TOML text of ``document``: the one place TOML is written (``tomli_w``; Python's ``tomllib`` only
+    reads). The text is parsed back and must equal the document, so a wrong byte never reaches a guest."""
+    text = tomli_w.dumps(dict(document))
+    if tomllib.loads(text) != json.loads(json.dumps(document)):
+        raise ValueError("the TOML writer did not round-trip the user config")
+    return text
+
+
+@dataclass(frozen=True)
+class NearRustUserConfig:
+    """``/tapp/user_config`` of NEAR's Rust launcher. Nothing here is measured: the launcher reads it
+    at start, so a change is a restart. ``mpc_hash_override`` picks one of the approved MPC images
+    (the launcher refuses one that is not in the approved-hashes file the node writes from the
+    contract); that digest is what RTMR3's ``mpc-image-digest`` then shows."""
+
+    image_reference: str
+    port_mappings: tuple[tuple[int, int], ...] = ()
+    mpc_hash_override: str | None = None
+    pull_max_retries: int | None = None
+    pull_retry_interval_secs: int | None = None
+    pull_max_delay_secs: int | None = None
+    mpc_node_config: Mapping[str, Any] = field(default_factory=dict)
+    platform: str = "TEE"
+
+    def document(self) -> dict[str, Any]:
+        launcher: dict[str, Any] = {"image_reference": self.image_reference}
+        for name in ("pull_max_retries", "pull_retry_interval_secs", "pull_max_delay_secs"):
+            if getattr(self, name) is not None:
+                launcher[name] = getattr(self, name)
+        if self.mpc_hash_override is not None:
+            launcher["mpc_hash_override"] = self.mpc_hash_override
+        launcher["port_mappings"] = [{"host": h, "container": c} for h, c in self.port_mappings]
+        return {"launcher_config": launcher, "mpc_node_config": json.loads(json.dumps(dict(self.mpc_node_config)))}
+
+    def problems(self) -> list[ProblemEntry]:
+        out: list[ProblemEntry] = []
+        ref = self.image_reference
+        # validate_image_reference: [a-zA-Z0-9._/:-], starts alphanumeric, no trailing : / ., no // :: :.
+        if not (isinstance(ref, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:-]*", ref)
+                and not ref.endswith((":", "/", ".")) and not any(x in ref for x in ("//", "::", ":."))):
+            out.append(("launcher_config.image_reference", f"{ref!r} is not [registry[:port]/]name[:tag] as the "
+                                                           "launcher's validate_image_reference accepts (no digest: "
+                                                           "the approved hash selects the content)"))
+        if self.mpc_hash_override is not None and not _SHA256_DIGEST.fullmatch(str(self.mpc_hash_override)):
+            out.append(("launcher_config.mpc_hash_override", "must be sha256:<64 lower-case hex>"))
+        for name in ("pull_max_retries", "pull_retry_interval_secs", "pull_max_delay_secs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                out.append((f"launcher_config.{name}", f"{value!r} is not a whole number >= 0"))
+        for index, (host, container) in enumerate(self.port_mappings):
+            for side, port in (("host", host), ("container", container)):
+                if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+                    out.append((f"launcher_config.port_mappings[{index}].{side}", f"{port!r} is not a port 1-65535 "
+                                                                                  "(NonZeroU16)"))
+        refused = dict(_NEAR_RESERVED_NODE_KEYS, **_NEAR_HOST_READABLE_NODE_KEYS)
+        if self.platform == "TEE":
+            refused.update(_NEAR_TEE_BLOCKED_NODE_KEYS)
+        for key in self.mpc_node_config:
+            if key in refused:
+                out.append((f"mpc_node_config.{key}", refused[key]))
+        out += [(f"mpc_node_config.{path}", problem) for path, problem in _toml_value_problems(self.mpc_node_config)]
+        return out
+
+    def text(self) -> str:
+        _raise_if(self.problems())
+        return toml_text(self.document())
+
+
+def _toml_value_problems(value: Any, path: str = "") -> list[tuple[str, str]]:
+    if value is None:
+        return [(path, "is null, which TOML cannot hold; remove the key")]
+    if isinstance(value, Mapping):
+        out = []
+        for key, item in value.items():
+            if not isinstance(key, str) or not key:
+                out.append((path, f"key {key!r} must be a non-empty string"))
+            out += _toml_value_problems(item, f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(value, (list, tuple)):
+        return [p for i, item in enumerate(value) for p in _toml_value_problems(item, f"{path}[{i}]")]
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return [(path, "nan and infinity are not written")]
+    if not isinstance(value, (str, int, float, bool)):
+        return [(path, f"{type(value).__name__} has no TOML form")]
+    return []
+
+
+def parse_near_rust_user_config(text: str) -> dict[str, Any]:
+    """``/tapp/user_config`` read the way the Rust launcher reads it (``toml::from_str::<Config>``)."""
+    import tomllib
+
+    document = tomllib.loads(text)
+    if "launcher_config" not in document or "mpc_node_config" not in document:
+        raise ValueError("the launcher needs both [launcher_config] and [mpc_node_config]")
+    return document
 
 
 def parse_near_user_config(text: str) -> dict[str, str]:

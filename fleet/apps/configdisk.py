@@ -56,7 +56,9 @@ class ConfigDiskError(ValueError):
 def sys_config(*, kms_urls: list[str], gateway_urls: list[str], pccs_url: str, docker_registry: str | None,
                os_image_hash: str | None, cpu_count: int | None, memory_bytes: int | None) -> bytes:
     """``.sys-config.json``: unmeasured host settings. ``vm_config`` is itself a JSON string; the KMS
-    re-derives the os-image-hash from it, and that result is what the guest measures."""
+    checks the image against it and answers with its os_image_hash, which the guest measures. On GCE
+    ``os_image_hash`` must be the UKI Authenticode hash (``fleet.attest.measure.vm_config_os_image_hash``
+    decides; ``fleet.apps.plans.gce_os_image_hash`` passes it here)."""
     vm_config = {"spec_version": 2}
     if os_image_hash:
         vm_config["os_image_hash"] = os_image_hash

@@ -209,6 +209,22 @@ def parse_image_ref(text: str) -> ImageRef:
     return ImageRef(registry, repository, match["tag"], match["digest"])
 
 
+def repository_problem(text: str) -> str | None:
+    """Why ``text`` is not a bare repository (``[registry[:port]/]path``), or None. A tag or digest
+    there would end up inside the pinned reference as ``name:tag@sha256:...``, measured as written."""
+    try:
+        ref = parse_image_ref(text)
+    except InvalidImageReference as exc:
+        return f"{text!r} is not an image repository: {exc}"
+    if ref.digest is not None:
+        return (f"{text!r} carries the digest {ref.digest}; give the repository alone ({ref.name}) and the "
+                "digest under `digest:`")
+    if ref.tag is not None:
+        return (f"{text!r} names the tag :{ref.tag}; give the repository alone ({ref.name}): the content is "
+                "pinned by `digest:`, and a tag would be measured into the compose as written")
+    return None
+
+
 def unpinned_reason(reference: str | ImageRef) -> str | None:
     """Why ``reference`` is not pinned by a sha256 digest, or None if it is.
 

@@ -1,10 +1,12 @@
 """dstack apps as data: their images by digest, their app-compose bytes, and their identity.
 
 Every app resolves to the exact ``app-compose.json`` bytes the guest will hash (compose-hash) and
-so, without a KMS, its app-id: both are known at plan time. Values we compute from our own bytes are
-*predicted*; Phala Cloud builds app-compose on its servers, so there the compose-hash and app-id are
-*reported* by the service after deploy. Each environment gets its own app name
-(``<name>-<stack>``), so dev and prod never share an identity.
+so its app-id: the pinned dstack releases emit the app id deployed in ``.instance_info`` and fill an
+empty one with the compose hash's first 20 bytes, with or without a KMS, so unless ``kms.appId``
+pins it, the app id follows the compose (identity ``compose``; pinned: ``pinned``). Values we
+compute from our own bytes are *predicted*; Phala Cloud builds app-compose on its servers, so there
+the compose-hash and app-id are *reported* by the service after deploy (identity ``reported``).
+Each environment gets its own app name (``<name>-<stack>``), so dev and prod never share an identity.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 
 from fleet.apps import compose as fc
 from fleet.apps import configdisk
+from fleet.attest import measure
 from fleet.gcp import tdx
 from fleet.images import mkosibuild
 from fleet.config.schema import AppConfig, ContainerSource, StackConfig
-from fleet.apps.imageref import DigestKind, ImageDigest, ImageRef, parse_image_ref
+from fleet.apps.imageref import DigestKind, ImageDigest, ImageRef, parse_image_ref, repository_problem
 from fleet.images.lock import PENDING, LockFile
 from fleet.config.problems import Problem
 from fleet.images.recipes import canonical_json
@@ -100,10 +103,11 @@ class AppPlan:
     pre_launch_script: str | None
     images: list[tuple[str, str]]  # (where, reference)
     pending: list[str]  # container keys still to be built
-    identity: str  # stable | derived | reported
+    identity: str  # measure.IDENTITIES: pinned | compose | reported
     provenance: str  # predicted | reported
     user_config: str | None
     image_digest_events: dict[str, str] = field(default_factory=dict)  # event name -> hex payload
+    user_config_summary: dict[str, object] | None = None  # NEAR's Rust launcher: what its TOML does
 
     @property
     def key(self) -> str:
@@ -114,27 +118,45 @@ class AppPlan:
         return self.app_compose.compose_hash if self.app_compose else None
 
     @property
+    def pinned_app_id(self) -> str | None:
+        """The app id written to ``.instance_info`` (or sent as the VMM's app id): a pinned KMS app id."""
+        return self.config.kms.app_id if self.config.kms and self.config.kms.app_id else None
+
+    @property
     def app_id(self) -> str | None:
-        if self.config.kms and self.config.kms.app_id:
-            return self.config.kms.app_id
+        """The app id the guest emits: the pinned one, else the compose hash's first 20 bytes."""
+        if self.pinned_app_id:
+            return self.pinned_app_id
         return self.app_compose.app_id if self.app_compose else None
 
     def summary(self) -> dict[str, object]:
         reported = self.provenance == "reported" and not self.pending
         hashes = {
-            "composeHash": ("reported by Phala Cloud after deploy" if reported else self.compose_hash or PENDING),
-            "appId": ("reported by Phala Cloud after deploy" if reported and not (self.config.kms and self.config.kms.app_id)
-                      else self.app_id or (PENDING if self.pending else "assigned by the KMS")),
+            "composeHash": (measure.REPORTED_BY_PHALA if reported else self.compose_hash or PENDING),
+            "appId": (measure.REPORTED_BY_PHALA if self.identity == measure.IDENTITY_REPORTED and reported
+                      else self.app_id or PENDING),
         }
         return {
             "name": self.name, "kind": self.config.kind, "target": self.target,
+            **({"nodes": self.config.nodes} if self.config.nodes else {}),
             "keyProvider": self.config.key_provider, "identity": self.identity, "stateful": self.config.stateful,
             "values": self.provenance, **hashes,
             "images": {where: ref for where, ref in self.images},
             "pending": self.pending,
             # unmeasured, host-controlled: a change here (e.g. NEAR's MPC_HASH_OVERRIDE) is a restart
             "userConfigSha256": hashlib.sha256(self.user_config.encode()).hexdigest() if self.user_config else None,
+            **({"userConfig": self.user_config_summary} if self.user_config_summary else {}),
+            **({"kettle": self.kettle_summary()} if self.config.kettle else {}),
         }
+
+    def kettle_summary(self) -> dict[str, object]:
+        """The manifest a kettle app is bound to: URL and sha256 are literal values of the measured
+        compose environment, and the measured pre-launch script checks both before kettle starts."""
+        k = self.config.kettle
+        return {"manifestUrl": k.manifest_url, "manifestSha256": k.manifest_sha256, "appUrl": k.app_url,
+                "appSha256": k.app_sha256,
+                "measured": "compose environment (KETTLE_MANIFEST_URL, KETTLE_MANIFEST_SHA256, KETTLE_APP_SHA256) "
+                            "and the pre-launch script, so both are in the compose hash"}
 
 
 def app_name(app: AppConfig, stack: str) -> str:
@@ -143,10 +165,10 @@ def app_name(app: AppConfig, stack: str) -> str:
 
 def _identity(app: AppConfig) -> str:
     if app.target == "phala" and not (app.kms and app.kms.app_id):
-        return "reported"
+        return measure.IDENTITY_REPORTED
     if app.key_provider == "kms" and app.kms and app.kms.app_id:
-        return "stable"
-    return "derived"
+        return measure.IDENTITY_PINNED
+    return measure.IDENTITY_COMPOSE
 
 
 def plan_app(app: AppConfig, stack: str, containers: dict[str, Container], root: Path) -> AppPlan:
@@ -175,6 +197,10 @@ def plan_app(app: AppConfig, stack: str, containers: dict[str, Container], root:
             default = ImageDigest(mpc.ref.digest.removeprefix("sha256:"), facts.compares)
             text = fc.render_compose(fc.near_launcher_compose(launcher.ref, default, launcher=fc.NearLauncher(near.launcher)))
             events["mpc-image-digest"] = default.hex
+            if near.launcher == "rust":
+                rust = near_rust_user_config(app, containers)
+                if rust.mpc_hash_override:
+                    events["mpc-image-digest"] = rust.mpc_hash_override.removeprefix("sha256:")
     elif app.kind == "kettle":
         k = app.kettle
         launcher = image(k.launcher_image)
@@ -210,13 +236,52 @@ def plan_app(app: AppConfig, stack: str, containers: dict[str, Container], root:
             pre_launch_script=pre_launch, storage_fs=app.settings.storage_fs)
         app_compose = fc.build_app_compose(settings, dstack_version=app.dstack_version, serialization=SERIALIZATION)
     user_config = app.user_config
-    if app.kind == "near-mpc" and app.near_mpc.user_config:
+    user_config_summary = None
+    if app.kind == "near-mpc" and app.near_mpc.launcher == "rust":
+        # the Rust launcher fails without /tapp/user_config, so it always gets one
+        rust = near_rust_user_config(app, containers)
+        user_config = rust.text()
+        user_config_summary = near_user_config_summary(rust, events.get("mpc-image-digest"))
+    elif app.kind == "near-mpc" and app.near_mpc.user_config:
         user_config = fc.near_user_config(app.near_mpc.user_config, launcher=fc.NearLauncher(app.near_mpc.launcher))
     identity = _identity(app)
     return AppPlan(config=app, name=name, target=app.target, compose_text=text, app_compose=app_compose,
                    pre_launch_script=pre_launch, images=images, pending=sorted(set(pending)), identity=identity,
                    provenance="reported" if app.target == "phala" else "predicted", user_config=user_config,
-                   image_digest_events=events)
+                   image_digest_events=events, user_config_summary=user_config_summary)
+
+
+def near_rust_user_config(app: AppConfig, containers: dict[str, Container]) -> fc.NearRustUserConfig:
+    """The Rust launcher's TOML user config from the app's typed settings: the image reference
+    defaults to the MPC image's repository, the hash override names a declared container."""
+    near = app.near_mpc
+    settings = near.launcher_config
+    override = containers.get(settings.hash_override) if settings.hash_override else None
+    return fc.NearRustUserConfig(
+        image_reference=settings.image_reference or containers[near.mpc_image].repository or "",
+        port_mappings=tuple((m.host, m.container) for m in settings.port_mappings),
+        mpc_hash_override=str(override.ref.digest) if override and override.ref else None,
+        pull_max_retries=settings.pull_max_retries, pull_retry_interval_secs=settings.pull_retry_interval_secs,
+        pull_max_delay_secs=settings.pull_max_delay_secs, mpc_node_config=dict(near.node_config))
+
+
+def near_user_config_summary(rust: fc.NearRustUserConfig, mpc_image_digest: str | None) -> dict[str, object]:
+    """What the plan says about the Rust launcher's user config: which parts are measured, which
+    are not, and what a change of it does."""
+    shown = f"sha256:{mpc_image_digest}" if mpc_image_digest else PENDING
+    selection = ("mpc_hash_override (it must be in the approved-hashes file the node writes from the contract, "
+                 "else the launcher stops)" if rust.mpc_hash_override else
+                 "DEFAULT_IMAGE_DIGEST until the node writes the contract's approved hashes, then the newest of them")
+    return {
+        "format": "toml",
+        "source": fc.NEAR_RUST_SOURCE,
+        "measured": ["compose: launcher image digest, DEFAULT_IMAGE_DIGEST, PLATFORM, DOCKER_CONTENT_TRUST",
+                     "RTMR3 mpc-image-digest: the digest the launcher selects and pulls"],
+        "unmeasured": ["launcher_config: " + ", ".join(rust.document()["launcher_config"]), "mpc_node_config"],
+        "mpcImageDigest": shown,
+        "selectedBy": selection,
+        "restart": f"restart the CVM: the launcher rereads it; RTMR3 mpc-image-digest becomes {shown}",
+    }
 
 
 def plan_apps(config: StackConfig, lock: LockFile, root: Path, registry_path: str) -> list[AppPlan]:
@@ -265,6 +330,8 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
             if mpc and mpc.external and mpc.external.digest_kind != wanted:
                 p(f"{at}.nearMpc.mpcImage", f"the {app.near_mpc.launcher} launcher compares the {wanted} digest, but "
                   f"container {app.near_mpc.mpc_image!r} gives a {mpc.external.digest_kind} digest")
+        if app.near_mpc:
+            out += _near_problems(config, app, at)
         if app.kettle:
             keys.append(app.kettle.launcher_image)
         for j, key in enumerate(keys):
@@ -295,6 +362,9 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
             if not 5 <= len(app_name(app, config.stack)) <= 63:
                 p(f"{at}.name", f"the Phala CVM name {app_name(app, config.stack)!r} must be 5-63 characters")
     for key, source in sorted(fleet.containers.items()):
+        problem = repository_problem(source.external.image) if source.external else None
+        if problem:
+            p(f"containers.{key}.external.image", problem)
         if source.external and source.external.check_at_deploy and source.external.digest_kind != "manifest":
             p(f"containers.{key}.external.checkAtDeploy", "only a manifest digest can be checked against a registry; "
               "an image id is the image's config digest")
@@ -312,23 +382,92 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
     return out
 
 
+def _app_guest_version(config: StackConfig, app: AppConfig) -> str:
+    """The dstack release the app's guest runs: its node group's OS image on gce, else dstackVersion."""
+    if app.target == "gce" and app.nodes:
+        group = next((g for g in config.fleet.nodes if g.name == app.nodes), None)
+        source = config.fleet.images.get(group.image) if group else None
+        if source is not None and source.build is not None and source.build.recipe == "dstack-os":
+            return source.build.version
+    return app.dstack_version
+
+
+def _near_problems(config: StackConfig, app: AppConfig, at: str) -> list[Problem]:
+    near, fleet = app.near_mpc, config.fleet
+    out: list[Problem] = []
+
+    def p(path: str, message: str) -> None:
+        out.append(Problem(config.source, f"dstack-fleet:{at}.nearMpc{path}", message))
+
+    version = _app_guest_version(config, app)
+    problem = measure.emit_event_problem(version)
+    if problem:
+        p("", problem)
+    rust_fields = near.launcher_config != type(near.launcher_config)() or near.node_config
+    if near.launcher == "rust" and near.user_config:
+        p(".userConfig", "the rust launcher reads TOML ([launcher_config], [mpc_node_config]), not KEY=value lines; "
+                         "use nearMpc.launcherConfig and nearMpc.nodeConfig")
+    if near.launcher == "python" and rust_fields:
+        p("", "launcherConfig and nodeConfig are the rust launcher's TOML user config; the python launcher reads "
+              "userConfig (KEY=value)")
+    if near.launcher != "rust":
+        return out
+    override = near.launcher_config.hash_override
+    if override is not None:
+        source = fleet.containers.get(override)
+        if source is None:
+            p(".launcherConfig.hashOverride", f"container {override!r} is not declared in dstack-fleet:containers")
+        elif source.external is None or source.external.digest_kind != "manifest":
+            p(".launcherConfig.hashOverride", f"container {override!r} must be an external image with a manifest "
+                                              "digest: the rust launcher pulls and compares manifest digests")
+        else:
+            mpc = fleet.containers.get(near.mpc_image)
+            reference = near.launcher_config.image_reference or (mpc.external.image if mpc and mpc.external else None)
+            name = reference.split("@")[0] if reference else None
+            if name and ":" in name.rsplit("/", 1)[-1]:
+                name = name.rsplit(":", 1)[0]
+            if name and name != source.external.image:
+                p(".launcherConfig.hashOverride", f"container {override!r} is in {source.external.image}, but the "
+                                                  f"launcher pulls from {name}; the pull by digest would fail")
+    rust = fc.NearRustUserConfig(
+        image_reference=near.launcher_config.image_reference or "placeholder", mpc_node_config=dict(near.node_config),
+        port_mappings=tuple((m.host, m.container) for m in near.launcher_config.port_mappings))
+    for path, message in rust.problems():
+        if path.startswith("mpc_node_config."):
+            p(f".nodeConfig.{path.removeprefix('mpc_node_config.')}", message)
+        else:
+            p(f".launcherConfig.{_camel(path.removeprefix('launcher_config.'))}", message)
+    return out
+
+
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
 
 
-def gce_node_files(apps: list[AppPlan], node, stack: str) -> dict[str, bytes] | None:
+def gce_os_image_hash(node, os_version: str | None) -> str | None:
+    """``vm_config.os_image_hash`` of a GCE dstack node: the UKI Authenticode hash the lock records
+    for its image (see ``measure.vm_config_os_image_hash``); None while the image is pending or when
+    the lock has no UKI hash."""
+    if node.image.pending:
+        return None
+    release = measure.guest_release(os_version) if os_version else None
+    return measure.vm_config_os_image_hash(release, target="gce", digest_txt=node.image.hashes.get("osImageHash"),
+                                           uki_hash=node.image.hashes.get("ukiHash"))
+
+
+def gce_node_files(apps: list[AppPlan], node, stack: str, os_version: str | None = None) -> dict[str, bytes] | None:
     """The configuration-disk files of a dstack node: its group's app, this node's seed. None while
-    the app's images are pending."""
+    the app's images are pending. ``os_version``: the dstack release of the node's image."""
 
     app = next(a for a in apps if a.target == "gce" and a.config.nodes == node.identity.group)
     if app.app_compose is None:
         return None
     memory = tdx.memory_gib(node.machine_type)
-    os_image_hash = None if node.image.pending else node.image.hashes.get("osImageHash")
+    os_image_hash = gce_os_image_hash(node, os_version)
     return configdisk.node_files(
         app_compose=app.app_compose.data, kms_urls=list(app.config.kms.urls) if app.config.kms else [],
-        gateway_urls=list(app.config.gateway_urls), app_id=app.config.kms.app_id if app.config.kms else None,
+        gateway_urls=list(app.config.gateway_urls), app_id=app.pinned_app_id,
         seed=configdisk.instance_seed(stack, node.key), os_image_hash=os_image_hash,
         cpu_count=tdx.vcpus(node.machine_type), memory_bytes=memory * 1024 ** 3 if memory else None,
         user_config=app.user_config)

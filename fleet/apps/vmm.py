@@ -147,12 +147,12 @@ def _port(p: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def vm_spec(app, target) -> VmSpec:
-    """The VM of an ``AppPlan`` on a ``VmmTarget``. The app id is the plan's; an app whose id comes from
-    a KMS without a pinned id gets the compose-derived one, as vmm-cli.py's ``--app-id`` default."""
+    """The VM of an ``AppPlan`` on a ``VmmTarget``. The app id is the plan's: the pinned one, else the
+    compose-derived one, as vmm-cli.py's ``--app-id`` default."""
     if app.app_compose is None:
         raise VmmError(f"app {app.name}: its images are pending, so it has no app-compose yet")
     text = app.app_compose.text
-    app_id = app.app_id or hashlib.sha256(app.app_compose.data).hexdigest()[:40]
+    app_id = app.app_id
     kms = app.config.kms
     return VmSpec(name=app.name, image=target.image, compose_file=text, app_id=app_id,
                   user_config=app.user_config or "", vcpu=target.vcpu, memory=target.memory_mb,

@@ -23,6 +23,15 @@ KNOWN_AT_BOOT = "known at boot"
 PENDING_BUILD = "pending build"
 MARKERS = (KNOWN_AT_BOOT, PENDING_BUILD)
 
+# App identity: one vocabulary for stack outputs, measurements, the diff and the README. The app id
+# is what a KMS derives an app's keys from (and, without a KMS, what names its identity).
+IDENTITY_PINNED = "pinned"  # kms.appId is written to .instance_info: the same across compose changes
+IDENTITY_COMPOSE = "compose"  # none pinned: the guest takes the compose hash's first 20 bytes, so every
+#                              compose change is a new app id (new keys), with or without a KMS
+IDENTITY_REPORTED = "reported"  # Phala Cloud writes the app-compose and assigns the id: known after deploy
+IDENTITIES = (IDENTITY_PINNED, IDENTITY_COMPOSE, IDENTITY_REPORTED)
+REPORTED_BY_PHALA = "reported by Phala Cloud after deploy"
+
 # A payload is its exact bytes, or one of MARKERS when the bytes cannot be known before boot.
 Payload = bytes | str
 
@@ -175,6 +184,30 @@ def event_log_version(app_compose: Mapping[str, Any]) -> int:
 
 
 @dataclass(frozen=True)
+class GuestRelease:
+    """What the dstack-util of one or more dstack guest releases emits into RTMR3, read at a named
+    source commit (``source``: repository@commit:path). Every field is a fact of that source; a
+    release whose code differs in any of them gets its own entry, so upstream drift (a dropped or
+    added event, another payload rule) can never hide behind a series name."""
+
+    name: str  # "0.5.6-0.5.11", "0.6.0.a2": the profile's version
+    releases: tuple[str, ...]  # exact versions (tags without "v") this entry stands for
+    source: str
+    os_image_hash_event: bool  # KMS: os-image-hash = the KMS's answer, after GetAppKey
+    storage_fs_event: bool
+    app_id_event: str  # "instance-info": .instance_info's app_id in every mode (else compose-derived);
+    #                    "compose-unless-kms": compose-derived without a KMS whatever .instance_info says
+    key_providers: tuple[str, ...]
+    tpm_provider_id: str | None = None  # "app-key": hex(app key public DER), known only at boot
+    instance_binding: str | None = None  # "gcp-vtpm-ak": instance-id also hashes the vTPM AK (GCP)
+    gcp_runtime_pcr: int | None = None  # on GCP the same events also extend this vTPM PCR (sha256)
+    gcp_vm_config_os_image_hash: str | None = None  # what the pinned verifier compares it with on GCP
+    emit_event: bool = True  # the guest agent serves EmitEvent (apps extend RTMR3 through it)
+    vectors: tuple[str, ...] = ()  # tests/vectors files whose RTMR3 a profile of this release replays
+    no_vector: str = ""  # why no replay vector exists, when ``vectors`` is empty
+
+
+@dataclass(frozen=True)
 class MeasurementProfile:
     recipe: str
     dstack_version: str | None
@@ -186,6 +219,7 @@ class MeasurementProfile:
     app_id_from_instance_info: bool = False  # app-id event is .instance_info's app_id in every mode
     gcp_runtime_pcr: int | None = None  # on GCP the same events also extend this vTPM PCR (sha256)
     note: str = ""
+    release: GuestRelease | None = None
 
     @property
     def name(self) -> str:
@@ -195,93 +229,125 @@ class MeasurementProfile:
     def has_dstack_events(self) -> bool:
         return bool(self.boot_events)
 
+    @property
+    def source(self) -> str:
+        return self.release.source if self.release else ""
+
 
 # The ``name`` a guest writes into its key-provider event, per app-compose key provider (``tpm``
 # only from the dstack OS 0.6.0.a2 on; v0.5.11 refuses it).
 KEY_PROVIDER_EVENT_NAMES = {"none": "none", "local": "local-sgx", "kms": "kms", "tpm": "tpm"}
 
-_V05_BEFORE_KEYS = ("system-preparing", "app-id", "compose-hash", "instance-id", "boot-mr-done")
-_V05_AFTER_KEYS = ("key-provider", "storage-fs", "system-ready")
-_V05_KMS_ONLY = ("mr-kms", "os-image-hash")
+_BEFORE_KEYS = ("system-preparing", "app-id", "compose-hash", "instance-id", "boot-mr-done")
+_SYSTEM = "dstack-util/src/system_setup.rs"
 
-# Source: dstack v0.5.11 dstack-util/src/system_setup.rs (measure_app_info, request_app_keys,
-# verify_app, setup_fs). v0.5.x all emit the same sequence; the local key provider is SGX-based.
-PROFILES: dict[tuple[str, str, str], MeasurementProfile] = {
-    ("dstack-os", "0.5", "none"): MeasurementProfile(
-        "dstack-os", "0.5", "none", _V05_BEFORE_KEYS + _V05_AFTER_KEYS,
-        key_provider_name=KEY_PROVIDER_EVENT_NAMES["none"],
-        note="no key provider: instance_id_seed is random on every boot",
-    ),
-    ("dstack-os", "0.5", "local"): MeasurementProfile(
-        "dstack-os", "0.5", "local", _V05_BEFORE_KEYS + _V05_AFTER_KEYS,
-        key_provider_name=KEY_PROVIDER_EVENT_NAMES["local"],
-        note="local key provider (SGX); its id is the provider enclave's measurement",
-    ),
-    ("dstack-os", "0.5", "kms"): MeasurementProfile(
-        "dstack-os", "0.5", "kms", _V05_BEFORE_KEYS + _V05_KMS_ONLY + _V05_AFTER_KEYS,
-        optional_events=frozenset({"mr-kms"}), key_provider_name=KEY_PROVIDER_EVENT_NAMES["kms"],
-        note="KMS: app-id comes from the KMS (app contract), mr-kms from the KMS certificate",
-    ),
+# Read one tag at a time in Dstack-TEE/dstack (dstack-util/src/system_setup.rs: measure_app_info,
+# request_app_keys*, verify_app, setup_fs). Emission order is the same in all of them:
+# measure_app_info's five events, then (KMS only) mr-kms while the KMS's RA-TLS certificate is
+# checked (only when it carries an attestation) and os-image-hash after GetAppKey, then
+# key-provider, then (0.5.5 on) storage-fs, then system-ready.
+GUEST_RELEASES: tuple[GuestRelease, ...] = (
+    GuestRelease(
+        "0.5.0", ("0.5.0",), f"Dstack-TEE/dstack@ce6e88d0401408949787f7beb0c5427e7456780a:{_SYSTEM}",
+        os_image_hash_event=False, storage_fs_event=False, app_id_event="instance-info",
+        key_providers=("kms", "local", "none"),
+        no_vector="no published RTMR3 log of a 0.5.0 guest was found; read from source only"),
+    GuestRelease(
+        "0.5.1-0.5.4", ("0.5.1", "0.5.2", "0.5.3", "0.5.4"),
+        f"Dstack-TEE/dstack@3e4e462cac2a57c204698d2443d252d13e75cd29:{_SYSTEM} (v0.5.4; v0.5.1 "
+        "be9d0476 emits the same)",
+        os_image_hash_event=True, storage_fs_event=False, app_id_event="instance-info",
+        key_providers=("kms", "local", "none"),
+        no_vector="no published RTMR3 log of a 0.5.1-0.5.4 guest was found; read from source only"),
+    GuestRelease(
+        "0.5.5", ("0.5.5",), f"Dstack-TEE/dstack@7bf1843a8ddf877fbaebb9898a7f27a19a49ab73:{_SYSTEM}",
+        os_image_hash_event=True, storage_fs_event=True, app_id_event="instance-info",
+        key_providers=("kms", "local", "none"),
+        # NEAR's localnet vectors do not name their dstack release; they log storage-fs (0.5.5 on)
+        vectors=("near-mpc-tcb-info.json", "near-mpc-quote-set/tcb_info.json")),
+    GuestRelease(
+        "0.5.6-0.5.11", ("0.5.6", "0.5.7", "0.5.8", "0.5.9", "0.5.10", "0.5.11"),
+        f"Dstack-TEE/dstack@40eaf35e6b3f112998d01569f2a26110baab123b:{_SYSTEM} (v0.5.11; v0.5.6 "
+        "3a456dd6 and v0.5.8 368c62e7 emit the same)",
+        os_image_hash_event=True, storage_fs_event=True, app_id_event="compose-unless-kms",
+        key_providers=("kms", "local", "none"),
+        vectors=("near-mpc-tcb-info.json", "near-mpc-quote-set/tcb_info.json",
+                 "near-mpc-os-0.5.8/tcb_info.prod.json")),
+    # The dstack OS 0.6.0.a2 (Dstack-TEE/meta-dstack tag v0.6.0.a2, commit
+    # 86be7d60252f82ff1c9c8ac2a083d0a2e08c7a9e) builds dstack-util and the guest agent from its `dstack`
+    # submodule: Dstack-TEE/dstack f1ba0a22 (2026-06-11, "feat(dstack-util): mix gcp vTPM AK pubkey into
+    # instance_id"), 261 commits after v0.5.11, untagged. There measure_app_info emits
+    # instance_info.app_id in every mode (the compose-derived value when it is empty); instance_id =
+    # sha256(seed || app_id || sha256(GCP vTPM AK public area))[:20]; the tpm key provider works and
+    # names hex(app key public DER); emit_runtime_event (dstack-attest/src/lib.rs) also extends vTPM
+    # PCR 14 on GCP; AppCompose has no event_log_version (v1 digests only); verifier/src/
+    # verification.rs verify_os_image_hash_for_gcp_tdx compares vm_config.os_image_hash with the UKI
+    # Authenticode hash in PCR 2's event log.
+    GuestRelease(
+        "0.6.0.a2", ("0.6.0.a2",), f"Dstack-TEE/dstack@f1ba0a22a961e8bdae110c7b1a796bc56dfd10a8:{_SYSTEM}",
+        os_image_hash_event=True, storage_fs_event=True, app_id_event="instance-info",
+        key_providers=("kms", "local", "none", "tpm"), tpm_provider_id="app-key",
+        instance_binding="gcp-vtpm-ak", gcp_runtime_pcr=14, gcp_vm_config_os_image_hash="uki-authenticode",
+        # dstack 0.6.0 TDX "lite" fixture, captured by Dstack-TEE/dstack 02bb2476 (2026-06-29) from a
+        # guest whose dstack-util emits these events in this order (bare metal: no vTPM binding).
+        vectors=("dstack-0.6.0-tdx-lite/tdx-lite-getquote.json",)),
+)
+
+# Upstream changes after every release above, which a new profile must encode (Dstack-TEE/dstack):
+# EmitEvent removed from the guest agent (10898e63, 2026-07-11, #768); the tpm key-provider event
+# names an empty id (#777, 2026-07-14); mr-kms no longer emitted (a454b8b4, #1007, 2026-08-06);
+# app-compose `event_log_version: 2` selects JCS digests (next branch). None is in a release here.
+UPSTREAM_DRIFT = {
+    "EmitEvent removed": "Dstack-TEE/dstack 10898e63 (2026-07-11, #768)",
+    "tpm key-provider id empty": "Dstack-TEE/dstack #777 (2026-07-14)",
+    "mr-kms removed": "Dstack-TEE/dstack a454b8b4 (2026-08-06, #1007)",
+    "event_log_version 2": "Dstack-TEE/dstack next: cc-eventlog/src/runtime_events.rs v2 (JCS) digests",
 }
 
-# The dstack OS 0.6.0.a2 (Dstack-TEE/meta-dstack tag v0.6.0.a2, commit 86be7d60252f82ff1c9c8ac2a083d0a2e08c7a9e)
-# builds dstack-util and dstack-guest-agent from its `dstack` submodule (recipes-core/dstack-guest/
-# dstack-guest.bb rsyncs ../../../dstack): Dstack-TEE/dstack commit
-# f1ba0a22a961e8bdae110c7b1a796bc56dfd10a8 (2026-06-11, "feat(dstack-util): mix gcp vTPM AK pubkey into
-# instance_id"), 261 commits after tag v0.5.11, untagged (its Cargo.toml still says 0.5.11). Read there:
-# * dstack-util/src/system_setup.rs: the same emit_runtime_event calls in the same order as v0.5.11
-#   (measure_app_info, request_app_keys_from_kms_url, verify_app, setup_fs); no init-script-hash.
-#   Changed: measure_app_info emits instance_info.app_id (the compose-derived value only when
-#   .instance_info has none) in every mode, where v0.5.11 forced the compose-derived value without a
-#   KMS; instance_id = sha256(seed || app_id || platform_instance_binding())[:20], the binding being
-#   sha256 of the GCP vTPM AK public area (None elsewhere); the tpm key provider works
-#   (generate_tpm_app_keys; event {"name":"tpm","id":hex(app key public DER)}), v0.5.11 bailed.
-# * cc-eventlog/src/runtime_events.rs: unchanged from v0.5.11, v1 digest only (to_ne_bytes).
-# * dstack-attest/src/lib.rs: emit_runtime_event extends RTMR3 (sha384) and, on GCP
-#   (AttestationMode::DstackGcpTdx, tpm_runtime_pcr = 14), vTPM PCR 14 with the sha256 digest.
-# * dstack-types/src/lib.rs: identical to v0.5.11; AppCompose has no event_log_version field (serde
-#   ignores it), KeyProviderKind is none/kms/local/tpm.
-_V06A2 = "0.6.0.a2"
-_V06A2_NOTE = "; instance-id binds the VM's vTPM attestation key on GCP, so it is known only at boot"
-PROFILES.update({
-    ("dstack-os", _V06A2, "none"): MeasurementProfile(
-        "dstack-os", _V06A2, "none", _V05_BEFORE_KEYS + _V05_AFTER_KEYS,
-        key_provider_name=KEY_PROVIDER_EVENT_NAMES["none"], instance_id_binds_platform=True,
-        app_id_from_instance_info=True, gcp_runtime_pcr=14,
-        note="no key provider: instance_id_seed is random on every boot" + _V06A2_NOTE,
-    ),
-    ("dstack-os", _V06A2, "local"): MeasurementProfile(
-        "dstack-os", _V06A2, "local", _V05_BEFORE_KEYS + _V05_AFTER_KEYS,
-        key_provider_name=KEY_PROVIDER_EVENT_NAMES["local"], instance_id_binds_platform=True,
-        app_id_from_instance_info=True, gcp_runtime_pcr=14,
-        note="local key provider (SGX, from the dstack VMM's host API; none on GCP)" + _V06A2_NOTE,
-    ),
-    ("dstack-os", _V06A2, "kms"): MeasurementProfile(
-        "dstack-os", _V06A2, "kms", _V05_BEFORE_KEYS + _V05_KMS_ONLY + _V05_AFTER_KEYS,
-        optional_events=frozenset({"mr-kms"}), key_provider_name=KEY_PROVIDER_EVENT_NAMES["kms"],
-        instance_id_binds_platform=True, app_id_from_instance_info=True, gcp_runtime_pcr=14,
-        note="KMS: app-id from .instance_info, mr-kms from the KMS certificate" + _V06A2_NOTE,
-    ),
-    ("dstack-os", _V06A2, "tpm"): MeasurementProfile(
-        "dstack-os", _V06A2, "tpm", _V05_BEFORE_KEYS + _V05_AFTER_KEYS,
-        key_provider_name=KEY_PROVIDER_EVENT_NAMES["tpm"], instance_id_binds_platform=True,
-        app_id_from_instance_info=True, gcp_runtime_pcr=14,
-        note="TPM key provider: keys from a seed sealed in the vTPM to PCRs 0, 2 and 14; its id, the "
-             "app key's public key, is known only at boot" + _V06A2_NOTE,
-    ),
-})
+# EmitEvent (guest-agent/rpc/proto/agent_rpc.proto), which launchers use to extend RTMR3: added in
+# Dstack-TEE/dstack f672c731 (2025-04-28, first in v0.5.0), removed in 10898e63 (2026-07-11, #768).
+EMIT_EVENT_SOURCE = ("Dstack-TEE/dstack f672c731 (2025-04-28) added EmitEvent, first released in v0.5.0; "
+                     "10898e63 (2026-07-11, #768) removed it")
+RELEASES_WITHOUT_EMIT_EVENT = ("0.4.2",)  # older than f672c731
+
+
+def guest_release(version: str) -> GuestRelease | None:
+    exact = version.strip().removeprefix("v")
+    return next((r for r in GUEST_RELEASES if exact in r.releases), None)
+
+
+def _profile(release: GuestRelease, key_provider: str) -> MeasurementProfile:
+    kms = key_provider == "kms"
+    events = _BEFORE_KEYS
+    if kms:
+        events += ("mr-kms",) + (("os-image-hash",) if release.os_image_hash_event else ())
+    events += ("key-provider",) + (("storage-fs",) if release.storage_fs_event else ()) + ("system-ready",)
+    notes = {
+        "none": "no key provider: instance_id_seed is random on every boot",
+        "local": "local key provider (SGX, from the dstack VMM's host API; none on GCP)",
+        "kms": "KMS: app-id from .instance_info (compose-derived when empty), mr-kms from the KMS certificate",
+        "tpm": "TPM key provider: keys from a seed sealed in the vTPM; its id, the app key's public key, is "
+               "known only at boot",
+    }
+    binding = "; instance-id binds the VM's vTPM attestation key on GCP, so it is known only at boot" \
+        if release.instance_binding else ""
+    return MeasurementProfile(
+        "dstack-os", release.name, key_provider, events,
+        optional_events=frozenset({"mr-kms"}) if kms else frozenset(),
+        key_provider_name=KEY_PROVIDER_EVENT_NAMES[key_provider],
+        instance_id_binds_platform=release.instance_binding is not None,
+        app_id_from_instance_info=release.app_id_event == "instance-info",
+        gcp_runtime_pcr=release.gcp_runtime_pcr, note=notes[key_provider] + binding, release=release,
+    )
+
+
+PROFILES: dict[tuple[str, str, str], MeasurementProfile] = {
+    ("dstack-os", release.name, kp): _profile(release, kp) for release in GUEST_RELEASES for kp in release.key_providers
+}
 
 OVERLAY_PROFILE = MeasurementProfile(
     "tplus-overlay", None, None, (), note="tplus overlay image: no dstack RTMR3 events at all",
 )
-
-
-def dstack_series(version: str) -> str:
-    """``v0.5.11`` / ``0.5.4`` / ``0.5`` -> ``0.5``."""
-    match = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.\d+)?(?:[-.+].*)?", version.strip())
-    if not match:
-        raise UnknownProfile(f"dstack version {version!r} is not a version such as 0.5.11")
-    return f"{match.group(1)}.{match.group(2)}"
 
 
 def measurement_profile(recipe: str, dstack_version: str | None = None,
@@ -294,30 +360,61 @@ def measurement_profile(recipe: str, dstack_version: str | None = None,
         raise UnknownProfile(f"no measurement profile for recipe {recipe!r}; known: {', '.join(recipes)}")
     if dstack_version is None:
         raise UnknownProfile(f"recipe {recipe!r} needs a dstack version (e.g. 0.5.11)")
-    series = dstack_series(dstack_version)
-    versions = sorted({v for r, v, _ in PROFILES if r == recipe})
-    exact = dstack_version.strip().removeprefix("v")
-    # An exact pre-release (0.6.0.a2) has its own profile; it never stands for its series.
-    version = exact if exact in versions else series
-    if version not in versions:
+    release = guest_release(dstack_version)
+    if release is None:
+        known = ", ".join(v for r in GUEST_RELEASES for v in r.releases)
         raise UnknownProfile(
-            f"no measurement profile for {recipe} {dstack_version} (series {series}); known: "
-            f"{', '.join(versions)}. Newer releases change the RTMR3 events: add a profile first"
+            f"no measurement profile for {recipe} {dstack_version}; known releases: {known}. Each release's "
+            "RTMR3 events are read from its own source: add a profile first"
         )
-    providers = sorted(p for r, v, p in PROFILES if (r, v) == (recipe, version))
+    providers = sorted(release.key_providers)
     if key_provider not in providers:
         raise UnknownProfile(
-            f"no measurement profile for key provider {key_provider!r} on {recipe} {version}; "
+            f"no measurement profile for key provider {key_provider!r} on {recipe} {release.name}; "
             f"known: {', '.join(providers)}"
         )
-    return PROFILES[(recipe, version, key_provider)]
+    return PROFILES[(recipe, release.name, key_provider)]
 
 
 def profile_by_name(name: str) -> MeasurementProfile | None:
-    """The profile a plan entry names (``dstack-os/0.5/local``), or None."""
+    """The profile a plan entry names (``dstack-os/0.5.6-0.5.11/local``), or None."""
     for profile in (*PROFILES.values(), OVERLAY_PROFILE):
         if profile.name == name:
             return profile
+    return None
+
+
+def vm_config_os_image_hash(release: GuestRelease | None, *, target: str, digest_txt: str | None,
+                            uki_hash: str | None) -> str | None:
+    """``vm_config.os_image_hash`` a guest must carry. On GCE the pinned verifier
+    (``verify_os_image_hash_for_gcp_tdx``, which the KMS runs when ``[core.image] verify`` is on)
+    compares it with the UKI Authenticode hash of PCR 2's event log, so it is the lock's
+    ``uki_hash``; elsewhere dstack's os-image-hash (``digest.txt``)."""
+    if target == "gce" and release is not None and release.gcp_vm_config_os_image_hash == "uki-authenticode":
+        return uki_hash
+    return digest_txt
+
+
+def os_image_hash_event_payload(release: GuestRelease | None, vm_config_hash: str | None) -> str | None:
+    """The RTMR3 ``os-image-hash`` payload of a KMS app: the KMS's GetAppKey answer, which in every
+    release here is ``decode_vm_config(vm_config).os_image_hash`` of the vm_config the guest sent
+    (kms/src/main_service.rs ``get_app_key``, dstack-attest/src/attestation.rs ``decode_app_info_ex``).
+    The dstack 0.6.0 fixture shows the two differ once the file is edited after capture
+    (Dstack-TEE/dstack 53defce6 rewrote vm_config.os_image_hash but not the event log)."""
+    if release is not None and not release.os_image_hash_event:
+        return None
+    return vm_config_hash
+
+
+def emit_event_problem(version: str) -> str | None:
+    """Why an app that extends RTMR3 through the guest agent's EmitEvent cannot run on ``version``."""
+    exact = version.strip().removeprefix("v")
+    if exact in RELEASES_WITHOUT_EMIT_EVENT:
+        return (f"dstack {exact} has no EmitEvent in its guest agent, which the launcher calls to extend RTMR3 "
+                f"({EMIT_EVENT_SOURCE}); use 0.5.0 or later")
+    release = guest_release(exact)
+    if release is not None and not release.emit_event:
+        return f"dstack {exact} removed EmitEvent ({EMIT_EVENT_SOURCE}); the launcher cannot extend RTMR3 there"
     return None
 
 
@@ -400,18 +497,20 @@ def expected_events(
     os_image_hash: str | None = None,
     image_digests: Mapping[str, str] | None = None,
 ) -> list[ExpectedEvent]:
-    """The RTMR3 events of one boot, in order. ``None`` for ``app_id`` (KMS), ``key_provider_id``
-    or ``os_image_hash`` means the value is only known at boot; ``PENDING_BUILD`` that a build
-    has not produced it yet."""
+    """The RTMR3 events of one boot, in order. ``app_id`` is the app id deployed in
+    ``.instance_info`` (None: none, so the guest derives it from the compose hash). ``None`` for
+    ``key_provider_id`` or ``os_image_hash`` (the vm_config value the guest sends its KMS) means the
+    value is only known at boot; ``PENDING_BUILD`` that a build has not produced it yet."""
     if not profile.has_dstack_events:
         return []
     kms = profile.key_provider == "kms"
     compose_app_id = app_id_from_compose_hash(compose_hash_hex)
-    # v0.5.x emits the compose-derived app-id unless the KMS assigns one; 0.6.0.a2 emits the
-    # instance-info app-id in every mode. instance-id is derived from the instance-info app-id,
-    # which defaults to the same compose-derived value.
+    # .instance_info's app_id is what we deploy (a pinned id, else empty); the guest fills an empty
+    # one with the compose-derived value. Releases with app_id_event "compose-unless-kms" emit the
+    # compose-derived value without a KMS whatever .instance_info says. instance-id always hashes
+    # the .instance_info value.
     info_app_id = app_id or compose_app_id
-    event_app_id = app_id if kms else info_app_id if profile.app_id_from_instance_info else compose_app_id
+    event_app_id = info_app_id if kms or profile.app_id_from_instance_info else compose_app_id
     if no_instance_id:
         instance: Payload = b""
     elif (
@@ -432,6 +531,7 @@ def expected_events(
         else KNOWN_AT_BOOT if provider_id is None
         else key_provider_payload(profile.key_provider_name or "", provider_id)
     )
+    event_os_image_hash = os_image_hash_event_payload(profile.release, os_image_hash) if kms else None
     payloads: dict[str, Payload] = {
         "system-preparing": b"",
         "app-id": _hex_or_marker(event_app_id, 40, "app_id"),
@@ -439,7 +539,7 @@ def expected_events(
         "instance-id": instance,
         "boot-mr-done": b"",
         "mr-kms": KNOWN_AT_BOOT,
-        "os-image-hash": _hex_or_marker(os_image_hash, 64, "os_image_hash") if kms else b"",
+        "os-image-hash": _hex_or_marker(event_os_image_hash, 64, "os_image_hash") if kms else b"",
         "key-provider": provider,
         "storage-fs": storage_fs_payload(storage_fs),
         "system-ready": b"",
@@ -477,16 +577,20 @@ def expected_measurements(
     key_provider_id: str | None = None,
     instance_id_seed: bytes | None = None,
     storage_fs: str | None = None,
+    cmdline_storage_fs: str | None = None,
     image_digests: Mapping[str, str] | None = None,
     machine_type: str | None = None,
 ) -> dict[str, Any]:
     """What one dstack app reports, JSON-ready (the plan's ``measurements.<target>``).
 
     ``app_compose`` is the exact file the guest reads; the key provider, ``no_instance_id`` and
-    ``storage_fs`` come from it. ``os_image_hash``: 64 hex, ``PENDING_BUILD`` before the image
-    build ran, or None when not ours to know. ``app_id`` is the KMS-assigned app-id (None: known
-    at boot). ``key_provider_id``: the KMS root key / local provider measurement, hex (None:
-    known at boot). ``image_digests``: app event name -> ``sha256:...`` or ``PENDING_BUILD``.
+    ``storage_fs`` come from it (else the image's ``dstack.storage_fs`` kernel parameter, else zfs:
+    ``parse_dstack_options`` in system_setup.rs). ``os_image_hash``: the ``vm_config.os_image_hash``
+    the guest carries (64 hex), ``PENDING_BUILD`` before the image build ran, or None when not ours
+    to know. ``app_id``: the app id deployed in ``.instance_info`` (a pinned KMS app id; None: the
+    guest derives it from the compose hash). ``key_provider_id``: the KMS root key / local provider
+    measurement, hex (None: known at boot). ``image_digests``: app event name -> ``sha256:...`` or
+    ``PENDING_BUILD``.
     """
     try:
         compose = json.loads(app_compose)
@@ -524,7 +628,7 @@ def expected_measurements(
         no_instance_id=bool(compose.get("no_instance_id", False)),
         instance_id_seed=instance_id_seed,
         key_provider_id=key_provider_id,
-        storage_fs=storage_fs or compose.get("storage_fs") or "zfs",
+        storage_fs=storage_fs or compose.get("storage_fs") or cmdline_storage_fs or "zfs",
         os_image_hash=os_image_hash,
         image_digests=digests,
     )
@@ -533,12 +637,8 @@ def expected_measurements(
     provider_id = (
         json.loads(provider_event)["id"] if isinstance(provider_event, bytes) else provider_event
     )
-    if profile.key_provider == "kms":
-        reported_app_id = app_id if app_id is not None else KNOWN_AT_BOOT
-    elif profile.app_id_from_instance_info and app_id is not None:
-        reported_app_id = app_id
-    else:
-        reported_app_id = app_id_from_compose_hash(hash_hex)
+    reported_app_id = next(e.payload for e in events if e.event == "app-id")
+    reported_app_id = reported_app_id.hex() if isinstance(reported_app_id, bytes) else reported_app_id
     return _measurement_json(
         profile,
         kind="dstack-app",

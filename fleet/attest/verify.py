@@ -1,10 +1,18 @@
-"""``python -m fleet verify``: check a dstack guest's TcbInfo, optionally its TDX quote with Intel's
-collateral, and optionally the plan's expected measurements. Exit 0 all hold, 1 a check failed,
-2 unreadable or malformed input, 3 the program itself failed.
+"""``python -m fleet verify``: check what a TDX guest reports, lane by lane, against itself, Intel's
+collateral and the plan. Exit 0 all hold, 1 a check failed, 2 unreadable or malformed input, 3 the
+program itself failed.
 
-A TcbInfo alone is unsigned JSON: replaying its log to its own ``rtmr3`` only shows it is
-self-consistent. ``--quote`` ties the replay to registers the CPU signed; ``--collateral`` checks
-that signature chain and the platform's TCB status with Intel's collateral.
+* ``--quote`` (binary, hex, base64 or a JSON byte array, TDX v4 or v5): its registers and report
+  data are printed; with ``--collateral`` (or ``--pccs-url``, which fetches it and keeps it in the
+  ``--collateral`` file) its signature chain, TCB status (``UpToDate`` unless
+  ``--accept-tcb-status`` accepts more), advisories and TDX module identity are checked.
+* ``--tcb-info``: a dstack guest's TcbInfo, whose RTMR3 log is replayed and whose app-compose is
+  hashed. On its own it is unsigned JSON and only shows it is self-consistent.
+* ``--ccel``: the CC event log, replayed to RTMR0-2 and compared with the quote, each event shown.
+* ``--tpm-event-log``: the vTPM log, replayed; PCR0 against the GCE firmware table and PCR2's UKI
+  event against the image's UKI hash. Without a TPM quote it is "replayed, not authenticated".
+* ``--plan``/``--target``: every register the plan predicts (MRTD per firmware, RTMR0-3) and every
+  RTMR3 event; a target with nothing planned to compare fails.
 """
 
 from __future__ import annotations
@@ -23,41 +31,17 @@ import dcap_qvl
 from dstack_sdk import EventLog
 from pydantic import ValidationError
 
-from fleet.attest import measure
+from fleet.attest import bootchain, ccel, measure, quote as quotes, tcg, vtpm
+from fleet.attest.checks import (Check, InputError, compare as _compare, iso, load_json as _load_json,  # noqa: F401
+                                 one_line as _one_line, parse_time, read_bytes)  # iso, parse_time: part of this API
+from fleet.attest.quote import DEFAULT_TCB_STATUSES, GENUINE, SIGNATURE
 from fleet.config.values import SECRET_MARK, UNKNOWN_MARK
 
 EXIT_OK, EXIT_MISMATCH, EXIT_INPUT, EXIT_PROGRAM = 0, 1, 2, 3
 REGISTERS = ("rtmr0", "rtmr1", "rtmr2", "rtmr3")
-DEFAULT_TCB_STATUSES = ("UpToDate",)
-SIGNATURE, GENUINE = "quote signature", "valid chain to Intel's root"
+MAX_TCB_INFO_BYTES = 8 * 1024 * 1024
 _NOT_PLANNED = (*measure.MARKERS, UNKNOWN_MARK, SECRET_MARK)
-_COLLATERAL_TIME_ERROR = re.compile(r"expired|in the future|not yet valid|notvalidyet", re.IGNORECASE)
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
-
-
-class InputError(Exception):
-    """Unreadable or malformed input: one line naming what is wrong and how to fix it."""
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    expected: str
-    actual: str
-    holds: bool | None  # None: not checked
-    note: str = ""  # why it was not checked, or what a failure means
-
-    @property
-    def result(self) -> str:
-        if self.holds is None:
-            return f"not checked ({self.note})" if self.note else "not checked"
-        if self.holds:
-            return "ok"
-        return f"MISMATCH: {self.note}" if self.note else "MISMATCH"
-
-
-def _compare(name: str, expected: str, actual: str, note: str = "") -> Check:
-    return Check(name, expected, actual, expected == actual, note)
 
 
 @dataclass(frozen=True)
@@ -76,24 +60,6 @@ class TcbInfo:
 
 # ---------------------------------------------------------------------------------------------
 # Reading input
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _read_bytes(path: str, option: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise InputError(f"{option} {path}: cannot read it ({exc.strerror or exc}); check the path") from None
-
-
-def _load_json(data: bytes | str, what: str, fix: str = "pass the file as the guest agent returns it") -> Any:
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{what} is not JSON ({_one_line(exc)}); {fix}") from None
 
 
 def _hex_field(document: Mapping[str, Any], key: str, length: int, source: str) -> str | None:
@@ -173,73 +139,26 @@ def parse_tcb_info(document: Any, source: str = "TcbInfo") -> TcbInfo:
 
 
 def read_tcb_info(path: str) -> TcbInfo:
-    return parse_tcb_info(_load_json(_read_bytes(path, "--tcb-info"), f"--tcb-info {path}"), f"--tcb-info {path}")
+    data = read_bytes(path, "--tcb-info", MAX_TCB_INFO_BYTES)
+    return parse_tcb_info(_load_json(data, f"--tcb-info {path}"), f"--tcb-info {path}")
 
 
 def parse_quote_bytes(data: bytes, source: str = "quote") -> bytes:
-    """A JSON array of bytes, a hex string (bare, JSON or GetQuote's ``quote``), or raw binary."""
-    text = data.strip()
-    if text[:1] in (b"[", b"{", b'"'):
-        value = _load_json(text, source)
-        if isinstance(value, dict):
-            value = value.get("quote")
-        if isinstance(value, list):
-            if not all(isinstance(b, int) and 0 <= b <= 255 for b in value):
-                raise InputError(f"{source}: the JSON array holds something other than bytes 0-255")
-            return bytes(value)
-        if isinstance(value, str) and _HEX.fullmatch(value):
-            return bytes.fromhex(value)
-        raise InputError(f"{source}: expected a JSON array of bytes or a hex string")
-    if text and _HEX.fullmatch(text.decode("latin-1")):
-        return bytes.fromhex(text.decode("ascii"))
-    return data
+    """A JSON array of bytes, hex or base64 (bare, JSON or GetQuote's ``quote``), or raw binary."""
+    return quotes.decode_quote(data, source)
 
 
 def parse_quote(raw: bytes, source: str = "quote") -> Any:
-    try:
-        quote = dcap_qvl.parse_quote(raw)
-    except ValueError as exc:
-        raise InputError(f"{source}: not a quote dcap-qvl can parse ({_one_line(exc)}); is it complete?") from None
-    if not quote.is_tdx():
-        raise InputError(f"{source}: a {quote.quote_type()} quote, not a TDX quote")
-    return quote
+    return quotes.parse(raw, source)
 
 
 def read_collateral(path: str) -> dcap_qvl.QuoteCollateralV3:
-    data = _read_bytes(path, "--collateral")
-    _load_json(data, f"--collateral {path}", "pass Intel PCS collateral JSON as dcap-qvl writes it")
-    try:
-        return dcap_qvl.QuoteCollateralV3.from_json(data.decode("utf-8"))
-    except ValueError as exc:
-        raise InputError(
-            f"--collateral {path}: not Intel PCS collateral ({_one_line(exc)}); "
-            "fetch it with dcap-qvl for this quote"
-        ) from None
-
-
-def parse_time(text: str) -> int:
-    """ISO-8601 (UTC unless it says otherwise) or unix seconds."""
-    problem = InputError(f"--at {text!r} is not ISO-8601 (2026-08-20T00:00:00Z) or unix seconds since 1970")
-    if re.fullmatch(r"\d{1,12}", text.strip()):
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise problem from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    if moment.year < 1970:
-        raise problem
-    return int(moment.timestamp())
-
-
-def iso(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return quotes.read_collateral(path)
 
 
 def read_expectation(path: str, target: str) -> dict[str, Any]:
     """``measurements[target]`` of a plan JSON (``python -m fleet plan --json``)."""
-    plan = _load_json(_read_bytes(path, "--plan"), f"--plan {path}", "write it with `python -m fleet plan --json`")
+    plan = _load_json(read_bytes(path, "--plan"), f"--plan {path}", "write it with `python -m fleet plan --json`")
     measurements = plan.get("measurements") if isinstance(plan, dict) else None
     if not isinstance(measurements, dict):
         raise InputError(f"--plan {path}: no 'measurements' object; write it with `python -m fleet plan --json`")
@@ -324,7 +243,8 @@ def _compose_checks(tcb: TcbInfo, replay: _Replay) -> list[Check]:
     kind = measure.key_provider_kind(tcb.compose)
     app_id = replay.find("app-id")
     if kind == "kms":
-        checks.append(Check("app-id event", "assigned by the KMS", _payload_text(app_id), None,
+        # a KMS app emits .instance_info's app id: pinned at deploy, else the compose-derived one
+        checks.append(Check("app-id event", "pinned or compose-derived", _payload_text(app_id), None,
                             "KMS mode: compare with --plan"))
     else:
         checks.append(_compare("app-id event", measure.app_id_from_compose_hash(computed), _payload_text(app_id),
@@ -345,20 +265,19 @@ def _key_provider(event: EventLog | None) -> dict[str, str]:
     return value if isinstance(value, dict) else {}
 
 
-def _quote_checks(tcb: TcbInfo, replay: _Replay, quote: Any, report_data: str | None) -> list[Check]:
-    report = quote.report
-    quoted = {"mrtd": report.mr_td.hex(), "rtmr0": report.rt_mr0.hex(), "rtmr1": report.rt_mr1.hex(),
-              "rtmr2": report.rt_mr2.hex(), "rtmr3": report.rt_mr3.hex()}
+def _quote_checks(tcb: TcbInfo | None, replay: _Replay | None, quoted: Mapping[str, str], report: Any,
+                  report_data: str | None) -> list[Check]:
     checks = []
-    for register, value in quoted.items():
-        if register in replay.registers:
-            checks.append(_compare(f"{register} replay = quote", replay.registers[register], value,
-                                   "the event log is not the log of the quoted TD"))
-        if register in tcb.registers and register not in replay.registers:
-            checks.append(_compare(f"{register} TcbInfo = quote", tcb.registers[register], value,
-                                   "the TcbInfo is not from the quoted TD"))
-        if register not in tcb.registers and register not in replay.registers:
-            checks.append(Check(f"{register} (quote)", "", value, None, "neither TcbInfo nor event log has it"))
+    if tcb is not None and replay is not None:
+        for register, value in quoted.items():
+            if register in replay.registers:
+                checks.append(_compare(f"{register} replay = quote", replay.registers[register], value,
+                                       "the event log is not the log of the quoted TD"))
+            if register in tcb.registers and register not in replay.registers:
+                checks.append(_compare(f"{register} TcbInfo = quote", tcb.registers[register], value,
+                                       "the TcbInfo is not from the quoted TD"))
+            if register not in tcb.registers and register not in replay.registers:
+                checks.append(Check(f"{register} (quote)", "", value, None, "neither TcbInfo nor event log has it"))
     if report_data is not None:
         expected = report_data.lower().ljust(128, "0")
         checks.append(_compare("quote report_data", expected, report.report_data.hex(),
@@ -366,62 +285,14 @@ def _quote_checks(tcb: TcbInfo, replay: _Replay, quote: Any, report_data: str | 
     return checks
 
 
-def _collateral_window(collateral: dcap_qvl.QuoteCollateralV3) -> tuple[int, int] | None:
-    """The span in which Intel's TCB info and QE identity are both current."""
-    try:
-        documents = [json.loads(collateral.tcb_info), json.loads(collateral.qe_identity)]
-        starts = [parse_time(d["issueDate"]) for d in documents]
-        ends = [parse_time(d["nextUpdate"]) for d in documents]
-    except (ValueError, KeyError, TypeError, InputError):
-        return None
-    return (max(starts), min(ends)) if max(starts) < min(ends) else None
-
-
-def _dcap_verify(raw: bytes, collateral: dcap_qvl.QuoteCollateralV3, at: int) -> tuple[Any, str]:
-    """dcap-qvl's report, or None and its error in one line."""
-    try:
-        return dcap_qvl.verify(raw, collateral, at), ""
-    except ValueError as exc:
-        return None, _one_line(exc).removeprefix("Verification failed: ")
-
-
-def _tcb_status(report: Any, accepted: Sequence[str], at: int, *, current: bool) -> Check:
-    actual = f"{report.status}; advisories: {', '.join(report.advisory_ids) or 'none'}"
-    if not current:
-        return Check("TCB status", " or ".join(accepted), f"{actual} (at {iso(at)})", None,
-                     "as of the collateral's issue date only")
-    return Check("TCB status", " or ".join(accepted), actual, report.status in accepted,
-                 "the platform's TCB is not accepted")
-
-
-def _signature_checks(raw: bytes, collateral: dcap_qvl.QuoteCollateralV3, at: int,
-                      accepted: Sequence[str]) -> list[Check]:
-    report, error = _dcap_verify(raw, collateral, at)
-    if report is not None:
-        return [Check(SIGNATURE, GENUINE, f"valid at {iso(at)}", True), _tcb_status(report, accepted, at, current=True)]
-    if not _COLLATERAL_TIME_ERROR.search(error):
-        return [Check(SIGNATURE, GENUINE, f"invalid: {error}", False,
-                      "the quote, its certificates or this collateral do not verify")]
-    state = "not yet valid" if re.search(r"future|not yet", error, re.IGNORECASE) else "expired"
-    stale = Check("quote collateral", f"current at {iso(at)}", f"collateral {state} at/for {iso(at)}: {error}",
-                  False, "fetch current collateral for this quote (not a sign of a forged quote)")
-    # Verify once more when the collateral was current, so a forgery is still told from staleness.
-    window = _collateral_window(collateral)
-    if window is None:
-        return [Check(SIGNATURE, GENUINE, "", None, "the collateral is current at no time"), stale]
-    report, error = _dcap_verify(raw, collateral, window[0])
-    if report is not None:
-        return [Check(SIGNATURE, GENUINE, f"valid with this collateral at {iso(window[0])}", True), stale,
-                _tcb_status(report, accepted, window[0], current=False)]
-    if _COLLATERAL_TIME_ERROR.search(error):
-        return [Check(SIGNATURE, GENUINE, error, None, f"not all collateral is current at {iso(window[0])}"), stale]
-    return [Check(SIGNATURE, GENUINE, f"invalid: {error}", False,
-                  f"checked at {iso(window[0])}, when the collateral was current"), stale]
+MISSING_INPUTS = "missing inputs"
 
 
 def _plan_value(value: Any) -> str | None:
     """The expected string, or None when the plan could not know it."""
-    return None if value is None or value in _NOT_PLANNED else str(value).lower()
+    if value is None or value in _NOT_PLANNED or value == MISSING_INPUTS or not isinstance(value, str):
+        return None
+    return value.lower()
 
 
 def _skip_reason(value: Any) -> str:
@@ -432,10 +303,13 @@ def _skip_reason(value: Any) -> str:
     return "not in the plan"
 
 
-def _planned(name: str, planned: Any, actual: str, note: str) -> Check:
+def _planned(name: str, planned: Any, actual: str, note: str, registers: Mapping[str, Any] | None = None,
+             register: str | None = None) -> Check:
     expected = _plan_value(planned)
     if expected is None:
-        return Check(name, str(planned), actual, None, _skip_reason(planned))
+        reason = (_missing_for(registers, register) if planned == MISSING_INPUTS and registers is not None
+                  and register is not None else _skip_reason(planned))
+        return Check(name, str(planned), actual, None, reason)
     return _compare(name, expected, actual, note)
 
 
@@ -502,8 +376,75 @@ def _planned_event_checks(replay: _Replay, planned_events: list[Any],
     return checks
 
 
+def _missing_for(plan_registers: Mapping[str, Any], register: str) -> str:
+    missing = [str(m).split(": ", 1)[1] for m in plan_registers.get("missing") or []
+               if str(m).startswith(f"{register}:") or str(m).startswith(f"{register} ")]
+    return "missing inputs: " + "; ".join(missing) if missing else "missing inputs"
+
+
+def _difference(ccel_log: tcg.EventLog | None, register: str, steps: Any) -> str:
+    """Which event of the CCEL parts from the expected ones, when there is a CCEL to look at."""
+    if ccel_log is None:
+        return "pass the CC event log (--ccel) to see which event differs"
+    try:
+        return ccel.first_difference(ccel_log, register, steps())
+    except (bootchain.MissingInputs, ValueError, KeyError, TypeError):
+        return "the expected events cannot be rebuilt from the plan"
+
+
+def _register_plan_checks(plan_registers: Mapping[str, Any], actual: Mapping[str, str], source: str,
+                          ccel_log: tcg.EventLog | None) -> list[Check]:
+    """MRTD among the planned firmware, RTMR0 of that firmware, RTMR1 and RTMR2."""
+    checks: list[Check] = []
+    firmware = {n: e for n, e in (plan_registers.get("firmware") or {}).items() if isinstance(e, dict)}
+    platform = plan_registers.get("platform") or {}
+    boot = plan_registers.get("boot") or {}
+    mrtd = actual.get("mrtd")
+    name = next((n for n, e in firmware.items() if e.get("mrtd") == mrtd), None)
+    if mrtd is None:
+        checks.append(Check("plan mrtd", "one of the planned firmware", "", None, f"the {source} has no MRTD"))
+    else:
+        checks.append(Check("plan mrtd (GCE firmware)", "one of " + ", ".join(firmware) if firmware else "(none planned)",
+                            f"{mrtd} = {name}" if name else mrtd, name is not None if firmware else None,
+                            "firmware not in the plan: if Google rolled out new firmware, add it with its source to "
+                            "fleet/attest/bootchain.py FIRMWARES" if firmware else "the plan lists no firmware"))
+    if name is not None and "rtmr0" in actual:
+        known = bootchain.FIRMWARES_BY_NAME.get(name)
+        planned = firmware[name].get("rtmr0")
+        note = "RTMR0 is not the planned platform; " + _difference(ccel_log, "rtmr0", lambda: bootchain.rtmr0_steps(
+            known, str(platform.get("machine_type")), extra_disks=int(platform.get("extra_disks", 0)),
+            keyset=str(platform.get("secure_boot_keys")))) if known is not None else "RTMR0 is not the planned one"
+        checks.append(_planned(f"plan rtmr0 ({name})", planned, actual["rtmr0"], note, plan_registers, "rtmr0"))
+    steps = {"rtmr1": lambda: bootchain.rtmr1_steps(boot),
+             "rtmr2": lambda: [] if boot.get("pe_sections_sha384") else bootchain.rtmr2_steps(boot)}
+    for register in ("rtmr1", "rtmr2"):
+        if register not in actual:
+            continue
+        note = f"{register.upper()} is not the planned boot; " + _difference(ccel_log, register, steps[register])
+        checks.append(_planned(f"plan {register}", plan_registers.get(register), actual[register], note,
+                               plan_registers, register))
+    return checks
+
+
+def _actual_registers(tcb: TcbInfo | None, quoted: Mapping[str, str] | None,
+                      ccel_log: tcg.EventLog | None) -> tuple[dict[str, str], str]:
+    """The registers the plan is compared with: the quote's, else the TcbInfo's, else the CCEL's
+    replay (the last two unsigned)."""
+    if quoted:
+        return dict(quoted), "quote"
+    out: dict[str, str] = {}
+    label = []
+    if ccel_log is not None:
+        out.update(ccel.replayed(ccel_log))
+        label.append("CCEL replay")
+    if tcb is not None and tcb.registers:
+        out.update(tcb.registers)
+        label.append("TcbInfo")
+    return out, " and ".join(label) or "evidence"
+
+
 def verify_attestation(
-    tcb: TcbInfo,
+    tcb: TcbInfo | None,
     *,
     quote: bytes | None = None,
     collateral: dcap_qvl.QuoteCollateralV3 | None = None,
@@ -511,21 +452,71 @@ def verify_attestation(
     expectation: Mapping[str, Any] | None = None,
     report_data: str | None = None,
     accepted_tcb_statuses: Sequence[str] = DEFAULT_TCB_STATUSES,
+    ccel_log: tcg.EventLog | None = None,
+    tpm_log: tcg.EventLog | None = None,
+    uki_hash: str | None = None,
 ) -> list[Check]:
     """Every check, in the order printed. Raises ``InputError`` for an unparsable quote."""
-    replay, checks = _event_log_checks(tcb)
-    checks += _compose_checks(tcb, replay)
-    if quote is not None:
-        checks += _quote_checks(tcb, replay, parse_quote(quote), report_data)
+    checks: list[Check] = []
+    replay = None
+    if tcb is not None:
+        replay, checks = _event_log_checks(tcb)
+        checks += _compose_checks(tcb, replay)
+    parsed = quotes.parse(quote) if quote is not None else None
+    quoted = quotes.registers(parsed) if parsed is not None else None
+    if parsed is not None and quoted is not None and quote is not None:
+        checks += _quote_checks(tcb, replay, quoted, parsed.report, report_data)
         if collateral is None:
             checks.append(Check(SIGNATURE, GENUINE, "", None,
                                 "no --collateral: the quote's contents are unauthenticated"))
         else:
             now = at if at is not None else int(datetime.now(timezone.utc).timestamp())
-            checks += _signature_checks(quote, collateral, now, accepted_tcb_statuses)
+            checks += quotes.signature_checks(quote, collateral, now, accepted_tcb_statuses)
+            checks += quotes.module_identity_checks(parsed, collateral, accepted_tcb_statuses)
+    if ccel_log is not None:
+        checks += ccel.checks(ccel_log, quote_registers=quoted, tcb_registers=tcb.registers if tcb else None)
+    if tpm_log is not None:
+        planned_uki = expectation.get("uki_hash") if expectation else None
+        expected_uki = uki_hash or (planned_uki if isinstance(planned_uki, str) and _plan_value(planned_uki) else None)
+        checks += vtpm.checks(tpm_log, uki_hash=expected_uki, quote_mrtd=quoted["mrtd"] if quoted else None)
     if expectation is not None:
-        checks += _plan_checks(tcb, replay, expectation)
+        plan_checks: list[Check] = []
+        if tcb is not None and replay is not None and expectation.get("kind") != "dstack-node":
+            plan_checks += _plan_checks(tcb, replay, expectation)
+        elif quoted is not None and expectation.get("kind") != "dstack-node":
+            plan_checks.append(_planned("plan rtmr3", expectation.get("rtmr3"), quoted["rtmr3"],
+                                        "RTMR3 is not the planned one"))
+        registers = expectation.get("registers")
+        if isinstance(registers, dict):
+            actual, source = _actual_registers(tcb, quoted, ccel_log)
+            plan_checks += _register_plan_checks(registers, actual, source, ccel_log)
+        if not any(c.holds is not None for c in plan_checks):
+            plan_checks.append(Check("plan values", "at least one value the plan predicts",
+                                     "none could be compared", False,
+                                     "the plan has no values for this target yet (pending build or missing inputs), "
+                                     "so nothing about this guest was verified"))
+        checks += plan_checks
     return checks
+
+
+def quote_section(quote: bytes) -> list[str]:
+    return [f"  {name:<13} {value}" for name, value in quotes.summary(quotes.parse(quote))]
+
+
+def render_sections(*, quote: bytes | None, ccel_log: tcg.EventLog | None, tpm_log: tcg.EventLog | None) -> str:
+    """What the evidence says, printed above the checks: the quote's registers and report data,
+    and every event of the event logs in readable form."""
+    parts = []
+    if quote is not None:
+        parts.append("quote:\n" + "\n".join(quote_section(quote)))
+    if ccel_log is not None:
+        parts.append("CC event log (register, event, SHA-384 prefix):\n" +
+                     "\n".join(f"  {line}" for line in ccel.listing(ccel_log)))
+    if tpm_log is not None:
+        lines = [f"  PCR{e.register:<2} #{e.number:<3} {e.describe()}  {e.digests.get('sha256', b'').hex()[:16]}"
+                 for e in tpm_log.events]
+        parts.append("vTPM event log (PCR, event, SHA-256 prefix):\n" + "\n".join(lines))
+    return "".join(part + "\n\n" for part in parts)
 
 
 def failed(checks: Sequence[Check]) -> list[Check]:
@@ -550,45 +541,88 @@ def render_table(checks: Sequence[Check]) -> str:
 # Command line
 
 
+def _validate(args: argparse.Namespace) -> None:
+    if not (args.tcb_info or args.quote or args.ccel or args.tpm_event_log):
+        raise InputError("nothing to verify: give --quote, --tcb-info, --ccel or --tpm-event-log")
+    if args.collateral and not args.quote:
+        raise InputError("--collateral needs --quote (the quote it verifies)")
+    if args.pccs_url and not (args.quote and args.collateral):
+        raise InputError("--pccs-url needs --quote and --collateral (the file the fetched collateral is kept in)")
+    if args.at and not args.collateral:
+        raise InputError("--at needs --collateral (it sets the time collateral is checked at)")
+    if bool(args.plan) != bool(args.target):
+        raise InputError("--plan and --target go together: name the plan JSON and the node or app in it")
+    if args.report_data is not None and not (_HEX.fullmatch(args.report_data) and len(args.report_data) <= 128):
+        raise InputError("--report-data is not hex of at most 64 bytes")
+    if args.uki_hash is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", args.uki_hash):
+        raise InputError("--uki-hash is not a SHA-256 (64 hex characters): the UKI's Authenticode hash")
+
+
+def _collateral(args: argparse.Namespace, quote: bytes | None) -> dcap_qvl.QuoteCollateralV3 | None:
+    """Read the collateral, or with ``--pccs-url`` fetch it and keep it in the ``--collateral``
+    file, so what the quote was checked with stays as evidence."""
+    if not args.collateral:
+        return None
+    if args.pccs_url and quote is not None:
+        quotes.parse(quote, f"--quote {args.quote}")
+        fetched = quotes.fetch_collateral(quote, args.pccs_url)
+        try:
+            Path(args.collateral).write_text(fetched.to_json(), encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"--collateral {args.collateral}: cannot write the fetched collateral ({exc.strerror})") \
+                from None
+    return read_collateral(args.collateral)
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``verify`` subcommand."""
     try:
-        if args.collateral and not args.quote:
-            raise InputError("--collateral needs --quote (the quote it verifies)")
-        if args.at and not args.collateral:
-            raise InputError("--at needs --collateral (it sets the time collateral is checked at)")
-        if bool(args.plan) != bool(args.target):
-            raise InputError("--plan and --target go together: name the plan JSON and the node or app in it")
-        if args.report_data is not None and not (_HEX.fullmatch(args.report_data) and len(args.report_data) <= 128):
-            raise InputError("--report-data is not hex of at most 64 bytes")
-        tcb = read_tcb_info(args.tcb_info)
-        quote = parse_quote_bytes(_read_bytes(args.quote, "--quote"), f"--quote {args.quote}") if args.quote else None
-        collateral = read_collateral(args.collateral) if args.collateral else None
+        _validate(args)
+        accepted = quotes.check_statuses(args.accept_tcb_status or ())
+        tcb = read_tcb_info(args.tcb_info) if args.tcb_info else None
+        quote = quotes.read(args.quote) if args.quote else None
+        if quote is not None:
+            quotes.parse(quote, f"--quote {args.quote}")
+        collateral = _collateral(args, quote)
         at = parse_time(args.at) if args.at else None
+        ccel_log = ccel.read(args.ccel) if args.ccel else None
+        tpm_log = vtpm.read(args.tpm_event_log) if args.tpm_event_log else None
         expectation = read_expectation(args.plan, args.target) if args.plan else None
         checks = verify_attestation(
             tcb, quote=quote, collateral=collateral, at=at, expectation=expectation,
-            report_data=args.report_data, accepted_tcb_statuses=args.accept_tcb_status or DEFAULT_TCB_STATUSES,
+            report_data=args.report_data, accepted_tcb_statuses=accepted, ccel_log=ccel_log, tpm_log=tpm_log,
+            uki_hash=args.uki_hash.lower() if args.uki_hash else None,
         )
+        sections = render_sections(quote=quote, ccel_log=ccel_log, tpm_log=tpm_log)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except Exception as exc:  # noqa: BLE001 - a bug or a library failure: one line, not a traceback
         print(f"error: verify failed unexpectedly ({type(exc).__name__}: {_one_line(exc)})", file=sys.stderr)
         return EXIT_PROGRAM
-    sys.stdout.write(render_table(checks))
+    sys.stdout.write(sections + render_table(checks))
     return EXIT_MISMATCH if failed(checks) else EXIT_OK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tcb-info", required=True, metavar="FILE",
-                        help="the guest agent's TcbInfo JSON (or its Info response)")
-    parser.add_argument("--quote", metavar="FILE", help="the TDX quote: JSON array of bytes, hex, or binary")
+    parser.add_argument("--tcb-info", metavar="FILE", help="the guest agent's TcbInfo JSON (or its Info response)")
+    parser.add_argument("--quote", metavar="FILE",
+                        help="the TDX quote (v4 or v5): binary, hex, base64, a JSON array of bytes or GetQuote's JSON")
     parser.add_argument("--collateral", metavar="FILE", help="Intel PCS collateral JSON for the quote")
+    parser.add_argument("--pccs-url", metavar="URL",
+                        help="fetch the quote's collateral from this PCCS (or Intel's PCS, "
+                             f"{dcap_qvl.INTEL_PCS_URL}) and keep it in the --collateral file")
     parser.add_argument("--at", metavar="TIME", help="verification time: ISO-8601 or unix seconds (default: now)")
     parser.add_argument("--accept-tcb-status", action="append", metavar="STATUS",
-                        help="a TCB status to accept, e.g. SWHardeningNeeded (repeatable; default: UpToDate)")
+                        help="a TCB status to accept besides UpToDate, e.g. SWHardeningNeeded or OutOfDate "
+                             "(repeatable)")
     parser.add_argument("--report-data", metavar="HEX", help="the report data the quote must carry")
+    parser.add_argument("--ccel", metavar="FILE",
+                        help="the CC event log as Linux exposes it (/sys/firmware/acpi/tables/data/CCEL)")
+    parser.add_argument("--tpm-event-log", metavar="FILE",
+                        help="the vTPM's TCG2 log (/sys/kernel/security/tpm0/binary_bios_measurements)")
+    parser.add_argument("--uki-hash", metavar="HEX",
+                        help="the UKI's Authenticode SHA-256 the vTPM log must show (default: the plan's uki_hash)")
     parser.add_argument("--plan", metavar="PLAN.json", help="a plan JSON from `python -m fleet plan --json`")
     parser.add_argument("--target", metavar="NAME", help="the node or app under the plan's measurements")
 

@@ -33,9 +33,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         plan = build_plan(root, args.stack, passes=args.pass_)
     except PlanFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        where = failing_statement(exc.error, root)
+        print(f"error: {exc}" + (f" (at {where})" if where else ""), file=sys.stderr)
         if args.debug:
             traceback.print_exception(exc.error)
+        else:
+            print("  (make plan DEBUG=1, or python -m fleet --debug plan, prints the traceback)", file=sys.stderr)
         return EXIT_PROGRAM
     except UpRefused as exc:  # what a real `pulumi up` would refuse, one line per reason
         print(f"error: a real `pulumi up` of {exc.stack} refuses:", file=sys.stderr)
@@ -45,12 +48,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     finally:
         if collecting:  # a caller in the same process (the tests) gets its collector back
             gc.enable()
-    text = render_markdown(plan) if args.format == "markdown" else render_text(plan)
-    sys.stdout.write(text)
-    if args.json:
-        Path(args.json).write_text(plan.to_json(), encoding="utf-8")
+    if args.json == "-":  # the JSON alone on standard output, for pipes
+        sys.stdout.write(plan.to_json())
+    else:
+        render = render_markdown if args.format == "markdown" else render_text
+        sys.stdout.write(render(plan, verbose=args.verbose))
+        if args.json:
+            Path(args.json).write_text(plan.to_json(), encoding="utf-8")
     mandatory = [v for v in plan.violations if v["enforcement"] == "mandatory"]
     return EXIT_MANDATORY if mandatory else EXIT_OK
+
+
+def failing_statement(error: BaseException, root: Path) -> str | None:
+    """``path:line in function`` of the innermost frame of the project's own code (this checkout or the
+    planned root) in ``error``'s traceback: the statement to look at, whichever library raised."""
+    homes = {ROOT.resolve(), root.resolve()}
+    found = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        path = Path(frame.filename).resolve()
+        for home in homes:
+            if path.is_relative_to(home) and ".venv" not in path.relative_to(home).parts:
+                found = f"{path.relative_to(home)}:{frame.lineno} in {frame.name}"
+    return found
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -149,6 +168,35 @@ def cmd_build_local(args: argparse.Namespace) -> int:
     return subprocess.run(["bash", str(out / "build.sh")], check=False).returncode
 
 
+def cmd_measurements(args: argparse.Namespace) -> int:
+    import json
+
+    from fleet.attest import exports
+    from fleet.plan.planner import PlanFailed, build_plan
+
+    try:
+        plan = build_plan(_root(args), args.stack, passes="preview")
+    except PlanFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_PROGRAM
+    document = json.loads(plan.to_json())
+    if args.format == "flashbots":
+        entries, notes = exports.flashbots(document, partial=args.partial)
+        text = exports.render_flashbots(entries)
+        exports.parse_flashbots(text)  # what we write, we can read
+    else:
+        text = exports.render_near_votes(exports.near_votes(document))
+        exports.parse_near_votes(text)
+        notes = [f"{name}: {m}" for name, app in json.loads(text)["apps"].items() for m in app["missing"]]
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fleet.cli import bench
 
@@ -189,8 +237,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="run the program offline under mocks and show what it would create")
     plan.add_argument("--stack", required=True)
-    plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
+    plan.add_argument("--json", metavar="FILE", help="also write the plan as JSON ('-': only the JSON, to stdout)")
     plan.add_argument("--format", choices=("text", "markdown"), default="text")
+    plan.add_argument("--verbose", action="store_true",
+                      help="every resource of the tree, and the outputs and expected measurements as JSON")
     plan.add_argument("--pass", dest="pass_", choices=("preview", "up", "both"), default="preview",
                       help="preview (default): what a real preview shows; up: the update pass a real up runs, "
                            "every apply on stand-in values; both: show the preview, run both")
@@ -217,6 +267,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     local.add_argument("--work-dir", help="build tree (a plain absolute path; default OUT/work)")
     local.add_argument("--script-only", action="store_true", help="write build.sh without running it")
     local.set_defaults(func=cmd_build_local)
+
+    measurements = sub.add_parser(
+        "measurements", help="the plan's expected registers in a format other verifiers consume")
+    measurements.add_argument("--stack", required=True)
+    measurements.add_argument("--format", required=True, choices=("flashbots", "near-votes"),
+                              help="flashbots: attested-tls measurements file; near-votes: NEAR MPC vote arguments")
+    measurements.add_argument("--partial", action="store_true",
+                              help="flashbots: also write entries lacking a register (a missing index is not checked)")
+    measurements.add_argument("--output", metavar="FILE", help="write here instead of stdout")
+    measurements.set_defaults(func=cmd_measurements)
 
     bench = sub.add_parser("bench", help="plan time against the mocks engine's floor, peak memory, graph depth")
     bench.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000], metavar="NODES")

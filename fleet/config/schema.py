@@ -497,15 +497,41 @@ class ServiceConfig(Model):
     tmpfs: list[str] = Field(default_factory=list, description="tmpfs mounts.")
 
 
+class NearPortMapping(Model):
+    """One ``port_mappings`` entry of the Rust launcher's user config."""
+
+    host: Port = Field(description="Host (CVM) port.")
+    container: Port = Field(description="MPC container port.")
+
+
+class NearLauncherSettings(Model):
+    """``[launcher_config]`` of the Rust launcher's user config (unmeasured: a change is a restart)."""
+
+    image_reference: str | None = Field(None, description="[registry/]name[:tag] the launcher pulls the approved "
+                                        "digest from (default: the mpcImage container's repository).")
+    hash_override: str | None = Field(None, description="Key of dstack-fleet:containers: an approved MPC image to "
+                                      "run instead of the newest approved one (mpc_hash_override).")
+    pull_max_retries: int | None = Field(None, ge=0, description="docker pull retries (launcher default 5).")
+    pull_retry_interval_secs: int | None = Field(None, ge=0, description="First retry delay (launcher default 2).")
+    pull_max_delay_secs: int | None = Field(None, ge=0, description="Retry delay cap (launcher default 60).")
+    port_mappings: list[NearPortMapping] = Field(default_factory=list, description="Ports the MPC container "
+                                                 "publishes.")
+
+
 class NearMpcConfig(Model):
     """The NEAR MPC launcher (seed 003): measured launcher settings, unmeasured user config."""
 
     launcher_image: str = Field(description="Key of dstack-fleet:containers: the launcher image.")
     mpc_image: str = Field(description="Key of dstack-fleet:containers: the MPC node image it may start.")
     launcher: Literal["python", "rust"] = Field("python", description="Launcher implementation (decides the "
-                                                 "digest kind it compares).")
-    user_config: dict[str, str] = Field(default_factory=dict, description="Unmeasured user config "
+                                                 "digest kind it compares and the user config format).")
+    user_config: dict[str, str] = Field(default_factory=dict, description="python launcher: unmeasured user config "
                                         "(MPC_IMAGE_NAME, MPC_IMAGE_TAGS, MPC_REGISTRY, MPC_HASH_OVERRIDE, MPC_*).")
+    launcher_config: NearLauncherSettings = Field(default_factory=NearLauncherSettings, description="rust "
+                                                  "launcher: [launcher_config] of its TOML user config.")
+    node_config: dict[str, Any] = Field(default_factory=dict, description="rust launcher: [mpc_node_config], "
+                                        "opaque to the launcher and passed to the MPC node (no secrets: it is "
+                                        "host-readable).")
 
 
 class KettleConfig(Model):
@@ -556,7 +582,8 @@ class VerifyConfig(Model):
     info_url: str = Field(pattern=r"^https?://[^\s'\"]+$", description="URL of the guest agent's Info response "
                           "(JSON with tcb_info), e.g. the app's guest-agent port through the dstack gateway.")
     quote_url: str | None = Field(None, pattern=r"^https?://[^\s'\"]+$",
-                                  description="URL of a GetQuote response; its MRs are compared with the TcbInfo.")
+                                  description="URL of a GetQuote response (needed: the check always verifies the "
+                                              "quote's signature, TCB status and registers).")
 
 
 class AppConfig(Model):
@@ -570,8 +597,9 @@ class AppConfig(Model):
     nodes: ShortName | None = Field(None, description="gce target: the kind: dstack node group that runs it.")
     dstack_version: str = Field("0.5.11", description="dstack guest version whose app-compose format to write.")
     key_provider: Literal["none", "local", "kms"] = Field(
-        description="none/local: the app-id is derived from the compose (any change is a new identity); kms: "
-        "keys come from a KMS, and a pinned kms.appId keeps the identity stable.")
+        description="Where keys come from. Unless kms.appId pins it, the app-id is the compose hash's first 20 "
+        "bytes, with or without a KMS (identity 'compose': any compose change is a new identity); a pinned "
+        "kms.appId keeps it (identity 'pinned').")
     kms: KmsSettings | None = Field(None, description="KMS settings (key provider kms).")
     gateway_urls: list[str] = Field(default_factory=list, description="gce target: dstack gateway URLs "
                                     "(.sys-config.json; not measured).")

@@ -74,16 +74,31 @@ def zone_problem(zone: str, extra: tuple[str, ...] = ()) -> str | None:
     )
 
 
+# Machine types whose size is not a per-vCPU multiple, with their source. Google's "Accelerator-
+# optimized machine family" page (cloud.google.com/compute/docs/accelerator-optimized-machines, A3
+# High table, read 2026-08): a3-highgpu-1g has 1 H100 GPU, 26 vCPUs and 234 GB of memory, an
+# eighth of a3-highgpu-8g's 208 vCPUs and 1,872 GB. Compute Engine's "GB" of machine memory is
+# memoryMb / 1024 (as c3-standard-4's 16 GB is 16384 MB), so 234 GiB.
+FIXED_SHAPES: dict[str, tuple[int, int]] = {"a3-highgpu-1g": (26, 234)}  # (vCPUs, GiB)
+FIXED_SHAPES_SOURCE = ("cloud.google.com/compute/docs/accelerator-optimized-machines (A3 High: a3-highgpu-1g "
+                       "26 vCPUs, 234 GB), read 2026-08")
+
+
 def memory_gib(machine_type: str) -> int | None:
-    """RAM of a machine type in GiB; MRTD depends on it (TDHOB), so it is part of a node's
-    expected measurements. None for a type we have no table entry for."""
+    """RAM of a machine type in GiB. It sizes the TD HOB that the firmware measures into RTMR0 (and
+    ``vm_config.memory_size``), so it is part of a node's expected measurements. None for a type we
+    have no table entry for."""
     match = re.fullmatch(r"c3-(standard|highcpu|highmem)-(\d+)", machine_type)
     if match:
         per_vcpu = {"standard": 4, "highcpu": 2, "highmem": 8}[match.group(1)]
         return per_vcpu * int(match.group(2))
-    return {"a3-highgpu-1g": 85}.get(machine_type)
+    shape = FIXED_SHAPES.get(machine_type)
+    return shape[1] if shape else None
 
 
 def vcpus(machine_type: str) -> int | None:
     match = re.fullmatch(r"[a-z0-9]+-[a-z]+-(\d+)", machine_type)
-    return int(match.group(1)) if match else {"a3-highgpu-1g": 26}.get(machine_type)
+    if match:
+        return int(match.group(1))
+    shape = FIXED_SHAPES.get(machine_type)
+    return shape[0] if shape else None

@@ -17,7 +17,8 @@ below only use them as ``"$VARIABLE"``, so no path, URL or label can become a co
    ``dstack-os``: applies kernel command-line overrides to the UKI recipe and runs the release's own
    ``repro-build.sh`` (build-a, build-b, compare), then compares the published files itself, because
    the release's ``check.sh`` accepts differing images when the rootfs matches and never compares
-   ``disk.raw``;
+   ``disk.raw``; and records what the image contributes to RTMR1 and RTMR2 on GCP
+   (``fleet.images.bootinputs`` on ``disk.raw``, kept as ``boot`` in the lock entry);
 5. packs ``disk.raw`` as GCE wants it (only ``disk.raw``, ``tar --format=oldgnu -S``) with fixed
    order, times and owners and ``gzip -n``, so the same disk gives the same tarball bytes. GCE imports
    a raw disk only in whole GiB: a GPT disk (the release's ``mkimage.sh`` aligns to MiB) is first
@@ -49,11 +50,12 @@ import json
 import re
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from fleet.images import recipes
+from fleet.images import bootinputs, recipes
 from fleet.images.lock import ImageEntry
 from fleet.gcp.naming import Namer, label_value
 from fleet.images.recipes import BuildSpec, GuestBinary, GuestSource
@@ -169,6 +171,7 @@ def build_script(spec: BuildSpec, *, mode: Mode, bucket: str | None, work_dir: s
         _assign("UPSTREAMS_JSON", json.dumps({u.name: {"repository": u.repository, "commit": u.commit, "ref": u.ref}
                                               for u in spec.upstreams}, sort_keys=True)),
         _assign("CMDLINE_OVERRIDES_JSON", json.dumps(dict(spec.cmdline_overrides), sort_keys=True)),
+        _assign("KERNEL_CMDLINE", spec.kernel_cmdline or ""),
         _assign("OUTPUTS_PROGRAM", OUTPUTS_PROGRAM),
         _assign("PAD_PROGRAM", PAD_PROGRAM),
         _assign("RAW_DISK_MULTIPLE", str(RAW_DISK_MULTIPLE)),
@@ -202,6 +205,8 @@ def _tplus_values(spec: BuildSpec, guest_location: str | None) -> list[str]:
         _assign("BINARY_LINE", f'BINARY = "{recipes.TPLUS_GUEST_NAME}"'),
         _assign("SRC_URI_LINE", f'SRC_URI += "file://{recipes.TPLUS_GUEST_NAME}"'),
         _assign("LOCAL_CONF_PATCH", "prod-patches/local.conf.patch" if spec.prod else "patches/local.conf.patch"),
+        _assign("IMAGE_INSTALL_LINE", f'IMAGE_INSTALL:append:pn-{recipes.TPLUS_IMAGE} = '
+                                      f'" {" ".join(recipes.TPLUS_IMAGE_PACKAGES)}"'),
         _array("EXTRA_LAYERS", TPLUS_EXTRA_LAYERS),
         _assign("INIT_SCRIPT_SHA256", hashlib.sha256(init).hexdigest()),
         _assign("INIT_SCRIPT_BASE64", base64.b64encode(init).decode("ascii")),
@@ -236,7 +241,12 @@ def _dstack_values(spec: BuildSpec) -> list[str]:
         _assign("UKI_CMDLINE_APPEND", append),
         _array("COMPARED_FILES", DSTACK_COMPARED),
         _array("REQUIRED_FILES", DSTACK_REQUIRED),
+        _assign("BOOT_INPUTS_PROGRAM", BOOT_INPUTS_PROGRAM),
     ]
+
+
+# Run on disk.raw after the build (stdlib only): the hashes the expected RTMR1 and RTMR2 need.
+BOOT_INPUTS_PROGRAM = Path(bootinputs.__file__).read_text(encoding="utf-8")
 
 
 # GCE creates an image from a raw disk only in whole GB (2**30 bytes) increments (Google's "Manually import
@@ -361,6 +371,12 @@ else:
         fail("metadata.json cmdline has no dstack.rootfs_hash/dstack.rootfs_size: " + repr(cmdline))
     doc["os_image_hash"] = digest
     doc["rootfs_hash"] = rootfs_hash
+    # the UKI's final command line: the recipe's (overrides included) with this build's rootfs values;
+    # metadata.json's line is the same without the overrides (mkimage.sh KARG0-2)
+    final = a["kernel_cmdline"].replace("<rootfs_hash>", rootfs_hash).replace("<rootfs_size>", rootfs_size)
+    if not set(cmdline.split()) <= set(final.split()):
+        fail("metadata.json cmdline " + repr(cmdline) + " is not part of the expected UKI command line " + repr(final))
+    doc["kernel_cmdline"] = final
     uki = read("auth_hash.txt", required=False)
     if uki is not None:
         uki = uki.decode().strip()
@@ -369,6 +385,11 @@ else:
         doc["uki_hash"] = uki
     details.update(rootfs_size=rootfs_size, kernel_cmdline=cmdline, dstack_version=metadata.get("version"),
                    cmdline_overrides=json.loads(a["cmdline_overrides"]))
+    boot = read("boot.json", required=False)
+    if boot is not None:
+        doc["boot"] = json.loads(boot)
+        if uki is not None and doc["boot"].get("uki_authenticode_sha256") != uki:
+            fail("auth_hash.txt and the UKI on disk.raw have different Authenticode hashes")
 doc["details"] = details
 tmp = a["out"] + ".tmp"
 with open(tmp, "w", encoding="utf-8") as f:
@@ -436,7 +457,8 @@ fetch_upstreams() {  # BASE_DIR: every pinned upstream, parents before the layer
   done
 }
 
-fit_disk() {  # a GPT disk.raw grows to whole GiB (what GCE imports), its GPT rewritten for the new size
+fit_disk() {  # a GPT disk.raw grows to whole GiB (what GCE imports), its GPT rewritten for the new size;
+  # the build phases run it as soon as disk.raw exists, before anything hashes it
   local size
   size=$(stat -c %s -- "$IMAGE_DIR/disk.raw")
   if [ $((size % RAW_DISK_MULTIPLE)) -ne 0 ] && [ "$(head -c 520 -- "$IMAGE_DIR/disk.raw" | tail -c 8)" = "EFI PART" ]; then
@@ -463,7 +485,6 @@ pack_disk() {  # $IMAGE_DIR/disk.raw -> $DIST/disk.tar.gz: what GCE imports, the
 
 publish() {
   local sha256 url='' generation='' crc32c='' described
-  fit_disk
   pack_disk
   sha256=$(sha256sum -- "$DIST/disk.tar.gz" | cut -d' ' -f1)
   printf '%s  disk.tar.gz\n' "$sha256" > "$DIST/disk.tar.gz.sha256"
@@ -480,7 +501,7 @@ publish() {
     label "$LABEL" source "$SOURCE" built_at "$(date -u +%Y-%m-%dT%H:%M:%SZ)" mode "$MODE" \
     sha256 "$sha256" url "$url" generation "$generation" crc32c "$crc32c" artifact_file "$DIST/disk.tar.gz" \
     image_dir "$IMAGE_DIR" upstreams "$UPSTREAMS_JSON" cmdline_overrides "$CMDLINE_OVERRIDES_JSON" \
-    build_log "${PREFIX:-$DIST}/build.log"
+    kernel_cmdline "$KERNEL_CMDLINE" build_log "${PREFIX:-$DIST}/build.log"
   if [ -n "$BUCKET" ]; then
     gcloud storage cp "$BUILD_LOG" "$PREFIX/build.log"
     # last: its presence is what says the build is complete
@@ -621,6 +642,8 @@ setup_layers() {  # flashbots' setup, then get-modular.sh's steps on the pinned 
   patch -N meta-confidential-compute/conf/distro/cvm.conf -i meta-dstack/patches/cvm.conf.patch
   # PROD drops debug-tweaks (get-modular.sh picks prod-patches/local.conf.patch when PROD=true)
   patch -N build/conf/local.conf -i "meta-dstack/$LOCAL_CONF_PATCH"
+  # what the overlay init script calls (core-image-minimal's IMAGE_INSTALL is emptied upstream)
+  printf '%s\n' "$IMAGE_INSTALL_LINE" >> build/conf/local.conf
 }
 
 build_phase() {
@@ -638,6 +661,7 @@ build_phase() {
     die "bitbake produced no $built"
   fi
   cp --sparse=always --dereference -- "$built" "$IMAGE_DIR/disk.raw"
+  fit_disk
 }
 '''
 
@@ -681,11 +705,20 @@ compare_builds() {  # the published files must be identical in build-a and build
     die "the two builds differ, so the image is not reproducible; nothing is published"
   fi
   cp --sparse=always -- "$a/disk.raw" "$IMAGE_DIR/disk.raw"
+  # padded before anything reads it: OVMF measures the GPT header GCE boots, the padded one
+  fit_disk
   cp -- "$a/digest.txt" "$a/sha256sum.txt" "$a/metadata.json" "$IMAGE_DIR/"
   if [ -f "$a/auth_hash.txt" ]; then
     cp -- "$a/auth_hash.txt" "$IMAGE_DIR/"
   else
     log "the build computed no UKI Authenticode hash (auth_hash.txt)"
+  fi
+  # the boot path's hashes, for the expected RTMR1 and RTMR2 (fleet/images/bootinputs.py)
+  if python3 -c "$BOOT_INPUTS_PROGRAM" "$IMAGE_DIR/disk.raw" > "$IMAGE_DIR/boot.json.tmp"; then
+    mv -- "$IMAGE_DIR/boot.json.tmp" "$IMAGE_DIR/boot.json"
+  else
+    rm -f -- "$IMAGE_DIR/boot.json.tmp"
+    log "no boot inputs recorded: RTMR1 and RTMR2 will be named as missing inputs"
   fi
 }
 
@@ -786,8 +819,9 @@ class OutputsError(ValueError):
 
 
 _OUTPUT_KEYS = {"inputHash", "recipe", "label", "artifact", "os_image_hash", "rootfs_hash", "uki_hash", "source",
-                "built_at", "details"}
-_ENTRY_KEYS = ("recipe", "label", "artifact", "os_image_hash", "rootfs_hash", "uki_hash", "source", "built_at")
+                "built_at", "details", "kernel_cmdline", "boot"}
+_ENTRY_KEYS = ("recipe", "label", "artifact", "os_image_hash", "rootfs_hash", "uki_hash", "kernel_cmdline", "source",
+               "built_at", "boot")
 
 
 def parse_outputs(text: str, *, expect_input_hash: str | None = None) -> tuple[str, dict[str, Any]]:

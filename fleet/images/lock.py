@@ -47,6 +47,7 @@ def _digest(value: str) -> str:
 
 
 Sha256 = Annotated[str, _hex(64, "a sha256")]
+Sha384 = Annotated[str, _hex(96, "a sha384")]
 Digest = Annotated[str, AfterValidator(_digest)]
 GcsUrl = Annotated[str, AfterValidator(_gcs_url)]
 
@@ -66,6 +67,21 @@ class Artifact(LockModel):
         return "https://storage.googleapis.com/" + self.url[len("gs://"):]
 
 
+class BootInputs(LockModel):
+    """What the image contributes to RTMR1 and RTMR2 on GCP (``fleet.images.bootinputs`` on the
+    build host; ``fleet.attest.bootchain`` turns them into expected registers)."""
+
+    gpt_event_sha384: Sha384 = Field(description="SHA-384 of the boot disk's UEFI_GPT_DATA.")
+    uki_authenticode_sha384: Sha384 = Field(description="Authenticode SHA-384 of EFI/BOOT/BOOTX64.EFI.")
+    uki_authenticode_sha256: Sha256 = Field(description="Authenticode SHA-256 of the UKI (the vTPM's PCR2 event).")
+    kernel_authenticode_sha384: Sha384 = Field(description="Authenticode SHA-384 of the UKI's .linux section.")
+    cmdline_sha384: Sha384 = Field(description="SHA-384 of the .cmdline as UTF-16LE with a NUL.")
+    initrd_sha384: Sha384 = Field(description="SHA-384 of the .initrd section.")
+    stub_version: int | None = Field(None, description="systemd-stub version from .sdmagic, if any.")
+    pe_sections_sha384: Sha384 | None = Field(
+        None, description="RTMR2 after systemd-stub (>= 256) measured the UKI's sections; None when it does not.")
+
+
 class ImageEntry(LockModel):
     recipe: str = Field(description="Recipe that built it.")
     label: str = Field(description="Human label (recipe version, upstream tag).")
@@ -73,8 +89,11 @@ class ImageEntry(LockModel):
     os_image_hash: Sha256 | None = Field(None, description="dstack os-image-hash (sha256 of sha256sum.txt).")
     rootfs_hash: str | None = Field(None, description="dm-verity root hash of the rootfs (dstack.rootfs_hash).")
     uki_hash: str | None = Field(None, description="Authenticode hash of the UKI, where the recipe makes one.")
+    kernel_cmdline: str | None = Field(None, description="The UKI's final kernel command line (overrides and the "
+                                       "rootfs hash and size included), where the recipe makes one.")
     source: str = Field(description="Where these values come from: a build of the images stack, or a release URL.")
     built_at: str | None = Field(None, description="When the build finished (ISO 8601).")
+    boot: BootInputs | None = Field(None, description="Hashes of the boot path, for the expected RTMR1 and RTMR2.")
 
 
 class ContainerEntry(LockModel):

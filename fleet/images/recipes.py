@@ -109,6 +109,30 @@ TPLUS_GUEST_NAME = "guest"
 TPLUS_IMAGE = "core-image-minimal"
 TPLUS_MACHINE = "tdx-gcp"  # set by meta-dstack's patches/local.conf.patch
 MUSL_TARGET = "x86_64-unknown-linux-musl"
+# What the overlay image holds for the init script (fleet/nodes/initscript.py), which
+# tests/test_initscript.py checks tool by tool. The image is poky's core-image-minimal, whose
+# IMAGE_INSTALL meta-confidential-compute empties (flashbots/meta-confidential-compute@41a2a6a1
+# recipes-core/images/core-image-minimal.bbappend: IMAGE_INSTALL = ""; meta-custom-podman adds only
+# podman), so the build appends these packages to core-image-minimal explicitly.
+TPLUS_IMAGE_PACKAGES = ("busybox", "e2fsprogs-mke2fs")
+# Applets of the pinned busybox: poky's defconfig (flashbots/poky@c5627ab06fc07221237b9a7059ac378ea80578f8
+# meta/recipes-core/busybox/busybox/defconfig: CONFIG_<NAME>=y) plus meta-confidential-compute's
+# fragment.cfg (CONFIG_MDEV=y, so there is no udev and no /dev/disk/by-id/google-* link). mke2fs and
+# mkfs.ext2 are not set there, so mkfs.ext4 comes from e2fsprogs.
+BUSYBOX_APPLETS = ("ash", "awk", "blkid", "cat", "cut", "grep", "head", "ip", "ls", "mdev", "mkdir", "mount",
+                   "readlink", "rm", "sed", "sh", "sleep", "start-stop-daemon", "touch", "tr", "wget")
+# OE's e2fsprogs recipe puts mke2fs and its mkfs.ext2/3/4 links in the e2fsprogs-mke2fs package.
+PACKAGE_TOOLS = {"e2fsprogs-mke2fs": ("mke2fs", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4")}
+
+
+def tplus_image_tools() -> set[str]:
+    """Every command the overlay image provides outside the shell itself."""
+    tools = set(BUSYBOX_APPLETS) if "busybox" in TPLUS_IMAGE_PACKAGES else set()
+    for package in TPLUS_IMAGE_PACKAGES:
+        tools.update(PACKAGE_TOOLS.get(package, ()))
+    return tools
+
+
 # Rust stable when the light client's pinned commit was made (tplus-examples 3eb04ca, 2025-04-16);
 # the repository has no rust-toolchain file, so the toolchain is pinned here.
 RUST_TOOLCHAIN = "1.86.0"
@@ -116,11 +140,13 @@ RUST_TOOLCHAIN = "1.86.0"
 
 @dataclass(frozen=True)
 class CmdlineParameter:
-    """A kernel command-line parameter the pinned dstack OS reads, which a build may set."""
+    """A kernel command-line parameter the pinned dstack OS (its initramfs, its dstack-util or its
+    patched kernel) honours, which a build may set."""
 
     pattern: str
     read_by: str
     default: str
+    values: str = ""  # what the value looks like, for the error message
 
 
 @dataclass(frozen=True)
@@ -129,6 +155,24 @@ class DstackRelease:
     upstream: Upstream
     dist_name: str  # mkimage.sh --dist-name of the prod flavor: images/<dist_name>-<version>/
     cmdline: dict[str, CmdlineParameter] = field(default_factory=dict)
+    # the UKI's command line before the overrides and the build's rootfs hash and size
+    uki_cmdline_base: tuple[str, ...] = ()
+    uki_cmdline_source: str = ""
+    # parameters refused with the reason (not set by dstack, but turning off a protection)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def sets(self) -> dict[str, str]:
+        """Parameter name -> what the pinned release itself puts on the command line."""
+        out = {p.split("=", 1)[0]: p for p in self.uki_cmdline_base}
+        out.update({name: f"{name}=<the built rootfs>" for name in ("dstack.rootfs_hash", "dstack.rootfs_size")})
+        return out
+
+    def kernel_cmdline(self, overrides: Iterable[tuple[str, str]], rootfs_hash: str = "<rootfs_hash>",
+                       rootfs_size: str = "<rootfs_size>") -> str:
+        """The UKI's final command line: dstack-uki.bb's UKI_CMDLINE_BASE, then the overrides (the build
+        appends them to UKI_CMDLINE_BASE), then do_uki's dm-verity root hash and size."""
+        return " ".join((*self.uki_cmdline_base, *(f"{k}={v}" for k, v in overrides),
+                         f"dstack.rootfs_hash={rootfs_hash}", f"dstack.rootfs_size={rootfs_size}"))
 
 
 _DEVICE = r"/dev/[A-Za-z0-9._:+/-]{1,200}"
@@ -154,12 +198,34 @@ DSTACK_OS_RELEASES: dict[str, DstackRelease] = {
             "dstack.rootfs_device": CmdlineParameter(
                 rf"({_PARTLABEL}|{_DEVICE})",
                 "the initramfs init (meta-dstack/recipes-core/images/dstack-initscript/init)",
-                "PARTLABEL=dstack-rootfs"),
+                "PARTLABEL=dstack-rootfs", "/dev/... or PARTLABEL=<label>"),
             "dstack.data_device": CmdlineParameter(
                 rf"({_PARTLABEL}|{_PARTUUID}|{_DEVICE})",
-                "dstack-prepare.sh (dstack submodule, basefiles/dstack-prepare.sh)",
-                "PARTLABEL=dstack-data, else /dev/vdb"),
+                "dstack-prepare.sh (dstack submodule f1ba0a22, basefiles/dstack-prepare.sh)",
+                "PARTLABEL=dstack-data, else /dev/vdb", "/dev/..., PARTLABEL=<label> or PARTUUID=<uuid>"),
+            "dstack.storage_fs": CmdlineParameter(
+                "(zfs|ext4)",
+                "dstack-util parse_dstack_options (dstack submodule f1ba0a22, dstack-util/src/system_setup.rs); "
+                "app-compose's storage_fs wins, and the guest measures the result as storage-fs",
+                "zfs", "zfs or ext4"),
+            # meta-dstack/recipes-kernel/linux/files/0001-x86-tdx-select-dma-direct-remap.patch (in
+            # linux-yocto%.bbappend SRC_URI for tdx machines): INTEL_TDX_GUEST selects DMA_DIRECT_REMAP,
+            # which "enables the coherent DMA pool machinery and honours the `coherent_pool=` kernel
+            # parameter" (its commit message); the kernel parses the size with memparse.
+            "coherent_pool": CmdlineParameter(
+                r"[1-9][0-9]{0,9}[KMG]?",
+                "the kernel (patch 0001-x86-tdx-select-dma-direct-remap.patch selects DMA_DIRECT_REMAP on TDX)",
+                "the kernel's default atomic pool", "a size such as 8M (digits, then K, M or G)"),
         },
+        # meta-dstack/recipes-core/images/dstack-uki.bb UKI_CMDLINE_BASE at v0.6.0.a2 (mkimage.sh's
+        # KARG0/KARG1 are the same words); do_uki appends dstack.rootfs_hash= and dstack.rootfs_size=.
+        uki_cmdline_base=("console=ttyS0", "init=/init", "panic=1", "net.ifnames=0", "biosdevname=0", "mce=off",
+                          "oops=panic", "pci=noearly", "pci=nommconf", "random.trust_cpu=y",
+                          "random.trust_bootloader=n", "tsc=reliable", "no-kvmclock"),
+        uki_cmdline_source="Dstack-TEE/meta-dstack@86be7d60252f82ff1c9c8ac2a083d0a2e08c7a9e:"
+                           "meta-dstack/recipes-core/images/dstack-uki.bb (UKI_CMDLINE_BASE, do_uki)",
+        refused={"dstack.storage_encrypted": "off leaves the data disk unencrypted (dstack-util "
+                                             "parse_dstack_options); the app's data would be readable by the host"},
     ),
 }
 
@@ -171,8 +237,7 @@ OUTPUT_PARAMETERS = {"dstack.rootfs_hash": "rootfs_hash", "dstack.rootfs_size": 
                      "ukiHash": "uki_hash", "uki_hash": "uki_hash"}
 # Names from older READMEs (seed 001 quotes meta-dstack-cloud's stale README) that the pinned release
 # does not read.
-STALE_PARAMETERS = {"dstack.data_dev": "dstack.data_device", "dstack.rootfs_dev": "dstack.rootfs_device",
-                    "coherent_pool": None}
+STALE_PARAMETERS = {"dstack.data_dev": "dstack.data_device", "dstack.rootfs_dev": "dstack.rootfs_device"}
 
 
 # ---- what a build host needs ---------------------------------------------------------------------
@@ -373,21 +438,27 @@ def _validate_dstack_os(inputs: dict, path: str) -> list[KeyProblem]:
     if not isinstance(overrides, dict):
         return out + [(opath, "must be a map of kernel parameter name to value, e.g. "
                               "{dstack.data_device: PARTLABEL=dstack-data}")]
-    parameters = release.cmdline if release else DSTACK_OS_RELEASES[max(DSTACK_OS_RELEASES)].cmdline
+    pinned = release or DSTACK_OS_RELEASES[max(DSTACK_OS_RELEASES)]
+    parameters = pinned.cmdline
     names = ", ".join(sorted(parameters))
+    sets = pinned.sets()
     for name, value in sorted(overrides.items()):
         where = f'{opath}["{name}"]'
         if name in OUTPUT_PARAMETERS:
             out.append((where, _output_parameter_message(name)))
+        elif name in sets:
+            out.append((where, f"the pinned dstack OS sets {sets[name]} itself ({pinned.uki_cmdline_source}); a "
+                               "second value would override it: remove it"))
+        elif name in pinned.refused:
+            out.append((where, f"refused: {pinned.refused[name]}"))
         elif name in STALE_PARAMETERS:
-            better = STALE_PARAMETERS[name]
-            hint = f"did you mean {better}?" if better else f"the pinned release reads only {names}"
-            out.append((where, f"{name} is not read by the pinned dstack OS (an older README's name); {hint}"))
+            out.append((where, f"{name} is not read by the pinned dstack OS (an older README's name); did you mean "
+                               f"{STALE_PARAMETERS[name]}?"))
         elif name not in parameters:
-            out.append((where, f"unknown kernel parameter; the pinned dstack OS reads {names}"))
+            out.append((where, f"not a parameter the pinned dstack OS or its kernel patches are known to honour; "
+                               f"allowed: {names}"))
         elif not isinstance(value, str) or not re.fullmatch(parameters[name].pattern, value):
-            out.append((where, f"{value!r} is not a device for {name}: use /dev/..., PARTLABEL=<label>"
-                               f"{' or PARTUUID=<uuid>' if 'PARTUUID' in parameters[name].pattern else ''} "
+            out.append((where, f"{value!r} is not a value for {name}: use {parameters[name].values} "
                                "(no spaces or quotes)"))
     return out
 
@@ -424,7 +495,7 @@ def input_document(recipe: str, inputs: dict[str, Any], derived: dict[str, str] 
     """Everything a build's output depends on, as one JSON document."""
     if recipe not in RECIPE_REVISIONS:
         raise ValueError(f"unknown recipe {recipe!r}; known: {', '.join(sorted(RECIPE_REVISIONS))}")
-    return {
+    document = {
         "recipe": recipe,
         "revision": RECIPE_REVISIONS[recipe],
         "upstreams": [u.identity() for u in pinned_upstreams(recipe, inputs)],
@@ -432,6 +503,9 @@ def input_document(recipe: str, inputs: dict[str, Any], derived: dict[str, str] 
         "inputs": inputs,
         "derived": dict(sorted((derived or {}).items())),
     }
+    if recipe == "tplus-overlay":
+        document["image_packages"] = list(TPLUS_IMAGE_PACKAGES)
+    return document
 
 
 def input_hash(recipe: str, inputs: dict[str, Any], derived: dict[str, str] | None = None) -> str:
@@ -482,6 +556,12 @@ class BuildSpec:
     @property
     def outputs(self) -> tuple[str, ...]:
         return RECIPE_OUTPUTS[self.recipe]
+
+    @property
+    def kernel_cmdline(self) -> str | None:
+        """The final UKI command line, overrides included, with the build's rootfs hash and size
+        still to fill in (the build records the filled-in line in outputs.json and the lock)."""
+        return self.release.kernel_cmdline(self.cmdline_overrides) if self.release else None
 
 
 INIT_SCRIPT_DERIVED = "init_script_sha256"  # the key fleet.nodes.derived_image_inputs uses

@@ -35,6 +35,7 @@ class ImageVersion:
     existing_self_link: str | None = None
     hashes: dict[str, str | None] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    boot: dict[str, object] | None = None  # the lock's boot inputs (RTMR1/RTMR2 on GCP), when recorded
 
     @property
     def pending(self) -> bool:
@@ -104,6 +105,7 @@ def _resolve_one(key: str, source: ImageSource, lock: LockFile, namer: Namer, de
             status="built", artifact=entry.artifact,
             hashes=_hash_fields({"artifact_sha256": entry.artifact.sha256, "os_image_hash": entry.os_image_hash,
                                  "rootfs_hash": entry.rootfs_hash, "uki_hash": entry.uki_hash}, fields),
+            boot=entry.boot.model_dump(mode="json", exclude_none=True) if entry.boot is not None else None,
             **base,
         )
     assert source.prebuilt is not None

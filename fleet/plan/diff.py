@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleet.attest import measure
 from fleet.plan import changes
 
 COMMENT_LIMIT = 65_536
@@ -121,13 +122,26 @@ def _cell(value: Any, limit: int = 120) -> str:
     return "`" + (text if len(text) <= limit else text[: limit - 1] + "…") + "`"
 
 
+# Words older plans used for the same identities (a base revision is planned with its own code).
+_LEGACY_IDENTITY = {"stable": measure.IDENTITY_PINNED, "derived": measure.IDENTITY_COMPOSE}
+
+
+def _identity(m: dict[str, Any]) -> str:
+    value = m.get("identity", measure.IDENTITY_COMPOSE)
+    return _LEGACY_IDENTITY.get(value, value)
+
+
 def _identity_value(m: dict[str, Any]) -> Any:
-    """What an app's identity follows: its app-id when known, else (a derived identity, e.g. a KMS
-    app without a pinned id) its compose hash."""
+    """What an app's identity follows: its app-id when known; for a compose identity whose id a
+    plan could not show (older plans said "known at boot" for KMS apps) the compose hash's first
+    20 bytes, which is the id the guest derives."""
     app_id = m.get("app_id")
     if isinstance(app_id, str) and len(app_id) == 40 and all(c in "0123456789abcdef" for c in app_id):
         return app_id
-    return m.get("compose_hash") if m.get("identity") == "derived" else app_id
+    compose = m.get("compose_hash")
+    if _identity(m) == measure.IDENTITY_COMPOSE and isinstance(compose, str) and len(compose) == 64:
+        return compose[:40]
+    return app_id
 
 
 def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
@@ -140,23 +154,25 @@ def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str,
         if _identity_value(before) != _identity_value(after):
             out.append({"name": name, "before": before.get("app_id", "(none)"), "after": after.get("app_id", "(none)"),
                         "stateful": bool(after.get("stateful", before.get("stateful", False))),
-                        "identity": after.get("identity", before.get("identity", "derived")),
+                        "identity": _identity(after or before),
                         "new": not before, "removed": not after})
     return out
 
 
 def app_upgrades(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """How each changed app lands: a new compose (measured: a new identity unless the key provider
-    keeps it), or only its unmeasured user config (a restart; e.g. NEAR's MPC_HASH_OVERRIDE picks
-    another approved image and keeps the identity)."""
+    """How each changed app lands: a new compose (measured: a new identity unless its app id is
+    pinned), or only its unmeasured user config (a restart; e.g. NEAR's MPC hash override picks
+    another approved image and keeps the identity, and the plan's ``userConfig`` says what RTMR3
+    then shows)."""
     rows = []
     for name in sorted(set(old) & set(new)):
         a, b = old[name], new[name]
         if a.get("composeHash") != b.get("composeHash"):
-            kept = b.get("identity") == "stable"
-            rows.append(f"| `{name}` | new compose | {'kept (stable key provider)' if kept else 'new identity'} |")
+            kept = _identity(b) == measure.IDENTITY_PINNED
+            rows.append(f"| `{name}` | new compose | {'kept (pinned app id)' if kept else 'new identity'} |")
         elif a.get("userConfigSha256") != b.get("userConfigSha256"):
-            rows.append(f"| `{name}` | user config only: restart | kept |")
+            note = (b.get("userConfig") or {}).get("restart") if isinstance(b.get("userConfig"), dict) else None
+            rows.append(f"| `{name}` | user config only: {note or 'restart'} | kept |")
     return rows
 
 
@@ -217,11 +233,12 @@ def compare(stack: str, base_ref: str, base: PlanResult, head: dict[str, Any]) -
             failures.append(message)
     identities = identity_changes(base_doc.get("measurements", {}), head.get("measurements", {}))
     for change in identities:
-        if tier == "prod" and change["stateful"] and change["identity"] != "stable" and not change["new"] \
+        if tier == "prod" and change["stateful"] and change["identity"] != measure.IDENTITY_PINNED \
+                and not change["new"] \
                 and not change["removed"]:
             failures.append(f"app {change['name']} would get a new identity (app-id {change['before']} → "
                             f"{change['after']}): its keys change and its data becomes unreadable; prod refuses "
-                            "this for a stateful app unless its key provider keeps the identity stable")
+                            "this for a stateful app unless its app id is pinned (kms.appId)")
     mandatory = [v for v in head.get("violations", []) if v.get("enforcement") == "mandatory"]
     failures += [f"policy {v['policy']}: {v['urn']}: {v['message']}" for v in mandatory]
 

@@ -53,7 +53,8 @@ class BuildPlan:
         images = {}
         for spec in self.specs:
             images[spec.input_hash] = {"recipe": spec.recipe, "label": spec.label, "keys": list(spec.keys),
-                                       "status": "building" if spec.input_hash in building else "locked"}
+                                       "status": "building" if spec.input_hash in building else "locked",
+                                       **({"kernelCmdline": spec.kernel_cmdline} if spec.kernel_cmdline else {})}
         containers = {c.input_hash: {"key": c.key, "builder": c.builder, "repository": c.repository,
                                      "stacks": list(c.stacks), "status": "building"} for c in self.containers}
         for h in self.locked_containers:

@@ -19,6 +19,7 @@ from fleet.images import mkosibuild
 from fleet.images.recipes import validate_build
 from fleet.images.versions import build_inputs
 from fleet.nodes.checks import check_all
+from fleet.stacks.expectations import verify_problems
 
 
 def load(
@@ -34,6 +35,7 @@ def load(
     config = parse(raw, stack=stack, source=source, secret_keys=secret_keys)
     problems = check_all(config)
     problems += build_problems(config, source, root)
+    problems += verify_problems(config)
     if root is not None:
         problems += app_problems(config, root)
     if problems:
