@@ -24,8 +24,9 @@ COMPUTE = "https://www.googleapis.com/compute/v1"
 FAKE_PROJECT_NUMBER = "123456789012"
 
 
-# Set while the offline plan runs the program, so deploy-time guards (refusing pending images in a
-# real `pulumi up`) do not stop the plan's update pass, which only exercises apply bodies.
+# Set while the offline plan runs the program to exercise it (``--pass preview``/``both``): the deploy-time
+# guards (fleet.stacks.readiness: pending images, unset secrets) warn instead of refusing, so every apply
+# body runs. ``--pass up`` runs without it (``run_program(as_deployment=True)``), as a real `pulumi up`.
 OFFLINE_PLAN_ENV = "DSTACK_FLEET_OFFLINE_PLAN"
 
 
