@@ -10,7 +10,8 @@ are the same for every target:
 ``identity``   ``stable``, ``derived`` or ``reported`` (``fleet.apps``)
 ``values``     ``predicted`` (our own app-compose bytes, vmm) or ``reported`` (Phala builds its own)
 ``composeHash``  vmm: sha256 of the planned app-compose bytes; phala: as Phala reports it
-``appId``      vmm: the app id sent to the VMM; phala: as Phala reports it
+``appId``      as the target reports it: vmm: the VM's app id (an in-place compose update keeps the VM's
+               first one, so it can differ from the planned id); phala: as Phala reports it
 ``instanceId`` vmm: the VMM's VM id; phala: the CVM's vm_uuid
 ``status``     as the VMM or Phala last reported it
 ``urls``       phala: ``https://<app-id>-<port>.<gateway domain>`` per declared port; vmm: ``[]``
@@ -40,19 +41,12 @@ class DstackApp(pulumi.ComponentResource):
         common = {"target": app.target, "name": app.name, "identity": app.identity, "values": app.provenance}
         if app.target == "vmm":
             target = app.config.vmm
-            if target.token_secret and target.token_secret not in config.fleet.secrets:
-                raise pulumi.RunError(f"app {app.key}: vmm.tokenSecret {target.token_secret!r} is not in "
-                                      "dstack-fleet:secrets")
             props = vm_props(app, target)
             vm = Vm(f"{app.name}-vm", props, pulumi.ResourceOptions(parent=self))
             self.resource = vm
-            outputs = {**common, "composeHash": app.compose_hash, "appId": props["appId"], "instanceId": vm.vmId,
+            outputs = {**common, "composeHash": app.compose_hash, "appId": vm.vmAppId, "instanceId": vm.vmId,
                        "status": vm.status, "urls": []}
         else:
-            target = app.config.phala
-            if target.api_key_secret not in config.fleet.secrets:
-                raise pulumi.RunError(f"app {app.key}: phala.apiKeySecret {target.api_key_secret!r} is not in "
-                                      "dstack-fleet:secrets")
             deployment = phala_deployment(app, config=config, parent=self)
             self.resource = deployment.command
             outputs = {**common, "composeHash": deployment.compose_hash, "appId": deployment.app_id,

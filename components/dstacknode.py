@@ -70,7 +70,7 @@ class DataDiskImage(pulumi.ComponentResource):
 
 class DstackNode(TdxNode):
     def __init__(self, spec, *, files: dict[str, bytes], upload: Upload, namer: Namer,
-                 data_image: gcp.compute.Image, **kwargs):
+                 data_image: gcp.compute.Image, nat: pulumi.Resource, **kwargs):
         self.config_disk: ConfigDisk | None = None
 
         def attach(node: TdxNode) -> list[dict]:
@@ -83,11 +83,13 @@ class DstackNode(TdxNode):
                          extra_disks=attach, **kwargs)
         # The guest reads its configuration once per boot: after a new version is attached, reset it.
         # `create` runs when the node is first made (it boots with the disk anyway); `update` runs
-        # when the version changes.
+        # when the version changes. The rebooted guest pulls its containers through the region's Cloud
+        # NAT (no external address), so the reset waits for it. gcloud runs where `pulumi up` runs, with
+        # its credentials (the deploy workflow sets it up; README "Continuous integration").
         command.local.Command(
             f"{spec.key}-apply-config",
             create="true",
             update=(f"gcloud compute instances reset {spec.identity.name} --zone {spec.identity.zone} "
                     f"--project {kwargs['project']} --quiet"),
             environment={"CONFIG_CONTENT_HASH": content_hash(files)},
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance]))
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance, nat]))

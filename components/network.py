@@ -11,6 +11,7 @@ from fleet.nodes.network import NetworkSpec, describe_subnets
 class Network(pulumi.ComponentResource):
     network: gcp.compute.Network
     subnets: dict[str, gcp.compute.Subnetwork]
+    nats: dict[str, gcp.compute.RouterNat]  # per region: what nodes without an external address reach out through
 
     def __init__(self, name: str, spec: NetworkSpec, project: str, opts: pulumi.ResourceOptions | None = None):
         super().__init__("dstack-fleet:network:Network", name, {}, opts)
@@ -27,6 +28,7 @@ class Network(pulumi.ComponentResource):
             opts=child,
         )
         self.subnets = {}
+        self.nats = {}
         for subnet in spec.subnets:
             self.subnets[subnet.region] = gcp.compute.Subnetwork(
                 subnet.key,
@@ -46,7 +48,7 @@ class Network(pulumi.ComponentResource):
                 network=self.network.id,
                 opts=child,
             )
-            gcp.compute.RouterNat(
+            self.nats[subnet.region] = gcp.compute.RouterNat(
                 f"nat-{subnet.region}",
                 name=subnet.nat_name,
                 project=project,

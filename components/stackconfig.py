@@ -18,8 +18,11 @@ from pathlib import Path
 
 from fleet.images import lock
 from fleet.config.schema import StackConfig
+from fleet.config.values import NOT_SET
 from fleet.images.lock import LockFile
 from fleet.config.problems import ConfigError
+from fleet.plan.offline import is_offline_plan
+from fleet.stacks import readiness
 from fleet.stacks.load import load
 
 
@@ -50,5 +53,12 @@ def load_lock(root: Path) -> LockFile:
 
 
 def secret(config: StackConfig, name: str) -> pulumi.Output[str]:
-    """A secret from ``dstack-fleet:secrets``, kept secret in state and in every output."""
-    return pulumi.Output.secret(config.fleet.secrets[name].get_secret_value())
+    """A secret from ``dstack-fleet:secrets``, kept secret in state and in every output. One that is not
+    set is ``[secret: not set]`` in the offline plan and stops a real run with the command that sets it."""
+    value = config.fleet.secrets.get(name)
+    if value is None:
+        if is_offline_plan():
+            return pulumi.Output.secret(NOT_SET)
+        raise pulumi.RunError(f"{readiness.SECRETS_KEY}.{name} is not set; set it with "
+                              f"`{readiness.set_secret_command(config.stack, name)}`")
+    return pulumi.Output.secret(value.get_secret_value())

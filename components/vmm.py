@@ -41,6 +41,12 @@ TYPE = "pulumi-python:dynamic/vmm:Vm"
 REPLACES = ("url", "name")
 UPDATES = ("image", "composeFile", "userConfig", "vcpu", "memory", "diskSize", "ports", "kmsUrls",
            "gatewayUrls", "secretEnv")
+# how the provider reaches the VMM, waits and checks the KMS: a change is an update that records it in
+# state without touching the VM (so a later update or delete uses the current credential name, the
+# current API version and signers, never the ones the VM was created with); a signer list that no
+# longer trusts the KMS key the env was encrypted to also re-encrypts the env
+SETTINGS = ("tokenSecret", "apiVersion", "stopTimeout", "pollInterval", "requestTimeout", "trustedKmsSigners",
+            "appIdPinned")
 # computed by the provider
 OUTPUTS = ("vmId", "status", "vmAppId", "encryptedEnv", "envKey", "envDigest", "kmsSigner")
 SECRET_OUTPUTS = ["encryptedEnv", "envKey"]
@@ -100,6 +106,8 @@ class VmProvider(ResourceProvider):
         env = self._env(news)
         if not env:
             return False
+        if not core.signer_trusted(olds.get("kmsSigner") or "", news.get("trustedKmsSigners") or ()):
+            return True  # encrypted to a key the new signer list does not accept: encrypt again, checked
         key = olds.get("envKey")
         return not key or core.env_digest(key, env) != olds.get("envDigest")
 
@@ -122,7 +130,7 @@ class VmProvider(ResourceProvider):
         replaces = [k for k in REPLACES if olds.get(k) != news.get(k)]
         if news.get("appIdPinned") and olds.get("appId") != news.get("appId"):
             replaces.append("appId")  # a different KMS app is a different app
-        changed = [k for k in UPDATES if k != "secretEnv" and olds.get(k) != news.get(k)]
+        changed = [k for k in UPDATES + SETTINGS if k != "secretEnv" and olds.get(k) != news.get(k)]
         if self._env_changed(olds, news):
             changed.append("secretEnv")
         return DiffResult(changes=bool(replaces or changed), replaces=replaces,

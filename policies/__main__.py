@@ -7,6 +7,7 @@ import path first. ``PolicyPack`` starts the analyzer's gRPC server, prints its 
 until the engine stops it.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,13 +17,15 @@ if str(REPOSITORY) not in sys.path:
 
 from pulumi_policy import EnforcementLevel, PolicyPack  # noqa: E402
 
-from fleet.policy.rules import PACK_NAME, crossguard_policies  # noqa: E402
+from fleet.policy.rules import PACK_NAME, crossguard_policies, pack_enforcement  # noqa: E402
 
 PolicyPack(
     name=PACK_NAME,
-    # Without --policy-pack-config every rule is mandatory and assumes prod: a forgotten config never
-    # relaxes a check. `make preview` / `make up` always pass the stack's config.
-    enforcement_level=EnforcementLevel.MANDATORY,
+    # `make preview` / `make up` and the workflows pass the stack's --policy-pack-config. Without it the
+    # pack reads the tier from the stack's configuration, which the CLI hands it in PULUMI_CONFIG (dev:
+    # advisory, every other tier: mandatory), and a rule that needs the tier refuses when even that is
+    # missing: the pack never guesses prod (fleet/policy/rules.py context_from_policy_config).
+    enforcement_level=EnforcementLevel(pack_enforcement(os.environ)),
     policies=crossguard_policies(),
     description="dstack-fleet rules (fleet/policy/rules.py), shared with the offline plan",
 )

@@ -222,6 +222,27 @@ def test_external_digest_is_checked_against_the_registry_at_deploy(monkeypatch):
         build_plan(ROOT, "staging")
 
 
+def test_registry_lookups_use_a_provider_that_needs_no_docker_daemon(monkeypatch):
+    """The default Docker provider checks for a daemon when it is configured, which the deploying machine
+    (CI) does not run; the look-ups go through one explicit provider with that check off."""
+    from fleet.plan import offline
+
+    plan = shipped_plan("staging")
+    (provider,) = [r for r in plan.resources if r.type == "pulumi:providers:docker"]
+    assert provider.name == "registry-lookup" and provider.parent is None
+    assert provider.inputs == {"disableDockerDaemonCheck": "true", "host": "unix:///var/run/docker.sock"}
+    # the machine's DOCKER_HOST never reaches the plan (the SDK would read it for an unset host)
+    monkeypatch.setenv("DOCKER_HOST", "tcp://203.0.113.9:2376")
+    again = build_plan(ROOT, "staging", passes="preview")
+    assert next(r for r in again.resources if r.type == "pulumi:providers:docker").inputs == provider.inputs
+    # the offline invoke refuses a look-up through the default provider, so every plan proves the wiring
+    lookup = "docker:index/getRegistryImage:getRegistryImage"
+    with pytest.raises(offline.OfflineGap, match="must use an explicit pulumi:providers:docker provider"):
+        offline.invoke(lookup, {"name": "docker.io/a/b@sha256:" + "1" * 64}, project="p", preview=False)
+    # stacks that check no external image register no provider
+    assert not [r for r in shipped_plan("prod").resources if r.type.startswith("pulumi:providers:")]
+
+
 def test_only_manifest_digests_can_be_checked(project):
     containers = {"x": {"external": {"image": "docker.io/a/b", "digest": "sha256:" + "1" * 64,
                                      "digestKind": "image-id", "source": "t", "checkAtDeploy": True}}}

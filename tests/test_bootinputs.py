@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fleet.attest import bootchain, tcg
-from fleet.images import bootinputs
+from fleet.images import bootinputs, buildscript
 from fleet.images.buildscript import BOOT_INPUTS_PROGRAM, parse_outputs
 
 from .pe_fixture import fat16, gpt_disk, pe
@@ -174,7 +174,12 @@ def test_a_dstack_build_records_its_boot_inputs_in_the_lock_entry(tools, tmp_pat
     assert result.returncode == 0, result.stderr
     _, entry = parse_outputs(tools.object(f"{spec.input_hash}/outputs.json").read_text(),
                              expect_input_hash=spec.input_hash)
-    assert entry["boot"] == {k: v for k, v in bootinputs.disk_inputs(str(disk)).items() if v is not None}
+    # recorded from the disk GCE boots: padded to a whole GiB, its GPT (which OVMF measures) rewritten for it
+    padded = tmp_path / "padded-disk.raw"
+    shutil.copyfile(disk, padded)
+    buildscript.pad_gpt_disk(str(padded), buildscript.RAW_DISK_MULTIPLE)
+    assert entry["boot"] == {k: v for k, v in bootinputs.disk_inputs(str(padded)).items() if v is not None}
+    assert entry["boot"]["gpt_event_sha384"] != bootinputs.disk_inputs(str(disk))["gpt_event_sha384"]
     assert entry["uki_hash"] == entry["boot"]["uki_authenticode_sha256"] == auth
     expected = bootchain.expected_registers("c3-standard-8", extra_disks=2, boot=entry["boot"])
     assert len(expected["rtmr1"]) == len(expected["rtmr2"]) == 96

@@ -17,12 +17,16 @@ import json
 import os
 import subprocess
 import sys
+import inspect
+import struct
 import tarfile
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 
+from fleet.apps import configdisk
 from fleet.images import buildscript
 from fleet.images import lock
 from fleet.images import recipes
@@ -220,16 +224,28 @@ else:
     sys.exit("fake gcloud: unsupported " + " ".join(args))
 '''
 
-# bitbake writes a sparse "disk" holding the recipe's files, so the tarball proves what went in
-FAKE_BITBAKE = RECORD + r'''
+# A GPT disk of a partition from LBA 2048 to its end, as the stand-in builds write them (MiB-sized, as
+# the release's mkimage.sh makes them); the build must pad it to a whole GiB.
+GPT_WRITER = inspect.getsource(configdisk.write_gpt) + """
+def stand_in_disk(path, size):
+    write_gpt(path, size, "rootfs", "5c3d1a9e-6b1f-4b7e-9c52-1d7a0b6e4f21", "9b2e4c71-3a5d-4f08-b6c9-7e1d2a3b4c5d",
+              "0fc63daf-8483-4772-8e79-3d69d8477de4")
+"""
+
+# bitbake writes a sparse GPT "disk" holding the recipe's files, so the tarball proves what went in
+FAKE_BITBAKE = RECORD + GPT_WRITER + r'''
 record("bitbake", sys.argv[1:], builddir=os.environ.get("BUILDDIR"))
 noise = os.environ.get("FAKE_BITBAKE_NOISE", "").encode() and os.environ["BUILDDIR"].encode()
 recipe = os.path.join(os.getcwd(), "meta-dstack", "recipes-core", "dstack-sync")
 deploy = os.path.join(os.environ["BUILDDIR"], "tmp", "deploy", "images", "tdx-gcp")
 os.makedirs(deploy, exist_ok=True)
 dated = "core-image-minimal-tdx-gcp.rootfs-20250101000000.wic"
-with open(os.path.join(deploy, dated), "wb") as disk:
-    disk.write(b"EFI PART stand-in disk")
+if os.environ.get("FAKE_NO_GPT"):  # a disk whose size cannot be changed safely
+    with open(os.path.join(deploy, dated), "wb") as disk:
+        disk.truncate(8 << 20)
+else:
+    stand_in_disk(os.path.join(deploy, dated), 8 << 20)
+with open(os.path.join(deploy, dated), "r+b") as disk:
     for n, name in enumerate(("guest", "init", "dstack-sync.bb"), start=1):
         disk.seek(n << 20)
         disk.write(open(os.path.join(recipe, name), "rb").read())
@@ -303,6 +319,7 @@ ROOTFS_HASH = "5e" * 32
 # stand-in for the release's repro-build.sh: two builds with the release's output layout
 FAKE_REPRO = f"""#!{PY}
 import hashlib, json, os, sys
+""" + GPT_WRITER + f"""
 here = os.path.dirname(os.path.abspath(__file__))
 with open(os.environ["STUB_LOG"], "a") as log:
     log.write(json.dumps({{"tool": "repro-build.sh", "args": sys.argv[1:], "cwd": os.getcwd()}}) + "\\n")
@@ -322,13 +339,12 @@ for build in ("build-a", "build-b"):
     open(os.path.join(out, "digest.txt"), "w").write(hashlib.sha256(listing.encode()).hexdigest() + "\\n")
     if not os.environ.get("FAKE_NO_AUTH_HASH"):
         open(os.path.join(out, "auth_hash.txt"), "w").write("a7" * 32 + "\\n")
-    with open(os.path.join(out, "disk.raw"), "wb") as disk:
-        disk.write(b"GPT ESP with dstack-uki.efi")
+    stand_in_disk(os.path.join(out, "disk.raw"), 4 << 20)
+    with open(os.path.join(out, "disk.raw"), "r+b") as disk:
         disk.seek(1 << 20)
         disk.write(uki)
         if build == "build-b" and os.environ.get("FAKE_REPRO_DIFFER"):
             disk.write(b"a timestamp that leaked into build-b")
-        disk.truncate(4 << 20)
 # like the release's check.sh, this stand-in passes: the script must compare by itself
 """
 
@@ -455,8 +471,9 @@ def local_script(spec: recipes.BuildSpec, out: Path, *, bucket: str | None = BUC
     return build_script(spec, mode="local", bucket=bucket, output_dir=str(out), **kwargs)
 
 
-def check_gce_tarball(path: Path) -> bytes:
-    """GCE's format: a gzip'd tar holding exactly disk.raw, GNU (oldgnu) headers. Returns disk.raw."""
+def check_gce_tarball(path: Path, into: Path) -> Path:
+    """GCE's format: a gzip'd tar holding exactly disk.raw, GNU (oldgnu) headers, a whole number of GiB
+    (sparse). Returns disk.raw, extracted into ``into``."""
     raw = path.read_bytes()
     assert raw[3] & 0x08 == 0 and raw[4:8] == bytes(4)  # gzip -n: no file name, no time stamp
     with gzip.open(path) as stream:
@@ -468,7 +485,37 @@ def check_gce_tarball(path: Path) -> bytes:
         (member,) = members
         assert member.issparse() and member.type == tarfile.GNUTYPE_SPARSE
         assert (member.mtime, member.uid, member.gid, member.mode) == (0, 0, 0, 0o644)
-        return archive.extractfile(member).read()
+        assert member.size % (1 << 30) == 0 and member.size >= 1 << 30
+        into.mkdir(parents=True, exist_ok=True)
+        archive.extract(member, into, filter="data")
+    return into / "disk.raw"
+
+
+def read_at(path: Path, offset: int, length: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def gpt_at(raw: Path, lba: int) -> dict:
+    header = read_at(raw, lba * 512, 92)
+    assert header[:8] == b"EFI PART"
+    assert struct.unpack("<I", header[16:20])[0] == zlib.crc32(header[:16] + bytes(4) + header[20:])
+    current, other, first_usable, last_usable = struct.unpack("<QQQQ", header[24:56])
+    array_lba, count, size, crc = struct.unpack("<QIII", header[72:92])
+    array = read_at(raw, array_lba * 512, count * size)
+    assert zlib.crc32(array) == crc
+    return {"current": current, "other": other, "first_usable": first_usable, "last_usable": last_usable,
+            "array_lba": array_lba, "array": array}
+
+
+def check_padded_gpt(raw: Path) -> None:
+    """A whole-GiB disk whose GPT is written for that size: the backup header is the last LBA."""
+    last = raw.stat().st_size // 512 - 1
+    primary, backup = gpt_at(raw, 1), gpt_at(raw, last)
+    assert (primary["current"], primary["other"], backup["current"], backup["other"]) == (1, last, last, 1)
+    assert primary["array"] == backup["array"] and backup["array_lba"] == last - 32
+    assert primary["last_usable"] == backup["last_usable"] == last - 33
 
 
 # ---- tplus-overlay -----------------------------------------------------------------------------------------
@@ -480,11 +527,14 @@ def test_tplus_build_publishes_a_gce_tarball_and_the_outputs_the_lock_needs(tool
     assert result.returncode == 0, result.stderr
 
     tarball = tools.object(f"{spec.input_hash}/disk.tar.gz")
-    disk = check_gce_tarball(tarball)
+    disk = check_gce_tarball(tarball, tmp_path / "x")
     assert tarball.read_bytes() == (out / "disk.tar.gz").read_bytes()
+    assert tarball.stat().st_size < 1 << 20  # padded with a hole: the tarball stays small
     # the disk bitbake made holds the verified guest, the overlay init script and the rewritten recipe
-    assert disk[1 << 20:(1 << 20) + len(GUEST_BYTES)] == GUEST_BYTES
-    assert disk[2 << 20:(2 << 20) + len(INIT_SCRIPT)] == INIT_SCRIPT.encode()
+    assert read_at(disk, 1 << 20, len(GUEST_BYTES)) == GUEST_BYTES
+    assert read_at(disk, 2 << 20, len(INIT_SCRIPT)) == INIT_SCRIPT.encode()
+    check_padded_gpt(disk)  # bitbake made 8 MiB: padded to 1 GiB, its GPT rewritten for that size
+    assert "padding it to a whole GiB" in tools.object(f"{spec.input_hash}/build.log").read_text()
     sha256 = hashlib.sha256(tarball.read_bytes()).hexdigest()
     assert tools.object(f"{spec.input_hash}/disk.tar.gz.sha256").read_text() == f"{sha256}  disk.tar.gz\n"
 
@@ -507,6 +557,70 @@ def test_tplus_build_publishes_a_gce_tarball_and_the_outputs_the_lock_needs(tool
     full = json.loads((out / "outputs.json").read_text())
     assert full["details"]["guest_sha256"] == GUEST_SHA256
     lock.merge(lock.LockFile(version=1), {"images": {digest: entry}})  # what make lock does
+
+
+def test_a_disk_that_is_not_whole_gib_and_has_no_gpt_is_refused(tools, tmp_path):
+    spec = tplus_spec()
+    result = tools.run(local_script(spec, tmp_path / "out"), FAKE_NO_GPT="1")
+    assert result.returncode != 0
+    assert (f"disk.raw is {8 << 20} bytes, not a whole number of GiB (1073741824 bytes); GCE imports raw disks only "
+            "in whole GB, and this one has no GPT to rewrite for a padded size") in result.stderr
+    assert not tools.object(f"{spec.input_hash}/disk.tar.gz").exists()
+    assert not tools.object(f"{spec.input_hash}/outputs.json").exists()
+
+
+def make_gpt(path: Path, size: int) -> None:
+    configdisk.write_gpt(str(path), size, "dstack-rootfs", configdisk.DATA_DISK_GUID, configdisk.DATA_PART_GUID,
+                         configdisk.LINUX_DATA_TYPE)
+
+
+def test_pad_gpt_disk_rewrites_the_gpt_for_the_padded_size(tmp_path):
+    disk = tmp_path / "disk.raw"
+    make_gpt(disk, 5 << 20)
+    with disk.open("r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"partition data")
+    before = gpt_at(disk, 1)
+    assert buildscript.pad_gpt_disk(str(disk), 1 << 30) == 1 << 30 == disk.stat().st_size
+    assert disk.stat().st_blocks * 512 < 8 << 20  # the padding is a hole
+    check_padded_gpt(disk)
+    after = gpt_at(disk, 1)
+    assert after["array"] == before["array"]  # the partition itself is unchanged (it still ends where it did)
+    assert struct.unpack("<QQ", after["array"][32:48]) == (2048, (5 << 20) // 512 - 34)
+    assert after["first_usable"] == before["first_usable"] and after["array_lba"] == before["array_lba"] == 2
+    assert read_at(disk, 1 << 20, 14) == b"partition data"
+    assert struct.unpack("<I", read_at(disk, 458, 4))[0] == (1 << 30) // 512 - 1  # protective MBR spans the disk
+    assert read_at(disk, (5 << 20) - 512, 8) == bytes(8)  # the old backup header is gone
+    # what GPT tools check: the padded disk is the same layout write_gpt gives a 1 GiB disk, but the partition
+    fresh = tmp_path / "fresh.raw"
+    make_gpt(fresh, 1 << 30)
+    assert {k: v for k, v in gpt_at(fresh, 1).items() if k != "array"} == {k: v for k, v in after.items() if k != "array"}
+    # already whole GiB: untouched
+    untouched = disk.read_bytes()[:4096]
+    assert buildscript.pad_gpt_disk(str(disk), 1 << 30) == 1 << 30 and disk.read_bytes()[:4096] == untouched
+
+
+def test_pad_gpt_disk_runs_from_its_own_source_and_refuses_what_it_cannot_pad(tmp_path):
+    """The build step runs PAD_PROGRAM with python3 -c: the function must stand alone."""
+    disk = tmp_path / "disk.raw"
+    make_gpt(disk, 3 << 20)
+    run = subprocess.run([sys.executable, "-I", "-c", buildscript.PAD_PROGRAM, str(disk), str(1 << 30)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    check_padded_gpt(disk)
+    plain = tmp_path / "plain.raw"
+    plain.write_bytes(bytes(4 << 20))
+    run = subprocess.run([sys.executable, "-I", "-c", buildscript.PAD_PROGRAM, str(plain), str(1 << 30)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "no GPT header at LBA 1" in run.stderr and plain.stat().st_size == 4 << 20
+    corrupt = tmp_path / "corrupt.raw"
+    make_gpt(corrupt, 3 << 20)
+    with corrupt.open("r+b") as f:
+        f.seek(2 * 512 + 40)
+        f.write(b"\xff")
+    run = subprocess.run([sys.executable, "-I", "-c", buildscript.PAD_PROGRAM, str(corrupt), str(1 << 30)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "partition array's CRC32 does not match" in run.stderr
 
 
 def test_tplus_recipe_is_patched_as_upstream_requires(tools, tmp_path):
@@ -571,7 +685,7 @@ def test_two_runs_give_identical_tarball_bytes(tools, tmp_path):
     time.sleep(1.1)  # every file of the second run has a different mtime
     assert tools.run(local_script(spec, second, bucket=None)).returncode == 0
     assert (first / "disk.tar.gz").read_bytes() == (second / "disk.tar.gz").read_bytes()
-    assert check_gce_tarball(first / "disk.tar.gz")
+    assert check_gce_tarball(first / "disk.tar.gz", tmp_path / "x").stat().st_size == 1 << 30
 
 
 def test_unchanged_inputs_never_rebuild(tools, tmp_path):
@@ -652,7 +766,7 @@ def test_hostile_paths_are_inert(tools, tmp_path):
     script = local_script(spec, out, bucket=None, guest_location=str(guest), work_dir=str(tmp_path / "work"))
     result = tools.run(script, path=tmp_path / HOSTILE / "build.sh")
     assert result.returncode == 0, result.stderr
-    assert check_gce_tarball(out / "disk.tar.gz")
+    assert check_gce_tarball(out / "disk.tar.gz", tmp_path / "x").stat().st_size == 1 << 30
     assert (tmp_path / "work" / "tree-a" / "srcs" / "poky" / "meta-dstack").is_dir()
     assert (out / "build.log").is_file() and (out / "disk.tar.gz.sha256").is_file()
     assert json.loads((out / "outputs.json").read_text())["artifact"]["file"] == str(out / "disk.tar.gz")
@@ -730,7 +844,14 @@ def test_dstack_os_build_publishes_the_measured_hashes(tools, tmp_path):
     assert result.returncode == 0, result.stderr
     built = out / "work" / "src" / "meta-dstack" / "repro-build" / "build-a" / "images" / "dstack-0.6.0.a2"
     tarball = tools.object(f"{spec.input_hash}/disk.tar.gz")
-    assert check_gce_tarball(tarball) == (built / "disk.raw").read_bytes()
+    published = check_gce_tarball(tarball, tmp_path / "x")
+    made = (built / "disk.raw").read_bytes()  # 4 MiB, as the release aligns it
+    assert len(made) == 4 << 20 and published.stat().st_size == 1 << 30
+    check_padded_gpt(published)
+    # everything but the GPT structures is the release's bytes: the partitions' data did not move
+    end = len(made) - 33 * 512  # where the release's backup partition array began
+    assert read_at(published, 1024, end - 1024) == made[1024:end]
+    assert read_at(published, end, 33 * 512) == bytes(33 * 512)  # the old backup structures are gone
     digest, entry = parse_outputs(tools.object(f"{spec.input_hash}/outputs.json").read_text(),
                                   expect_input_hash=spec.input_hash)
     assert entry["artifact"]["sha256"] == hashlib.sha256(tarball.read_bytes()).hexdigest()

@@ -130,7 +130,30 @@ def test_scripts_pass_shellcheck(tmp_path):
         assert result.returncode == 0, result.stdout
 
 
-def test_data_disk_image_is_a_gpt_with_one_dstack_data_partition(tmp_path):
+def read_at(path: Path, offset: int, length: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def parse_gpt(raw: Path, lba: int) -> dict:
+    """The GPT header at ``lba`` and its partition array, checked as UEFI 2.x defines them (CRC32 of the
+    92-byte header with its own CRC zeroed, CRC32 of the array)."""
+    header = read_at(raw, lba * 512, 92)
+    assert header[:8] == b"EFI PART"
+    zeroed = header[:16] + b"\0\0\0\0" + header[20:]
+    assert struct.unpack("<I", header[16:20])[0] == zlib.crc32(zeroed)
+    current, backup, first_usable, last_usable = struct.unpack("<QQQQ", header[24:56])
+    array_lba, count, size, array_crc = struct.unpack("<QIII", header[72:92])
+    array = read_at(raw, array_lba * 512, count * size)
+    assert array_crc == zlib.crc32(array)
+    first, last = struct.unpack("<QQ", array[32:48])
+    return {"current": current, "backup": backup, "first_usable": first_usable, "last_usable": last_usable,
+            "array_lba": array_lba, "partition": (first, last),
+            "name": array[56:128].decode("utf-16-le").rstrip("\0"), "array": array}
+
+
+def test_data_disk_image_is_a_whole_gib_gpt_with_one_dstack_data_partition(tmp_path):
     images = []
     for name in ("a", "b"):
         out = tmp_path / name
@@ -140,19 +163,60 @@ def test_data_disk_image_is_a_gpt_with_one_dstack_data_partition(tmp_path):
         assert result.returncode == 0, result.stderr
         images.append((out / "disk.tar.gz").read_bytes())
     assert images[0] == images[1]
-    raw = raw_of(tmp_path / "a" / "disk.tar.gz", tmp_path).read_bytes()
-    assert raw[510:512] == b"\x55\xaa" and raw[450] == 0xEE
-    header = raw[512:512 + 92]
-    assert header[:8] == b"EFI PART"
-    zeroed = header[:16] + b"\0\0\0\0" + header[20:]
-    assert struct.unpack("<I", header[16:20])[0] == zlib.crc32(zeroed)
-    entries = raw[1024:1024 + 128 * 128]
-    assert struct.unpack("<I", header[88:92])[0] == zlib.crc32(entries)
-    first_lba, last_lba = struct.unpack("<QQ", entries[32:48])
-    assert first_lba == 2048 and last_lba > first_lba
-    assert entries[56:128].decode("utf-16-le").rstrip("\0") == cd.DATA_PARTITION_LABEL
-    backup = raw[-512:-512 + 8]
-    assert backup == b"EFI PART"
+    assert len(images[0]) < 64 * 1024  # sparse in the tarball: a GiB of zeros costs nothing
+    raw = raw_of(tmp_path / "a" / "disk.tar.gz", tmp_path)
+    size = raw.stat().st_size
+    assert size == cd.DATA_IMAGE_BYTES == 1 << 30 and size % cd.GIB == 0  # what GCE imports
+    last_lba = size // 512 - 1
+    mbr = read_at(raw, 0, 512)
+    assert mbr[510:512] == b"\x55\xaa" and mbr[450] == 0xEE
+    assert struct.unpack("<I", mbr[458:462])[0] == last_lba  # the protective MBR covers the padded disk
+    primary, backup = parse_gpt(raw, 1), parse_gpt(raw, last_lba)
+    # written for the padded size: the backup header is the last LBA, each header points at the other
+    assert (primary["current"], primary["backup"]) == (1, last_lba)
+    assert (backup["current"], backup["backup"]) == (last_lba, 1)
+    assert backup["array_lba"] == last_lba - 32 and primary["array_lba"] == 2
+    assert primary["array"] == backup["array"]
+    assert primary["last_usable"] == backup["last_usable"] == last_lba - 33
+    assert primary["partition"] == (2048, last_lba - 33)  # one partition up to the end of the padded disk
+    assert primary["name"] == cd.DATA_PARTITION_LABEL
+    if shutil.which("sgdisk"):  # an independent reader, where installed
+        verify = subprocess.run(["sgdisk", "-v", str(raw)], capture_output=True, text=True)
+        assert "No problems found" in verify.stdout, verify.stdout
+
+
+def test_config_disk_is_padded_to_a_whole_gib_and_stays_readable(tmp_path):
+    tarball = build(tmp_path)
+    assert tarball.stat().st_size < 64 * 1024
+    raw = raw_of(tarball, tmp_path)
+    assert raw.stat().st_size == cd.GIB
+    assert raw.stat().st_blocks * 512 < 16 * 1024 * 1024  # the padding is a hole, not written zeros
+    label = subprocess.run(["e2label", str(raw)], capture_output=True, text=True, check=True).stdout.strip()
+    assert label == cd.LABEL
+    assert subprocess.run(["debugfs", "-R", f"cat /{cd.APP_COMPOSE}", str(raw)], capture_output=True,
+                          check=True).stdout == FILES[cd.APP_COMPOSE]
+    # the filesystem keeps its own size; only the disk is padded
+    blocks = subprocess.run(["dumpe2fs", "-h", str(raw)], capture_output=True, text=True, check=True).stdout
+    fields = dict(line.split(":", 1) for line in blocks.splitlines() if ":" in line)
+    fs_bytes = int(fields["Block count"]) * int(fields["Block size"])
+    assert fs_bytes == cd.image_mib(FILES) * cd.MIB < cd.GIB
+
+
+def test_padding_rounds_up_to_whole_gib():
+    assert cd.padded_bytes(1) == cd.GIB and cd.padded_bytes(cd.GIB) == cd.GIB
+    assert cd.padded_bytes(cd.GIB + 1) == 2 * cd.GIB and cd.padded_bytes(0) == cd.GIB
+    big = {cd.APP_COMPOSE: b"x" * (50 * cd.MIB), cd.SYS_CONFIG: b"{}", cd.USER_CONFIG: b"y" * (50 * cd.MIB)}
+    script = cd.build_script(big, None)
+    assert f"truncate -s {cd.GIB} " in script and f"truncate -s {cd.image_mib(big)}M " in script
+
+
+def test_object_paths_are_new_for_padded_disks():
+    """An unpadded object an earlier run uploaded (GCE refused to import it) is never reused: the steps
+    skip objects that exist, so the padded layout has its own paths."""
+    upload = cd.Upload("acme-images", "config-disks/dev")
+    assert upload.object_url("d" * 64) == f"gs://acme-images/config-disks/dev/{'d' * 64}/gib/disk.tar.gz"
+    assert cd.data_image_url(upload) == "gs://acme-images/config-disks/dev/data-disk-v2/disk.tar.gz"
+    assert "data-disk-v2/disk.tar.gz" in cd.data_disk_script(upload)
 
 
 def dstack_stack(public_logs: bool) -> dict:
@@ -196,3 +260,16 @@ def test_config_change_replaces_the_config_disk_stops_the_node_and_spares_the_da
     assert [d["deviceName"] for d in instance.inputs["attachedDisks"]] == ["data", "dstack-config"]
     expected = after_plan.measurements["app:mpc-dstack"]
     assert expected["os_image_hash"] == "c" * 64 and expected["machine_type"] == "c3-standard-4"
+
+
+def test_the_reset_onto_a_new_config_disk_waits_for_the_cloud_nat():
+    """The reset guest pulls its containers through the region's Cloud NAT (no external address): the
+    reset runs after the NAT exists (before, it could run first on a new stack)."""
+    from tests.plans import shipped_plan
+
+    plan = shipped_plan("dev")
+    (reset,) = [r for r in plan.resources if r.name == "apps-0-apply-config"]
+    (nat,) = [r for r in plan.resources if r.type == "gcp:compute/routerNat:RouterNat"]
+    (instance,) = [r for r in plan.resources if r.type == "gcp:compute/instance:Instance" and r.name == "apps-0"]
+    assert nat.urn in reset.dependencies and instance.urn in reset.dependencies
+    assert reset.inputs["update"].startswith("gcloud compute instances reset fleet-dev-apps-0 ")

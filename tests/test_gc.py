@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet.apps.configdisk import DATA_IMAGE_VERSION
 from fleet.cli import gc as gc_cli
 from fleet.images import lock as fleet_lock
 from fleet.plan.planner import build_plan
@@ -100,9 +101,10 @@ def test_env_images_are_marked_then_deleted_and_never_one_a_disk_was_made_from(c
     _, config = load_config(ROOT, "dev")
     keeps = gc.keeps_for_env(config, ROOT, fleet_lock.load(ROOT))
     (current,) = [n for n in keeps.images if "-cfg-" in n]
+    (data,) = [n for n in keeps.images if n.startswith("fleet-dev-dstack-data")]
     gcloud = setup(images=[
         image(current, mark=OLD),                      # named again: unmarked
-        image("fleet-dev-dstack-data"),                # named: kept
+        image(data),                                   # named: kept
         image("fleet-dev-apps-0-cfg-000000000001"),    # an old config version: marked now
         image("fleet-dev-apps-0-cfg-000000000002", OLD),     # unnamed for 40 days: deleted
         image("fleet-dev-apps-0-cfg-000000000003", RECENT),  # unnamed for 10 days: waits
@@ -125,7 +127,7 @@ def test_env_images_are_marked_then_deleted_and_never_one_a_disk_was_made_from(c
 
     gc_cli.run(ROOT, config, apply_changes=True, cloud=gcloud, now=NOW)
     after = {i["name"]: i["labels"].get(gc.MARK) for i in json.loads(state.read_text())["images"]}
-    assert after == {current: None, "fleet-dev-dstack-data": None,
+    assert after == {current: None, data: None,
                      "fleet-dev-apps-0-cfg-000000000001": gc.mark_value(NOW),
                      "fleet-dev-apps-0-cfg-000000000003": RECENT,
                      "fleet-dev-img-000000000004": OLD, "fleet-prod-img-000000000005": OLD}
@@ -139,7 +141,7 @@ def test_bucket_artifacts_the_lock_or_a_stack_names_stay_and_foreign_objects_are
     old_hash = "9" * 64
     objects = [
         {"name": kept_config.split("/", 1)[1] + "disk.tar.gz"},
-        {"name": "config-disks/dev/data-disk-v1/disk.tar.gz"},
+        {"name": f"config-disks/dev/data-disk-{DATA_IMAGE_VERSION}/disk.tar.gz"},
         {"name": f"config-disks/dev/{'1' * 64}/disk.tar.gz", "custom_fields": {gc.MARK: OLD}},
         {"name": f"{old_hash}/disk.tar.gz", "custom_fields": {gc.MARK: OLD}},
         {"name": f"{old_hash}/build.log"},
@@ -154,7 +156,7 @@ def test_bucket_artifacts_the_lock_or_a_stack_names_stay_and_foreign_objects_are
     assert f"{old_hash}/disk.tar.gz" not in left and f"config-disks/dev/{'1' * 64}/disk.tar.gz" not in left
     assert left["notes/README.txt"] == OLD and left[f"config-disks/qa/{'2' * 64}/disk.tar.gz"] == OLD
     assert left[f"{old_hash}/build.log"] == gc.mark_value(NOW)
-    assert left["config-disks/dev/data-disk-v1/disk.tar.gz"] is None
+    assert left[f"config-disks/dev/data-disk-{DATA_IMAGE_VERSION}/disk.tar.gz"] is None
 
     # a build the lock records (or a failure it keeps the log of) is named: its folder stays
     locked, _ = fleet_lock.merge(fleet_lock.load(project.root), {"lockEntries": {"failed": {old_hash: {
@@ -170,7 +172,7 @@ def test_the_plan_lists_what_each_stack_keeps():
     _, config = load_config(ROOT, "dev")
     keeps = gc.keeps_for_env(config, ROOT, fleet_lock.load(ROOT))
     assert dev == keeps.summary(30) and dev["retentionDays"] == 30
-    assert any("-cfg-" in n for n in dev["keepsImages"]) and "fleet-dev-dstack-data" in dev["keepsImages"]
+    assert any("-cfg-" in n for n in dev["keepsImages"]) and any(n.startswith("fleet-dev-dstack-data") for n in dev["keepsImages"])
     images = build_plan(ROOT, "images").outputs["gc"]
     hosts = build_plan(ROOT, "images").outputs["buildHosts"]
     assert {f"{BUCKET}/{h}/" for h in hosts} <= set(images["keepsObjects"])  # builds still running stay

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fleet.images import lock as fleet_lock
 from fleet.nodes import boot_images
 from fleet.plan.planner import build_plan

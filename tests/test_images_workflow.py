@@ -18,8 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import ROOT
+from .test_deploy import ENCRYPTED_KEY
 from .test_buildscript import FAKE_GCLOUD, RECORD
 from .test_workflows import FAKE_GH, executable, github_bash, step_named, workflow
 
@@ -38,6 +40,14 @@ if "select" in args:
 if args[:2] == ["stack", "output"] or args[2:4] == ["stack", "output"]:
     # container builds ran where `up` ran; this play is about the image builds
     print(json.dumps({{"lockEntries": {{"containers": {{}}}}}}))
+    sys.exit(0)
+if "export" in args:  # the checkpoint format of `pulumi stack export`, from what this fake up recorded
+    stack = args[args.index("--stack") + 1]
+    state_file = os.path.join(cloud, "state-" + stack + ".json")
+    state = json.load(open(state_file)) if os.path.exists(state_file) else {{}}
+    print(json.dumps({{"version": 3, "deployment": {{"resources": [
+        {{"urn": u, "type": r["type"], "custom": True, "inputs": r["inputs"], "outputs": r["inputs"]}}
+        for u, r in sorted(state.items())]}}}}))
     sys.exit(0)
 if "up" in args:
     stack = args[args.index("--stack") + 1]
@@ -113,6 +123,11 @@ def play(tmp_path, project):
     # the steps run in the checkout, here the project copy; its code and .venv are this repository's
     shutil.copy(ROOT / "Makefile", project.root / "Makefile")
     (project.root / ".venv").symlink_to(ROOT / ".venv")
+    # an images stack initialised once by the operator (README "First time in a new GCP project")
+    stack_file = project.root / "stacks" / "Pulumi.images.yaml"
+    document = yaml.safe_load(stack_file.read_text())
+    document["encryptedkey"] = ENCRYPTED_KEY
+    stack_file.write_text(yaml.safe_dump(document, sort_keys=False))
     cloud, bin_dir, gcs, temp = (tmp_path / d for d in ("cloud", "bin", "gcs", "runner-temp"))
     for d in (cloud, bin_dir, gcs, temp):
         d.mkdir()

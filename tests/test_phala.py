@@ -66,6 +66,12 @@ if args[0] == "deploy":
     print(json.dumps({{"success": True, "vm_uuid": cvm["vm_uuid"], "name": name, "app_id": cvm["app_id"],
                       "dashboard_url": "https://cloud.phala.network/dashboard/cvms/" + cvm["vm_uuid"]}}, indent=2))
 elif args[:2] == ["cvms", "get"]:
+    if os.environ.get("FAKE_PHALA_GET_FAIL"):  # an API error that says nothing about the CVM
+        print(json.dumps({{"success": False, "error": os.environ["FAKE_PHALA_GET_FAIL"]}}))
+        sys.exit(1)
+    if args[2] not in state:  # as the CLI's cvms get: "CVM not found", exit 1
+        print(json.dumps({{"success": False, "error": "CVM not found"}}))
+        sys.exit(1)
     cvm = state[args[2]]
     print(json.dumps({{"id": "cvm_1", "name": cvm["name"], "app_id": cvm["app_id"], "vm_uuid": cvm["vm_uuid"],
                       "status": "running", "compose_hash": cvm["compose_hash"], "in_progress": False,
@@ -118,7 +124,7 @@ def with_phala_app(config):
     config["dstack-fleet:containers"]["hello"] = {"external": {
         "image": "docker.io/acme/hello", "digest": HELLO_DIGEST, "digestKind": "manifest", "source": "test"}}
     phala_entry(config)["secretEnv"] = {"GREETING": "greeting"}
-    config["dstack-fleet:secrets"]["greeting"] = {"secure": "v1:placeholder"}
+    config.setdefault("dstack-fleet:secrets", {})["greeting"] = {"secure": "v1:placeholder"}
 
 
 def dev_app(project, change=with_phala_app, secrets=None):
@@ -144,7 +150,8 @@ def test_create_update_delete_scripts_against_the_fake_cli(project, fake_cli):
     created = fake_cli.run(phala.create_script(app, target, with_env=True, with_pre_launch=False),
                            stdin=app.compose_text, **secrets)
     assert created.returncode == 0, created.stderr
-    deploy, get = fake_cli.calls()
+    lookup, deploy, get = fake_cli.calls()
+    assert lookup["argv"] == ["cvms", "get", "hello-dev", "--json"]  # nothing left by an earlier run
     assert deploy["argv"] == ["deploy", "--json", "--name", "hello-dev", "--instance-type", "tdx.small", "--kms",
                               "phala", "--no-dev-os", "--no-listed", "--compose",
                               "docker-compose.yml", "--public-logs", "--public-sysinfo", "-e", "app.env"]
@@ -164,7 +171,7 @@ def test_create_update_delete_scripts_against_the_fake_cli(project, fake_cli):
     updated = fake_cli.run(phala.update_script(app, target, with_env=True, with_pre_launch=False),
                            stdin=app.compose_text + "# changed\n", **secrets)
     assert updated.returncode == 0, updated.stderr
-    deploy = fake_cli.calls()[2]
+    deploy = fake_cli.calls()[3]
     assert deploy["argv"][:4] == ["deploy", "--json", "--cvm-id", "hello-dev"] and deploy["argv"][-1] == "--wait"
     assert "--name" not in deploy["argv"] and deploy["compose"].endswith("# changed\n")
     after = phala.parse_cvm_info(updated.stdout)
@@ -179,6 +186,40 @@ def test_create_update_delete_scripts_against_the_fake_cli(project, fake_cli):
     for call in fake_cli.calls():
         assert API_KEY not in " ".join(call["argv"]) and GREETING not in json.dumps(call)
         assert "PHALA_CLOUD_API_KEY" in call["env_names"]
+
+
+def test_a_create_adopts_the_cvm_an_interrupted_run_left_behind(project, fake_cli):
+    """The CLI made the CVM, then the run was interrupted before Pulumi recorded it: the next `up` creates
+    again. Before, that made a second CVM of the same name; now the create updates the one that exists."""
+    _, _, app = dev_app(project)
+    target = app.config.phala
+    env = {"PHALA_CLOUD_API_KEY": API_KEY, phala.APP_ENV: phala.env_file({"GREETING": GREETING})}
+    script = phala.create_script(app, target, with_env=True, with_pre_launch=False)
+    first = fake_cli.run(script, stdin=app.compose_text, **env)
+    assert first.returncode == 0, first.stderr
+    before = json.loads(fake_cli.state.read_text())
+    # the interrupted run's CVM is still there; the create runs again with a changed compose
+    again = fake_cli.run(script, stdin=app.compose_text + "# retried\n", **env)
+    assert again.returncode == 0, again.stderr
+    after = json.loads(fake_cli.state.read_text())
+    assert list(after) == ["hello-dev"] and after["hello-dev"]["vm_uuid"] == before["hello-dev"]["vm_uuid"]
+    deploys = [c["argv"] for c in fake_cli.calls() if c["argv"][0] == "deploy"]
+    assert deploys[0][2:4] == ["--name", "hello-dev"]
+    assert deploys[1][2:4] == ["--cvm-id", "hello-dev"] and deploys[1][-1] == "--wait"  # an in-place update
+    assert "a CVM named hello-dev exists (left by an interrupted run): updating it in place" in again.stderr
+    assert phala.parse_cvm_info(again.stdout)["cvmId"] == before["hello-dev"]["vm_uuid"]
+
+
+def test_a_create_that_cannot_tell_whether_its_cvm_exists_makes_none(project, fake_cli):
+    _, _, app = dev_app(project)
+    script = phala.create_script(app, app.config.phala, with_env=False, with_pre_launch=False)
+    failed = fake_cli.run(script, stdin=app.compose_text, PHALA_CLOUD_API_KEY=API_KEY,
+                          FAKE_PHALA_GET_FAIL="Request timed out after 30s")
+    assert failed.returncode != 0 and failed.stdout == ""
+    assert "cannot tell whether a CVM named hello-dev exists, so none is created:" in failed.stderr
+    assert "Request timed out after 30s" in failed.stderr
+    assert [c["argv"][0] for c in fake_cli.calls()] == ["cvms"]  # no deploy ran
+    assert not fake_cli.state.exists() or json.loads(fake_cli.state.read_text()) == {}
 
 
 def test_a_failing_cli_fails_the_step_with_its_message(project, fake_cli):

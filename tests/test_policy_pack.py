@@ -144,9 +144,7 @@ def pack_venv(env: dict[str, str]) -> Path:
     return venv
 
 
-@pytest.fixture(scope="module")
-def pack_server():
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+def start_pack(env: dict[str, str]):
     python = pack_venv(env) / "bin" / "python"
     # the engine runs `python -u -m pulumi.policy <engine address> <program>` in the pack directory
     process = subprocess.Popen([str(python), "-u", "-m", "pulumi.policy", "127.0.0.1:1", str(PACK / "__main__.py")],
@@ -170,12 +168,32 @@ def pack_server():
         process.wait(timeout=10)
 
 
+def pack_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME",
+                                                            rules.PULUMI_CONFIG_ENV)}
+    return env | extra
+
+
+@pytest.fixture(scope="module")
+def pack_server():
+    """The pack as started without the stack's configuration (as no CLI run does): it must not guess."""
+    yield from start_pack(pack_env())
+
+
+@contextlib.contextmanager
+def stub(port: int):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=20)
+    try:
+        yield analyzer_pb2_grpc.AnalyzerStub(channel)
+    finally:
+        channel.close()
+
+
 @pytest.fixture(scope="module")
 def analyzer(pack_server):
-    channel = grpc.insecure_channel(f"127.0.0.1:{pack_server['port']}")
-    grpc.channel_ready_future(channel).result(timeout=20)
-    yield analyzer_pb2_grpc.AnalyzerStub(channel)
-    channel.close()
+    with stub(pack_server["port"]) as client:
+        yield client
 
 
 def test_pack_environment_holds_only_its_own_requirements(pack_server):
@@ -273,6 +291,62 @@ def test_served_pack_checks_tdx_nodes_across_the_stack(analyzer):
     tdx = [d for d in response.diagnostics if d.policyName == "tdx-only"]
     assert [(d.urn, d.enforcementLevel) for d in tdx] == [(node_urn, analyzer_pb2.MANDATORY)]
     assert "lack TDX_CAPABLE" in tdx[0].message
+
+
+PROD_ADDRESS_URN = ("urn:pulumi:prod::dstack-fleet::dstack-fleet:nodes:OverlayNode$gcp:compute/address:Address::"
+                    "overlay-0-address")
+
+
+def test_served_pack_without_a_tier_refuses_instead_of_assuming_prod(analyzer):
+    """No --policy-pack-config and no stack configuration: a rule that depends on the tier reports that it
+    was given none (mandatory), and the other rules still run."""
+    analyzer.Configure(analyzer_pb2.ConfigureAnalyzerRequest())  # as the engine does with no config file
+    info = analyzer.GetAnalyzerInfo(empty_pb2.Empty())
+    assert {p.enforcementLevel for p in info.policies} == {analyzer_pb2.MANDATORY}
+    diagnostics = _analyze(analyzer, "gcp:compute/address:Address", PROD_ADDRESS_URN, {"addressType": "INTERNAL"})
+    # the two rules that read the tier refuse, each once for this resource
+    assert sorted((d.policyName, d.enforcementLevel) for d in diagnostics) == [
+        ("data-safety", analyzer_pb2.MANDATORY), ("unsafe-peer-delivery", analyzer_pb2.MANDATORY)]
+    for diagnostic in diagnostics:
+        assert "the dstack-fleet policy pack was given no tier" in diagnostic.message
+        assert "python -m fleet policy-config --stack <stack>" in diagnostic.message
+    ssh = {d.policyName for d in _analyze(analyzer, "gcp:compute/firewall:Firewall", FIREWALL_URN, OPEN_SSH)}
+    assert ssh == {"no-open-ingress", "data-safety", "unsafe-peer-delivery"}  # the rest still runs
+
+
+def test_served_pack_reads_the_tier_from_the_stack_configuration_the_cli_passes():
+    """The CLI starts the pack with the stack's configuration in PULUMI_CONFIG: dev's rules are advisory
+    and prod-only checks do not apply, without any --policy-pack-config."""
+    dev = json.dumps({"dstack-fleet:role": "env", "dstack-fleet:tier": "dev", "gcp:project": "acme-tee-dev"})
+    for server in start_pack(pack_env(**{rules.PULUMI_CONFIG_ENV: dev})):
+        with stub(server["port"]) as client:
+            info = client.GetAnalyzerInfo(empty_pb2.Empty())
+            assert {p.enforcementLevel for p in info.policies} == {analyzer_pb2.ADVISORY}
+            assert list(_analyze(client, "gcp:compute/address:Address", PROD_ADDRESS_URN,
+                                 {"addressType": "INTERNAL"})) == []  # prod-only: not in dev
+            (ssh,) = _analyze(client, "gcp:compute/firewall:Firewall", FIREWALL_URN, OPEN_SSH)
+            assert ssh.enforcementLevel == analyzer_pb2.ADVISORY
+
+
+@pytest.mark.parametrize("config, tier", [
+    ({"dstack-fleet:role": "env", "dstack-fleet:tier": "staging"}, "staging"),
+    ({"dstack-fleet:role": "env", "dstack-fleet:tier": "prod"}, "prod"),
+    ({"dstack-fleet:role": "images"}, "none"),
+    ({"dstack-fleet:role": "bootstrap"}, "none"),
+    ({"dstack-fleet:role": "env"}, None),
+    ({}, None),
+])
+def test_stack_tier_comes_from_the_stack_configuration(config, tier):
+    environ = {rules.PULUMI_CONFIG_ENV: json.dumps(config)}
+    assert rules.stack_tier(environ) == tier
+    assert rules.pack_enforcement(environ) == ("mandatory" if tier != "dev" else "advisory")
+    if tier is None:
+        with pytest.raises(rules.PackConfigMissing, match="does not guess one"):
+            rules.context_from_policy_config({}, environ)
+    else:
+        assert rules.context_from_policy_config({}, environ).tier == (None if tier == "none" else tier)
+    # the generated config wins over the stack configuration
+    assert rules.context_from_policy_config({"tier": "dev"}, environ).tier == "dev"
 
 
 # ---------------------------------------------------------------------------------------------

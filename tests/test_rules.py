@@ -765,10 +765,12 @@ def test_context_from_config_reads_the_stack(repo_root):
     assert context.public_ports == frozenset() and context.external_ip_groups == frozenset()
 
 
-def test_crossguard_without_config_assumes_prod():
-    context = rules.context_from_policy_config({})
-    assert context.prod
-    assert rules.context_from_policy_config({"tier": "none"}).tier is None
+def test_crossguard_without_config_or_stack_tier_refuses_instead_of_assuming_prod():
+    """Before, a missing --policy-pack-config meant prod: dev and staging previews failed on prod rules."""
+    with pytest.raises(rules.PackConfigMissing, match="it does not guess one"):
+        rules.context_from_policy_config({}, {})
+    assert rules.context_from_policy_config({"tier": "none"}, {}).tier is None
+    assert rules.context_from_policy_config({"tier": "prod"}, {}).prod
 
 
 def test_view_from_policy_reads_proxies_unknowns_and_assets():

@@ -196,7 +196,7 @@ def with_kms_env(config):
     app["keyProvider"] = "kms"
     app["kms"] = {"urls": ["https://kms.staging.acme.internal:8000"]}
     app["secretEnv"] = {"API_KEY": "apiKey"}
-    config["dstack-fleet:secrets"]["apiKey"] = {"secure": "v1:placeholder"}
+    config.setdefault("dstack-fleet:secrets", {})["apiKey"] = {"secure": "v1:placeholder"}
 
 
 def provider(secrets: dict[str, str]) -> VmProvider:
@@ -391,7 +391,7 @@ def test_a_graceful_shutdown_that_fails_falls_back_to_a_forced_stop(project):
         assert fake.bodies("UpdateVm") == [{"id": created.id, "vcpu": 16}]
 
 
-def test_diff_replaces_only_for_name_url_or_a_pinned_app_id_and_ignores_the_credential():
+def test_diff_replaces_only_for_name_url_or_a_pinned_app_id_and_reports_every_setting():
     _, _, app = staging_app()
     p = provider({"vmmToken": TOKEN})
     olds = {**vm_props(app, app.config.vmm), "vmId": "v", "envKey": "", "envDigest": ""}
@@ -400,10 +400,76 @@ def test_diff_replaces_only_for_name_url_or_a_pinned_app_id_and_ignores_the_cred
     renamed = p.diff("v", olds, {**olds, "name": "other"})
     assert renamed.replaces == ["name"] and renamed.delete_before_replace is True
     assert p.diff("v", olds, {**olds, "url": "https://other:9080"}).replaces == ["url"]
-    assert p.diff("v", olds, {**olds, "tokenSecret": "rotated", "stopTimeout": 9}).changes is False
+    # how the provider reaches the VMM is an in-place update too (state must follow it), never a replacement
+    for key, value in (("tokenSecret", "rotated"), ("stopTimeout", 9), ("apiVersion", "0.5.5"),
+                       ("trustedKmsSigners", ["0x02" + "ab" * 32]), ("pollInterval", 5), ("requestTimeout", 30)):
+        changed = p.diff("v", olds, {**olds, key: value})
+        assert changed.changes is True and changed.replaces == [], key
     assert p.diff("v", olds, {**olds, "appId": "cd" * 20}).changes is False  # the VM keeps its app id
     assert p.diff("v", {**olds, "appIdPinned": True}, {**olds, "appId": "cd" * 20, "appIdPinned": True}).replaces == ["appId"]
     assert p.diff("v", olds, {**olds, "diskSize": 600}).replaces == []
+
+
+def test_a_settings_change_updates_state_without_touching_the_vm_and_delete_uses_the_new_credential(project):
+    """Before: tokenSecret, apiVersion, stopTimeout and trustedKmsSigners changes were not reported, so state
+    kept the first ones and a delete after a credential rotation used the credential that no longer exists."""
+    _, _, app = staging_app()
+    rotated_token = "ops:rotated-credential-77"
+    with FakeVmm(auth="Basic " + base64.b64encode(TOKEN.encode()).decode()) as fake:
+        created = provider({"vmmToken": TOKEN}).create(props_for(app, fake))
+        # the operator stores the new credential under a new name and drops the old one
+        fake.auth = "Basic " + base64.b64encode(rotated_token.encode()).decode()
+        p = provider({"vmmTokenV2": rotated_token})
+        news = {**created.outs, "tokenSecret": "vmmTokenV2", "apiVersion": "0.5.5", "stopTimeout": 60}
+        news = {k: v for k, v in news.items() if k not in ("vmId", "status", "vmAppId")}
+        diff = p.diff(created.id, created.outs, news)
+        assert diff.changes is True and diff.replaces == []
+        fake.requests.clear()
+        updated = p.update(created.id, created.outs, news)
+        assert [m for m in fake.methods() if m not in ("GetInfo",)] == []  # the VM is not stopped or changed
+        assert (updated.outs["tokenSecret"], updated.outs["apiVersion"], updated.outs["stopTimeout"]) == (
+            "vmmTokenV2", "0.5.5", 60)
+        assert p.diff(created.id, updated.outs, news).changes is False
+        p.delete(created.id, updated.outs)  # with the credential state now names
+        assert fake.bodies("RemoveVm") == [{"id": created.id}] and fake.vms == {}
+
+
+def test_a_signer_list_that_no_longer_trusts_the_env_key_reencrypts_or_refuses(project, kms):
+    _, _, app = staging_app(project, with_kms_env)
+    secrets = {"vmmToken": TOKEN, "apiKey": SECRET_VALUE}
+    with FakeVmm() as vmmd:
+        p = provider(secrets)
+        props = props_for(app, vmmd, kmsUrls=[kms.url])
+        created = p.create(props)
+        signer = created.outs["kmsSigner"]
+        # pinning the signer the env was encrypted to: recorded, nothing re-encrypted
+        pinned = {**props, "trustedKmsSigners": [signer]}
+        assert p.diff(created.id, created.outs, pinned).changes is True
+        kept = p.update(created.id, created.outs, pinned)
+        assert vmmd.bodies("UpdateVm") == [] and kept.outs["encryptedEnv"] == created.outs["encryptedEnv"]
+        assert len(kms.bodies("GetAppEnvEncryptPubKey")) == 1
+        # a list without that signer: the env must be encrypted again, to a key the list accepts
+        other = "0x02" + "cd" * 32
+        moved = {**props, "trustedKmsSigners": [other]}
+        assert p.diff(created.id, kept.outs, moved).changes is True
+        with pytest.raises(core.VmmError, match=f"signed by {signer}, which is not a trusted KMS signer"):
+            p.update(created.id, kept.outs, moved)
+        assert vmmd.bodies("UpdateVm") == []  # nothing was sent with an untrusted key
+
+
+def test_app_targets_export_the_app_id_the_vmm_reports(project):
+    """An in-place compose update keeps the VM's first app id (the VMM does not change it), so the stack
+    exports what the VMM reports, not the id planned for the new compose."""
+    _, _, app = staging_app()
+    with FakeVmm(auth="Basic " + base64.b64encode(TOKEN.encode()).decode()) as fake:
+        p = provider({"vmmToken": TOKEN})
+        created = p.create(props_for(app, fake))
+        first = created.outs["vmAppId"]
+        _, _, changed = staging_app(project, lambda c: vmm_entry(c)["settings"].update(publicLogs=False))
+        news = props_for(changed, fake)
+        assert news["appId"] != first  # the planned id follows the compose
+        updated = p.update(created.id, created.outs, news)
+        assert updated.outs["vmAppId"] == first == fake.vms[created.id]["app_id"]
 
 
 def test_check_refuses_a_shrinking_disk():
@@ -561,8 +627,10 @@ def test_component_registers_the_vm_under_a_DstackApp_without_secrets(project, p
     assert outputs["composeHash"] == app.compose_hash and outputs["target"] == "vmm"
     if preview:
         assert str(outputs["instanceId"]) == "<computed>"
+        assert str(outputs["appId"]) == "<computed>"  # what the VMM reports, not the planned id
     else:
         assert uuid.UUID(outputs["instanceId"]) and outputs["status"] == "running"
+        assert outputs["appId"] == vm.inputs["appId"]  # the offline stand-in reports the id it was created with
 
 
 def test_no_target_for_gce_apps_or_pending_images():

@@ -272,8 +272,40 @@ def test_cloud_preview_runs_only_for_branches_of_this_repository():
     assert preview == {
         "command": "preview", "stack-name": "${{ matrix.stack }}", "work-dir": ".",
         "cloud-url": "${{ vars.PULUMI_BACKEND_URL }}", "pulumi-version-file": ".pulumi-version",
-        "policyPacks": "policies", "comment-on-pr": True, "diff": True,
+        "policyPacks": "policies", "policyPackConfigs": "${{ runner.temp }}/policy-config.json",
+        "comment-on-pr": True, "diff": True,
     }
+
+
+def test_cloud_preview_passes_the_generated_policy_pack_config_of_its_stack(tmp_path):
+    """Without it the pack ran every rule as mandatory prod rules, and dev and staging previews failed."""
+    job = workflow("preview")["jobs"]["cloud-preview"]
+    names = [action(s) or s.get("run") for s in steps(job)]
+    (config_step,) = [s for s in steps(job) if "policy-config" in s.get("run", "")]
+    assert names.index("make venv") < names.index(config_step["run"]) < names.index("pulumi/actions")
+    assert config_step["env"] == {"STACK": "${{ matrix.stack }}"}
+    # the step, run as the runner runs it, writes exactly the document make preview passes
+    from fleet.policy.rules import pack_config_for
+    from fleet.stacks.load import load_config
+
+    for stack in ENV_STACKS:
+        result = subprocess.run(["bash", "-e", "-c", config_step["run"]], cwd=ROOT, capture_output=True, text=True,
+                                env=dict(os.environ, STACK=stack, RUNNER_TEMP=str(tmp_path)))
+        assert result.returncode == 0, result.stderr
+        written = json.loads((tmp_path / "policy-config.json").read_text())
+        assert written == pack_config_for(load_config(ROOT, stack)[1])
+        assert written["data-safety"]["tier"] == stack
+        assert written["all"] == ("advisory" if stack == "dev" else "mandatory")
+
+
+def test_deploy_jobs_provide_an_authenticated_gcloud_before_up():
+    """The program runs gcloud where `pulumi up` runs (config-disk uploads, the reset after a new
+    configuration disk): each deploy job sets it up after authenticating, before `make up`."""
+    for stack, job in workflow("deploy")["jobs"].items():
+        names = [action(s) or s.get("run") for s in steps(job)]
+        assert (names.index("google-github-actions/auth") < names.index("google-github-actions/setup-gcloud")
+                < names.index('make up STACK="$STACK"')), stack
+        assert only_step(job, "google-github-actions/setup-gcloud")["with"] == {"version": ">= 363.0.0"}
 
 
 def test_only_the_poster_can_write_to_pull_requests_among_workflow_run_jobs():

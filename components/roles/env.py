@@ -28,7 +28,8 @@ from fleet.stacks.expectations import image_storage_fs, os_versions, plan_measur
 from fleet.images.versions import ImageVersion
 from fleet.gcp.naming import Namer
 from fleet.nodes.network import network_spec, public_ingress
-from fleet.plan.offline import is_real_update
+from fleet.plan.offline import is_offline_plan, is_real_update
+from fleet.stacks import readiness
 
 
 def build(config: StackConfig, namer: Namer, root: Path) -> None:
@@ -39,9 +40,11 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     apps = fleet_apps.plan_apps(config, lock, root, names.registry_path, registries=wiring.registries(names))
     upload = wiring.config_disk_upload(names, config.stack)
 
+    guard_secrets(config)
     network = Network("network", network_spec(config, namer, public_ingress(config, namer) + fleet.ingress),
                       config.gcp.project)
     guard_pending_images(config, namer, lock, versions)
+    guard_waiting_nodes(config, apps)
     images = image_versions(config, versions)
     deployed = deploy_nodes(config, namer, fleet, apps, images, network, upload)
     targets = deploy_app_targets(config, apps, deployed)
@@ -63,17 +66,37 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     export_overlay(fleet)
 
 
+def guard_secrets(config: StackConfig) -> None:
+    """A secret an app needs must be set before a real preview or update; the offline plan shows it as
+    ``[secret: not set]`` and says how to set it."""
+    missing = readiness.preview_refusals(config)
+    if missing and not is_offline_plan():
+        raise pulumi.RunError(f"{config.stack} refuses to deploy:\n" + "\n".join(missing))
+    for line in missing:
+        pulumi.log.warn(line)
+
+
 def guard_pending_images(config: StackConfig, namer: Namer, lock, versions: dict[str, ImageVersion]) -> None:
-    pending = boot_images.pending_in_use(config, lock, namer, versions)
-    for key in pending:
-        pulumi.log.warn(f"image {key!r} is pending build (input hash {versions[key].content_hash}); "
+    """A real update refuses while a node's image is pending, in every tier: it cannot create the node,
+    and leaving the node out would delete it if it is deployed (the program cannot see state)."""
+    pending = readiness.pending_images(config, lock, namer, versions)
+    for image in pending:
+        pulumi.log.warn(f"image {image.key!r} is pending build (input hash {image.content_hash}); "
                         "build it with `make up STACK=images` and record it with `make lock`")
-    if pending and config.fleet.tier in ("staging", "prod") and is_real_update():
-        raise pulumi.RunError(f"{config.stack} refuses pending images {', '.join(pending)}: staging and prod run "
-                              "only what was built and recorded in images.lock.json")
+    if pending and is_real_update():
+        raise pulumi.RunError(f"{config.stack} refuses pending images {', '.join(i.key for i in pending)}:\n"
+                              + "\n".join(i.line() for i in pending))
     for key in boot_images.unused_versions(config):
         pulumi.log.warn(f"image version {key!r} is declared but no node uses it; remove it from "
                         "dstack-fleet:images to delete it")
+
+
+def guard_waiting_nodes(config: StackConfig, apps: list[AppPlan]) -> None:
+    """A dstack node whose app's containers are pending has no configuration disk yet: preview and the
+    offline plan leave it out (with a warning below), a real update refuses (it would delete a deployed one)."""
+    waiting = readiness.waiting_nodes(config, apps)
+    if waiting and is_real_update():
+        raise pulumi.RunError(f"{config.stack} refuses nodes that wait for container builds:\n" + "\n".join(waiting))
 
 
 def image_versions(config: StackConfig, versions: dict[str, ImageVersion]) -> dict[str, GcpImage]:
@@ -98,9 +121,7 @@ def deploy_nodes(config: StackConfig, namer: Namer, fleet, apps: list[AppPlan], 
         data_image = DataDiskImage(upload=upload, project=config.gcp.project, namer=namer, labels=namer.labels())
     deployed: dict[str, list[pulumi.Resource]] = {}
     for spec in fleet.nodes:
-        if spec.image.pending and is_real_update():
-            pulumi.log.warn(f"node {spec.key} waits for image {spec.image_key!r} (pending build); skipped")
-            continue
+        # a pending image never drops a node: a real update refused above (guard_pending_images)
         if spec.image.creates_image:
             boot_image = images[spec.image.logical_name].self_link
         else:
@@ -121,7 +142,8 @@ def deploy_nodes(config: StackConfig, namer: Namer, fleet, apps: list[AppPlan], 
             pulumi.log.warn(f"dstack node {spec.key} waits for its app's images (pending build); skipped")
             continue
         deployed.setdefault(spec.identity.group, []).append(
-            DstackNode(spec, files=files, upload=upload, namer=namer, data_image=data_image.image, **common))
+            DstackNode(spec, files=files, upload=upload, namer=namer, data_image=data_image.image,
+                       nat=network.nats[spec.identity.region], **common))
     return deployed
 
 
@@ -139,16 +161,29 @@ def deploy_app_targets(config: StackConfig, apps: list[AppPlan],
     return targets
 
 
+# A registry look-up needs no Docker daemon, but pulumi-docker's default provider checks for one when it is
+# configured, so a deploying machine (CI) without Docker fails. pulumi-docker 5.2.0 provider.py,
+# disable_docker_daemon_check: "the provider will not check if the Docker daemon is running. This is useful
+# for resources/data_sourcess that do not require a running Docker daemon, such as the data source
+# RegistryImage". ``host`` is set so the provider's inputs never depend on the machine's DOCKER_HOST
+# (the SDK reads it when unset); nothing connects to it with the check off.
+REGISTRY_LOOKUP_PROVIDER = "registry-lookup"
+DOCKER_HOST_UNUSED = "unix:///var/run/docker.sock"
+
+
 def check_external_images(config: StackConfig) -> None:
     """Ask the registry for each external image marked checkAtDeploy; a missing digest stops the deploy."""
+    checks = [(key, source.external) for key, source in sorted(config.fleet.containers.items())
+              if source.external is not None and source.external.check_at_deploy]
+    if not checks:
+        return
     import pulumi_docker as docker  # only stacks that check external images load the Docker SDK
 
-    for key, source in sorted(config.fleet.containers.items()):
-        ext = source.external
-        if ext is not None and ext.check_at_deploy:
-            reference = f"{ext.image}@{ext.digest}"
-            docker.get_registry_image_output(name=reference).sha256_digest.apply(
-                lambda reported, e=ext.digest, r=reference: fleet_apps.registry_check(reported, e, r))
+    provider = docker.Provider(REGISTRY_LOOKUP_PROVIDER, disable_docker_daemon_check=True, host=DOCKER_HOST_UNUSED)
+    for _, ext in checks:
+        reference = f"{ext.image}@{ext.digest}"
+        docker.get_registry_image_output(name=reference, opts=pulumi.InvokeOutputOptions(provider=provider)) \
+            .sha256_digest.apply(lambda reported, e=ext.digest, r=reference: fleet_apps.registry_check(reported, e, r))
 
 
 def post_deploy_checks(apps: list[AppPlan], measurements: dict, deployed: dict[str, list[pulumi.Resource]]) -> None:

@@ -8,8 +8,9 @@ The guest looks for a disk whose filesystem label is ``DSTACKSHR``, mounts it re
 ``dstack/dstack-util/src/system_setup.rs`` for the size limits.
 
 The core renders the files byte for byte; a generated step builds a reproducible ext4 image of them
-(``mke2fs -d`` with a fixed UUID, hash seed and timestamps), packs it as a GCE ``disk.raw``
-tarball and uploads it content-addressed. One version per content hash: a config change is a new
+(``mke2fs -d`` with a fixed UUID, hash seed and timestamps), pads it to a whole number of GiB (GCE
+imports a raw disk only in 1 GB increments; the padding is sparse, so the tarball stays small), packs
+it as a GCE ``disk.raw`` tarball and uploads it content-addressed. One version per content hash: a config change is a new
 image and disk, attached in place of the old one, and the node is reset so the guest reads it.
 """
 
@@ -32,8 +33,19 @@ SIZE_LIMITS = {APP_COMPOSE: 50 * MIB, SYS_CONFIG: 32 * KIB, INSTANCE_INFO: 10 * 
                ENCRYPTED_ENV: 256 * KIB}
 REQUIRED = (APP_COMPOSE, SYS_CONFIG)
 MIN_IMAGE_MIB = 8
+# GCE creates an image from a raw disk only when disk.raw is a whole number of GB (2**30 bytes): Google's
+# "Manually import boot disks" page (compute/docs/import/import-existing-image), as quoted in
+# rancher/os#1998 ("must have a size in an increment of 1GB") and rancher/elemental-toolkit#406 ("Image
+# needs to be rounded up to the next Gb"). Every raw disk made here is padded to that.
+GIB = 1024 ** 3
 DATA_PARTITION_LABEL = "dstack-data"
-DATA_IMAGE_MIB = 10
+DATA_IMAGE_BYTES = GIB
+# v1 was 10 MiB, which GCE does not import; a new version is a new object and a new image name, so an
+# object uploaded by an earlier run is never taken for the new bytes
+DATA_IMAGE_VERSION = "v2"
+# The layout of configuration-disk objects: v1 (unpadded, which GCE refused) sat at <digest>/disk.tar.gz.
+# The build step skips an object that exists, so padded disks go to a new path.
+CONFIG_DISK_LAYOUT = "gib"
 STEP = "# dstack-fleet:step="
 
 
@@ -89,7 +101,7 @@ def version_name(namer, node_key: str, digest: str) -> str:
 
 
 def data_image_name(namer) -> str:
-    return namer.name("dstack-data")
+    return namer.name("dstack-data", DATA_IMAGE_VERSION)
 
 
 def content_hash(files: dict[str, bytes]) -> str:
@@ -98,8 +110,13 @@ def content_hash(files: dict[str, bytes]) -> str:
 
 
 def image_mib(files: dict[str, bytes]) -> int:
-    """Room for the files and filesystem overhead, in whole MiB (at least 8)."""
+    """Room for the files and filesystem overhead, in whole MiB (at least 8): the filesystem's size."""
     return max(MIN_IMAGE_MIB, -(-sum(len(d) for d in files.values()) // MIB) + 4)
+
+
+def padded_bytes(size: int) -> int:
+    """``size`` rounded up to a whole number of GiB (what GCE imports), at least 1 GiB."""
+    return max(1, -(-size // GIB)) * GIB
 
 
 def bundle(files: dict[str, bytes]) -> str:
@@ -114,7 +131,7 @@ class Upload:
     prefix: str  # object prefix, e.g. "config-disks"
 
     def object_url(self, digest: str) -> str:
-        return f"gs://{self.bucket}/{self.prefix}/{digest}/disk.tar.gz"
+        return f"gs://{self.bucket}/{self.prefix}/{digest}/{CONFIG_DISK_LAYOUT}/disk.tar.gz"
 
 
 def _uuid_from(digest: str, salt: str) -> str:
@@ -157,7 +174,7 @@ def build_script(files: dict[str, bytes], upload: Upload | None) -> str:
     lines += [
         'mkdir "$work/files"',
         f"python3 -c {shlex.quote(DECODE)} \"$work/files\"",
-        f"truncate -s {image_mib(files)}M \"$work/disk.raw\"",
+        f"truncate -s {image_mib(files)}M \"$work/disk.raw\"  # the filesystem's size",
         "# fixed UUID, hash seed and times (E2FSPROGS_FAKE_TIME), so the same files give the same bytes",
         "E2FSPROGS_FAKE_TIME=1 mke2fs -q -t ext4 -O ^has_journal -m 0 -N 64 "
         f"-L {LABEL} -U {_uuid_from(digest, 'uuid')} "
@@ -173,6 +190,8 @@ def build_script(files: dict[str, bytes], upload: Upload | None) -> str:
         '} > "$work/times"',
         'E2FSPROGS_FAKE_TIME=1 debugfs -w -f "$work/times" "$work/disk.raw" >/dev/null 2>&1',
         'e2fsck -fn "$work/disk.raw" >/dev/null',
+        "# GCE imports whole GiB only: pad with a hole after the filesystem (the guest finds it by its label)",
+        f"truncate -s {padded_bytes(image_mib(files) * MIB)} \"$work/disk.raw\"",
         'tar --format=oldgnu -S --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner '
         '-C "$work" -cf - disk.raw | gzip -n -9 > "$work/disk.tar.gz"',
         'sha=$(sha256sum "$work/disk.tar.gz" | cut -d" " -f1)',
@@ -191,9 +210,10 @@ LINUX_DATA_TYPE = "0fc63daf-8483-4772-8e79-3d69d8477de4"
 
 
 def write_gpt(path: str, size: int, name: str, disk_guid: str, part_guid: str, type_guid: str) -> None:
-    """Write a GPT disk image with one partition (from LBA 2048 to the end) named ``name``:
-    protective MBR, primary and backup headers and partition arrays (UEFI spec, 512-byte sectors).
-    Standard library only: the build step runs this same function's source."""
+    """Write a GPT disk image of ``size`` bytes (sparse) with one partition (from LBA 2048 to the end)
+    named ``name``: protective MBR, primary and backup headers and partition arrays (UEFI spec, 512-byte
+    sectors; the backup header in the last LBA of ``size``, so ``size`` must be the disk's final size).
+    Standard library only and self-contained: the build step runs this same function's source."""
     import struct
     import uuid as _uuid
     import zlib
@@ -228,7 +248,7 @@ def data_disk_script(upload: Upload | None) -> str:
     """Bash: the dstack data-disk image: a small GPT disk with one partition named dstack-data (the
     guest finds its data by that partition label, grows it to the disk and encrypts it). Fixed GUIDs,
     so the bytes never change."""
-    name = "data-disk-v1"
+    name = f"data-disk-{DATA_IMAGE_VERSION}"
     lines = ["set -euo pipefail", f"{STEP}data-disk", 'work=$(mktemp -d)', 'trap \'rm -rf "$work"\' EXIT']
     if upload is not None:
         lines += [f"object={shlex.quote(f'gs://{upload.bucket}/{upload.prefix}/{name}/disk.tar.gz')}",
@@ -249,13 +269,13 @@ def data_disk_script(upload: Upload | None) -> str:
 
 
 def _gpt_program() -> str:
-    call = (f"write_gpt(sys.argv[1], {DATA_IMAGE_MIB * MIB}, {DATA_PARTITION_LABEL!r}, {DATA_DISK_GUID!r}, "
+    call = (f"write_gpt(sys.argv[1], {DATA_IMAGE_BYTES}, {DATA_PARTITION_LABEL!r}, {DATA_DISK_GUID!r}, "
             f"{DATA_PART_GUID!r}, {LINUX_DATA_TYPE!r})")
     return "import sys\n" + inspect.getsource(write_gpt) + call + "\n"
 
 
 def data_image_url(upload: Upload) -> str:
-    return f"gs://{upload.bucket}/{upload.prefix}/data-disk-v1/disk.tar.gz"
+    return f"gs://{upload.bucket}/{upload.prefix}/data-disk-{DATA_IMAGE_VERSION}/disk.tar.gz"
 
 
 def node_files(*, app_compose: bytes, kms_urls: list[str], gateway_urls: list[str], app_id: str | None,

@@ -28,6 +28,11 @@ as the generated scripts make them:
   merged into the CVM as the API describes it (``app_id``, ``vm_uuid``, ``compose_hash``, ``status``,
   ``gateway``...). The scripts send the deploy's own output to stderr, so the step's stdout is
   exactly this document;
+* adopt: a create first asks ``phala cvms get N --json``. A CVM of that name exists when an earlier run
+  was interrupted after the CLI made it (Pulumi then has no state of it and creates again): the create
+  updates that CVM in place instead of making a second one. Only a "not found" answer leads to a new
+  CVM; any other failure of the look-up stops the step (``cvms get`` exits 1 both for a missing CVM,
+  "CVM not found", and for API errors: ``cli/src/commands/cvms/get/index.ts``);
 * delete: ``phala cvms delete N --yes``.
 
 Every call runs in a fresh temporary directory, because the CLI reads ``phala.toml`` from the working
@@ -145,12 +150,34 @@ def _script(step: str | None, body: list[str], *, reads_compose: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+NOT_FOUND = "not found|404"  # what `phala cvms get` prints for a CVM that does not exist (grep -E, any case)
+
+
 def deploy_script(app, target, *, update: bool, with_env: bool, with_pre_launch: bool) -> str:
     """The create (``update=False``) or update script: deploy (its output to stderr), then print
-    ``phala cvms get --json``, which is the step's stdout."""
-    deploy = shlex.join(deploy_args(app, target, update=update, with_env=with_env, with_pre_launch=with_pre_launch))
-    return _script(STEP, [f"{deploy} >&2", shlex.join(["phala", "cvms", "get", app.name, "--json"])],
-                   reads_compose=True)
+    ``phala cvms get --json``, which is the step's stdout. A create adopts a CVM of its own name that an
+    interrupted run left behind (it updates it in place)."""
+    flags = dict(with_env=with_env, with_pre_launch=with_pre_launch)
+    get = shlex.join(["phala", "cvms", "get", app.name, "--json"])
+    update_cmd = shlex.join(deploy_args(app, target, update=True, **flags))
+    if update:
+        return _script(STEP, [f"{update_cmd} >&2", get], reads_compose=True)
+    create_cmd = shlex.join(deploy_args(app, target, update=False, **flags))
+    body = [
+        "# an interrupted earlier run may have made this CVM already: adopt it instead of making a second one",
+        f'if {get} > "$work/existing" 2>&1; then',
+        f"  echo {shlex.quote(f'a CVM named {app.name} exists (left by an interrupted run): updating it in place')} >&2",
+        f"  {update_cmd} >&2",
+        f"elif grep -qiE {shlex.quote(NOT_FOUND)} \"$work/existing\"; then",
+        f"  {create_cmd} >&2",
+        "else",
+        f"  echo {shlex.quote(f'cannot tell whether a CVM named {app.name} exists, so none is created:')} >&2",
+        '  cat "$work/existing" >&2',
+        "  exit 1",
+        "fi",
+        get,
+    ]
+    return _script(STEP, body, reads_compose=True)
 
 
 def create_script(app, target, *, with_env: bool, with_pre_launch: bool) -> str:

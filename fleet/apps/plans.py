@@ -395,9 +395,6 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
         if app.secret_env and app.key_provider != "kms":
             p(f"{at}.secretEnv", "secret env values are delivered encrypted, which needs a KMS: set keyProvider: kms "
               "(or move them out of the app)")
-        for env_name, secret in app.secret_env.items():
-            if secret not in fleet.secrets:
-                p(f"{at}.secretEnv.{env_name}", f"no secret {secret!r} in dstack-fleet:secrets")
         target = {"gce": app.nodes, "vmm": app.vmm, "phala": app.phala}[app.target]
         if target is None:
             p(f"{at}.{'nodes' if app.target == 'gce' else app.target}", f"is required for target {app.target}")
@@ -407,11 +404,7 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
                 p(f"{at}.nodes", f"{app.nodes!r} is not a node group of kind dstack")
         if app.target == "phala" and app.key_provider == "local":
             p(f"{at}.keyProvider", "Phala Cloud apps use its KMS (kms) or none")
-        if app.vmm and app.vmm.token_secret and app.vmm.token_secret not in fleet.secrets:
-            p(f"{at}.vmm.tokenSecret", f"no secret {app.vmm.token_secret!r} in dstack-fleet:secrets")
         if app.phala:
-            if app.phala.api_key_secret not in fleet.secrets:
-                p(f"{at}.phala.apiKeySecret", f"no secret {app.phala.api_key_secret!r} in dstack-fleet:secrets")
             if app.phala.kms != "phala":
                 p(f"{at}.phala.kms", "on-chain KMS deployments (ethereum, base) need a deployer key and RPC; use kms: "
                   "phala")

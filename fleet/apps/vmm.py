@@ -502,10 +502,16 @@ def parse_env_pubkey(response: Mapping[str, Any], app_id: str, *, trusted_signer
     if signer is None:
         raise VmmError(f"{where}: the env key for app {app_id} carries no valid KMS signature; refusing to "
                        "encrypt secrets to it")
-    trusted = {s.lower().removeprefix("0x") for s in trusted_signers}
-    if trusted and signer.lower().removeprefix("0x") not in trusted:
+    if not signer_trusted(signer, trusted_signers):
         raise VmmError(f"{where}: the env key for app {app_id} is signed by {signer}, which is not a trusted KMS signer")
     return EnvKey(public_key.hex(), signer)
+
+
+def signer_trusted(signer: str, trusted_signers: Sequence[str]) -> bool:
+    """Whether a KMS signer (compressed secp256k1, 0x…) passes ``trusted_signers``; an empty list trusts any
+    valid signature, as vmm-cli.py's empty whitelist does."""
+    trusted = {s.lower().removeprefix("0x") for s in trusted_signers}
+    return not trusted or signer.lower().removeprefix("0x") in trusted
 
 
 def kms_env_pubkey(kms_url: str, app_id: str, *, trusted_signers: Sequence[str] = (),

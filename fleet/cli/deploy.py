@@ -1,13 +1,25 @@
-"""``make preview`` / ``make up``: the real Pulumi CLI, pinned, on the right backend.
+"""``make preview`` / ``make up``: the real Pulumi CLI, pinned, on the right backend, with every check first.
 
 * The CLI version must equal ``.pulumi-version`` (the SDK in requirements.txt is the same release).
 * dev (and the bootstrap stack, which creates the shared backend) may use the local file backend in
   ``.pulumi-state/``; every other stack refuses to run unless ``PULUMI_BACKEND_URL`` names a shared
   backend, so nobody previews prod against an empty local state ("create everything").
 * The configuration is validated before the CLI starts, with the same messages as ``make plan``.
+* Secrets: every env and images stack file names the bootstrap stack's Cloud KMS key for it
+  (``secretsprovider: gcpkms://...``, derived by ``fleet.project.bootstrap.Names``). Only dev is ever
+  created here (``stack select --create --secrets-provider gcpkms://...``); staging, prod and images are
+  created once by the operator (README), whose ``pulumi stack init`` writes the ``encryptedkey`` that is
+  committed. A secret an app needs but the stack does not set stops preview and up with the exact
+  ``pulumi config set`` command.
+* ``up`` refuses what a real update cannot do safely (``fleet.stacks.readiness``): a node booting a
+  pending image, and, read from ``pulumi stack export``, a deployed node or app that the update would
+  delete because it waits for a build.
 * Every preview and update runs the policy pack under ``policies/`` with a generated
   ``--policy-pack-config``: the stack's tier sets each rule's level (mandatory in staging and prod,
   advisory in dev), ``dstack-fleet:policy.enforcement`` overrides it.
+
+Each check is one function of a ``Deployment`` (``BEFORE_CLI``, then ``ON_STATE`` for ``up``), so a new
+check is one more function in one of those lists.
 """
 
 from __future__ import annotations
@@ -18,14 +30,20 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
+from fleet.apps import plans as fleet_apps
 from fleet.config.problems import ConfigError
+from fleet.config.schema import StackConfig
+from fleet.config.stackfile import StackFile
 from fleet.gcp.naming import Namer
 from fleet.images import lock
-from fleet.nodes import boot_images
+from fleet.images.lock import LockFile
 from fleet.policy.rules import pack_config_for
+from fleet.project.bootstrap import names_for
+from fleet.stacks import readiness
 from fleet.stacks.load import load_config
 
 LOCAL_BACKEND_DIR = ".pulumi-state"
@@ -35,12 +53,6 @@ POLICY_PACK_DIR = Path(__file__).resolve().parents[2] / "policies"
 
 class DeployRefused(Exception):
     """A precondition for running the real CLI does not hold; the message says how to fix it."""
-
-
-@dataclass
-class Invocation:
-    argv: list[str]
-    env: dict[str, str]
 
 
 def pinned_version(root: Path) -> str:
@@ -99,43 +111,178 @@ def policy_pack_args(config) -> list[str]:
     return ["--policy-pack", str(POLICY_PACK_DIR), "--policy-pack-config", str(path)]
 
 
-def invocations(root: Path, command: str, stack: str, env: dict[str, str], extra: list[str] | None = None) -> list[Invocation]:
-    """The CLI calls ``make preview``/``make up`` run, after every check passed."""
+@dataclass
+class Deployment:
+    """One ``make preview`` / ``make up`` of one stack: what every check reads."""
+
+    root: Path
+    command: str  # preview | up
+    stack: str
+    env: dict[str, str]  # the caller's environment
+    stack_file: StackFile
+    config: StackConfig
+    lock: LockFile
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def role(self) -> str:
+        return self.config.fleet.role
+
+    @property
+    def tier(self) -> str | None:
+        return self.config.fleet.tier
+
+    @property
+    def namer(self) -> Namer:
+        return Namer(prefix=self.config.fleet.name_prefix, stack=self.stack, project=self.config.gcp.project)
+
+    @property
+    def secrets_provider(self) -> str | None:
+        """The KMS key the stack's secrets are encrypted with; None for the bootstrap stack, which runs
+        before any key exists (passphrase, README)."""
+        return None if self.role == "bootstrap" else names_for(self.config).secrets_provider(self.stack)
+
+    @property
+    def may_create(self) -> bool:
+        """Only dev (and bootstrap, on the local backend) is created by a deploy; the others are
+        initialised once by the operator, who commits the ``encryptedkey`` (README)."""
+        return self.tier == "dev" or self.role == "bootstrap"
+
+
+def prepare(root: Path, command: str, stack: str, env: dict[str, str], extra: list[str] | None = None) -> Deployment:
     if command not in ("preview", "up"):
         raise ValueError(command)
-    _, config = load_config(root, stack)  # ConfigError propagates: exit 2, like make plan
-    policy = policy_pack_args(config)  # ConfigError too: an unknown rule in dstack-fleet:policy.enforcement
-    exe = check_cli(root, env)
-    run_env = dict(env)
-    run_env["PULUMI_BACKEND_URL"] = backend_url(root, stack, config.fleet.role, config.fleet.tier, env)
-    if command == "up" and config.fleet.tier in ("staging", "prod"):
-        namer = Namer(prefix=config.fleet.name_prefix, stack=stack, project=config.gcp.project)
-        pending = boot_images.pending_in_use(config, lock.load(root), namer)
-        if pending:
-            raise DeployRefused(
-                f"{stack} refuses pending images {', '.join(pending)}: build them with `make up STACK=images`, "
-                "record them with `make lock`, and commit images.lock.json")
-    run_env.setdefault("PULUMI_SKIP_UPDATE_CHECK", "true")
-    base = [exe, "--cwd", str(root)]
-    calls = [Invocation(base + ["stack", "select", "--create", "--non-interactive", "--stack", stack], run_env)]
-    args = [command, "--stack", stack, "--diff"]
-    if command == "preview" or env.get("FLEET_UP_YES") == "1":
+    stack_file, config = load_config(root, stack)  # ConfigError propagates: exit 2, like make plan
+    return Deployment(root=root, command=command, stack=stack, env=env, stack_file=stack_file, config=config,
+                      lock=lock.load(root), extra=list(extra or []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before the CLI runs
+
+
+def init_steps(d: Deployment, wanted: str) -> str:
+    source = d.stack_file.source
+    return (f"export PULUMI_BACKEND_URL=<the bootstrap stack's backendUrl>; pulumi login \"$PULUMI_BACKEND_URL\"; "
+            f"pulumi stack init {d.stack} --secrets-provider '{wanted}'; then commit the encryptedkey it writes "
+            f"into {source} (README \"First time in a new GCP project\")")
+
+
+def check_secrets_provider(d: Deployment) -> None:
+    """The stack file names its KMS key (never a passphrase CI does not have); a stack this command does
+    not create must have been initialised with it."""
+    wanted = d.secrets_provider
+    if wanted is None:
+        return
+    settings = d.stack_file.settings
+    found = settings.get("secretsprovider")
+    source = d.stack_file.source
+    if not found:
+        raise DeployRefused(f"{source}: no secretsprovider; add `secretsprovider: {wanted}` (the bootstrap stack's "
+                            f"Cloud KMS key for {d.stack}), or the CLI would fall back to a passphrase CI does not have")
+    if found != wanted:
+        raise DeployRefused(f"{source}: secretsprovider is {found}, but the bootstrap stack's key for {d.stack} is "
+                            f"{wanted}; use `pulumi stack change-secrets-provider --stack {d.stack} '{wanted}'` and "
+                            "commit the stack file")
+    if not d.may_create and not settings.get("encryptedkey"):
+        raise DeployRefused(f"{source}: no encryptedkey, so stack {d.stack} was never initialised from this "
+                            f"repository, and make {d.command} does not create it: {init_steps(d, wanted)}")
+
+
+def check_secrets_set(d: Deployment) -> None:
+    """A secret an app needs: set it before any preview or update (the CLI cannot deploy the app)."""
+    missing = readiness.preview_refusals(d.config)
+    if missing:
+        raise DeployRefused(f"{d.stack} needs secrets the stack does not set:\n" + "\n".join(missing))
+
+
+BEFORE_CLI: tuple[Callable[[Deployment], None], ...] = (check_secrets_provider, check_secrets_set)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks against the stack's state (``pulumi stack export``), before ``up``
+
+
+def check_deployed_waiting(d: Deployment, export: dict[str, Any]) -> None:
+    """A deployed node or app the update would delete because it now waits for a build."""
+    names = names_for(d.config)
+    apps = fleet_apps.plan_apps(d.config, d.lock, d.root, names.registry_path)
+    lines = readiness.deployed_and_waiting(export, readiness.waiting(d.config, d.lock, d.namer, apps))
+    if lines:
+        raise DeployRefused(f"{d.stack} refuses to update:\n" + "\n".join(lines))
+
+
+def check_pending_images(d: Deployment, export: dict[str, Any]) -> None:
+    """A node booting a pending image, or running an app whose containers are pending, cannot be created:
+    a real ``up`` refuses in every tier."""
+    pending = readiness.pending_images(d.config, d.lock, d.namer)
+    if pending:
+        raise DeployRefused(f"{d.stack} refuses pending images {', '.join(p.key for p in pending)}:\n"
+                            + "\n".join(p.line() for p in pending))
+    apps = fleet_apps.plan_apps(d.config, d.lock, d.root, names_for(d.config).registry_path)
+    waiting = readiness.waiting_nodes(d.config, apps)
+    if waiting:
+        raise DeployRefused(f"{d.stack} refuses nodes that wait for container builds:\n" + "\n".join(waiting))
+
+
+ON_STATE: tuple[Callable[[Deployment, dict[str, Any]], None], ...] = (check_deployed_waiting, check_pending_images)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI calls
+
+
+def select_args(d: Deployment) -> list[str]:
+    args = ["stack", "select", "--stack", d.stack, "--non-interactive"]
+    if d.may_create:
+        args.append("--create")
+        if d.secrets_provider:
+            args += ["--secrets-provider", d.secrets_provider]
+    return args
+
+
+def command_args(d: Deployment, policy: list[str]) -> list[str]:
+    args = [d.command, "--stack", d.stack, "--diff"]
+    if d.command == "preview" or d.env.get("FLEET_UP_YES") == "1":
         # CI: no prompts; `up` is confirmed by the caller (an approved GitHub environment).
-        args += ["--non-interactive"] + (["--yes"] if command == "up" else [])
-    args += policy
-    args += extra or []
-    calls.append(Invocation(base + args, run_env))
-    return calls
+        args += ["--non-interactive"] + (["--yes"] if d.command == "up" else [])
+    return args + policy + d.extra
+
+
+def stack_export(exe: str, d: Deployment, run_env: dict[str, str]) -> dict[str, Any]:
+    result = subprocess.run([exe, "--cwd", str(d.root), "stack", "export", "--stack", d.stack], env=run_env,
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise DeployRefused(f"pulumi stack export --stack {d.stack} failed ({result.returncode}): "
+                            f"{' '.join(result.stderr.split())[:300]}")
+    try:
+        document = json.loads(result.stdout)
+    except ValueError:
+        raise DeployRefused(f"pulumi stack export --stack {d.stack} printed no JSON document") from None
+    if not isinstance(document, dict):
+        raise DeployRefused(f"pulumi stack export --stack {d.stack} printed no JSON object")
+    return document
 
 
 def run(root: Path, command: str, stack: str, extra: list[str] | None = None) -> int:
     env = dict(os.environ)
-    calls = invocations(root, command, stack, env, extra)
-    for call in calls:
-        result = subprocess.run(call.argv, env=call.env, check=False)
-        if result.returncode != 0:
-            return result.returncode
-    return 0
+    d = prepare(root, command, stack, env, extra)
+    policy = policy_pack_args(d.config)  # ConfigError too: an unknown rule in dstack-fleet:policy.enforcement
+    for check in BEFORE_CLI:
+        check(d)
+    exe = check_cli(root, env)
+    run_env = dict(env)
+    run_env["PULUMI_BACKEND_URL"] = backend_url(root, stack, d.role, d.tier, env)
+    run_env.setdefault("PULUMI_SKIP_UPDATE_CHECK", "true")
+    base = [exe, "--cwd", str(root)]
+    selected = subprocess.run(base + select_args(d), env=run_env, check=False)
+    if selected.returncode != 0:
+        return selected.returncode
+    if command == "up":
+        export = stack_export(exe, d, run_env)
+        for state_check in ON_STATE:
+            state_check(d, export)
+    return subprocess.run(base + command_args(d, policy), env=run_env, check=False).returncode
 
 
-__all__ = ["ConfigError", "DeployRefused", "run", "invocations"]
+__all__ = ["BEFORE_CLI", "ConfigError", "DeployRefused", "Deployment", "ON_STATE", "prepare", "run"]

@@ -22,7 +22,7 @@ def _root(args: argparse.Namespace) -> Path:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from fleet.plan.planner import PlanFailed, build_plan, render_markdown, render_text
+    from fleet.plan.planner import PlanFailed, UpRefused, build_plan, render_markdown, render_text
 
     root = _root(args)
     # The plan is a short batch that allocates a few objects per registration and frees them by
@@ -40,6 +40,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         else:
             print("  (make plan DEBUG=1, or python -m fleet --debug plan, prints the traceback)", file=sys.stderr)
         return EXIT_PROGRAM
+    except UpRefused as exc:  # what a real `pulumi up` would refuse, one line per reason
+        print(f"error: a real `pulumi up` of {exc.stack} refuses:", file=sys.stderr)
+        for line in exc.lines:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_INPUT
     finally:
         if collecting:  # a caller in the same process (the tests) gets its collector back
             gc.enable()
@@ -75,6 +80,19 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     except DeployRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+
+
+def cmd_policy_config(args: argparse.Namespace) -> int:
+    """The stack's ``--policy-pack-config`` document on stdout: what ``make preview``/``make up`` pass,
+    for workflows that run the CLI themselves (the cloud preview)."""
+    import json
+
+    from fleet.policy.rules import pack_config_for
+    from fleet.stacks.load import load_config
+
+    _, config = load_config(_root(args), args.stack)  # ConfigError: exit 2 with one line per problem
+    sys.stdout.write(json.dumps(pack_config_for(config), indent=2, sort_keys=True) + "\n")
+    return EXIT_OK
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -341,6 +359,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--pass", dest="pass_", choices=("preview", "up"), default="preview", help=argparse.SUPPRESS)
     bench.add_argument("--out", metavar="FILE", help=argparse.SUPPRESS)
     bench.set_defaults(func=cmd_bench)
+
+    policy = sub.add_parser("policy-config", help="print the stack's policy pack config (--policy-pack-config)")
+    policy.add_argument("--stack", required=True)
+    policy.set_defaults(func=cmd_policy_config)
 
     deploy = sub.add_parser("deploy", help="run the real Pulumi CLI (make preview / make up)")
     deploy.add_argument("action", choices=("preview", "up"))

@@ -7,6 +7,9 @@ from typing import Any
 
 SECRET_MARK = "[secret]"
 UNKNOWN_MARK = "<computed>"
+# The value the offline plan gives a secret the stack does not set (a real run refuses it); it is shown
+# as itself, so a plan says which secret is missing without ever showing one that is set.
+NOT_SET = "[secret: not set]"
 
 
 class _Unknown:
@@ -37,7 +40,7 @@ class Secret:
 def display(value: Any) -> Any:
     """A JSON-ready copy of ``value`` with secrets and unknowns replaced by their marks."""
     if isinstance(value, Secret):
-        return SECRET_MARK
+        return NOT_SET if value.value == NOT_SET else SECRET_MARK
     if value is UNKNOWN:
         return UNKNOWN_MARK
     if isinstance(value, dict):

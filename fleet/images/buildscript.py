@@ -22,7 +22,10 @@ below only use them as ``"$VARIABLE"``, so no path, URL or label can become a co
    ``disk.raw``; and records what the image contributes to RTMR1 and RTMR2 on GCP
    (``fleet.images.bootinputs`` on ``disk.raw``, kept as ``boot`` in the lock entry);
 5. packs ``disk.raw`` as GCE wants it (only ``disk.raw``, ``tar --format=oldgnu -S``) with fixed
-   order, times and owners and ``gzip -n``, so the same disk gives the same tarball bytes;
+   order, times and owners and ``gzip -n``, so the same disk gives the same tarball bytes. GCE imports
+   a raw disk only in whole GiB: a GPT disk (the release's ``mkimage.sh`` aligns to MiB) is first
+   padded, sparse, with its GPT rewritten for the padded size (``pad_gpt_disk``), and the packer
+   refuses any other ``disk.raw`` that is not a whole number of GiB;
 6. uploads ``disk.tar.gz``, ``disk.tar.gz.sha256`` and ``build.log`` to ``gs://<bucket>/<input
    hash>/``, reads the object's generation and crc32c back, and writes ``outputs.json`` last (made by
    Python's ``json``); on failure it uploads the log and ``failure.txt`` instead. A build host also
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import inspect
 import json
 import re
 import shlex
@@ -176,6 +180,8 @@ def build_script(spec: BuildSpec, *, mode: Mode, bucket: str | None, work_dir: s
         _assign("KERNEL_CMDLINE", spec.kernel_cmdline or ""),
         _assign("OUTPUTS_PROGRAM", OUTPUTS_PROGRAM),
         _assign("STARTED_PROGRAM", STARTED_PROGRAM),
+        _assign("PAD_PROGRAM", PAD_PROGRAM),
+        _assign("RAW_DISK_MULTIPLE", str(RAW_DISK_MULTIPLE)),
     ]
     if spec.recipe == "tplus-overlay":
         header += _tplus_values(spec, guest_location)
@@ -248,6 +254,80 @@ def _dstack_values(spec: BuildSpec) -> list[str]:
 
 # Run on disk.raw after the build (stdlib only): the hashes the expected RTMR1 and RTMR2 need.
 BOOT_INPUTS_PROGRAM = Path(bootinputs.__file__).read_text(encoding="utf-8")
+
+
+# GCE creates an image from a raw disk only in whole GB (2**30 bytes) increments (Google's "Manually import
+# boot disks", quoted in rancher/os#1998 and rancher/elemental-toolkit#406). flashbots/dstack-mr-gcp
+# (b16e08b, internal/gpt.go) computes the measured GPT of its GCP images for a disk rounded up to whole
+# GiB with the backup header in the last LBA: the GPT header is measured (UEFI_GPT_DATA), so it must be
+# written for the size the disk is imported at. Dstack-TEE/meta-dstack v0.6.0.a2 mkimage.sh
+# (build_uki_disk_image) aligns disk.raw to 1 MiB only.
+RAW_DISK_MULTIPLE = 1024 ** 3
+
+
+def pad_gpt_disk(path: str, multiple: int) -> int:
+    """Grow the GPT disk image at ``path`` in place to a whole multiple of ``multiple`` bytes (the new
+    bytes are a hole), and rewrite its GPT for the new size as ``sgdisk -e`` does: the backup partition
+    array and header move to the end (backup header in the last LBA), the primary header's AlternateLBA
+    and LastUsableLBA follow, both CRC32s are recomputed, the protective MBR spans the disk. Partitions
+    and their data are untouched. Returns the new size. Exits with a message for a disk without a valid
+    GPT. Standard library only and self-contained: the build step runs this same function's source."""
+    import os
+    import struct
+    import sys
+    import zlib
+
+    sector = 512
+    size = os.path.getsize(path)
+    target = max(1, -(-size // multiple)) * multiple
+    if size % sector:
+        sys.exit(f"{path}: {size} bytes is not a whole number of 512-byte sectors")
+    with open(path, "r+b") as f:
+        f.seek(sector)
+        primary = f.read(sector)
+        if primary[:8] != b"EFI PART":
+            sys.exit(f"{path}: no GPT header at LBA 1, so its size cannot be changed safely")
+        header_size = struct.unpack_from("<I", primary, 12)[0]
+        head = bytearray(primary[:header_size])
+        stored_crc = struct.unpack_from("<I", head, 16)[0]
+        struct.pack_into("<I", head, 16, 0)
+        if zlib.crc32(head) != stored_crc:
+            sys.exit(f"{path}: the primary GPT header's CRC32 does not match")
+        _, old_backup, first_usable, _ = struct.unpack_from("<QQQQ", head, 24)
+        array_lba, count, entry_size, array_crc = struct.unpack_from("<QIII", head, 72)
+        array_bytes = count * entry_size
+        array_sectors = -(-array_bytes // sector)
+        f.seek(array_lba * sector)
+        array = f.read(array_bytes)
+        if zlib.crc32(array) != array_crc:
+            sys.exit(f"{path}: the GPT partition array's CRC32 does not match")
+        if target == size:
+            return size
+        last = target // sector - 1
+        backup_array = last - array_sectors
+        if old_backup * sector < size:  # the old backup structures: gone, as sgdisk -e leaves them
+            f.seek((old_backup - array_sectors) * sector)
+            f.write(bytes((array_sectors + 1) * sector))
+        f.truncate(target)
+
+        def header(current: int, other: int, entries: int) -> bytes:
+            out = bytearray(head)
+            struct.pack_into("<QQQQ", out, 24, current, other, first_usable, backup_array - 1)
+            struct.pack_into("<Q", out, 72, entries)
+            struct.pack_into("<I", out, 16, 0)
+            struct.pack_into("<I", out, 16, zlib.crc32(out))
+            return bytes(out).ljust(sector, b"\0")
+
+        f.seek(sector)
+        f.write(header(1, last, array_lba))
+        f.seek(backup_array * sector)
+        f.write(array.ljust(array_sectors * sector, b"\0") + header(last, 1, backup_array))
+        f.seek(446 + 12)  # the protective MBR entry's size in sectors
+        f.write(struct.pack("<I", min(last, 0xFFFFFFFF)))
+    return target
+
+
+PAD_PROGRAM = "import sys\n" + inspect.getsource(pad_gpt_disk) + "pad_gpt_disk(sys.argv[1], int(sys.argv[2]))\n"
 
 
 # outputs.json is written by this Python program (run with python3 -c), never assembled by hand.
@@ -393,8 +473,22 @@ fetch_upstreams() {  # BASE_DIR: every pinned upstream, parents before the layer
   done
 }
 
+fit_disk() {  # a GPT disk.raw grows to whole GiB (what GCE imports), its GPT rewritten for the new size;
+  # the build phases run it as soon as disk.raw exists, before anything hashes it
+  local size
+  size=$(stat -c %s -- "$IMAGE_DIR/disk.raw")
+  if [ $((size % RAW_DISK_MULTIPLE)) -ne 0 ] && [ "$(head -c 520 -- "$IMAGE_DIR/disk.raw" | tail -c 8)" = "EFI PART" ]; then
+    log "disk.raw is $size bytes: padding it to a whole GiB and moving the backup GPT to the new end"
+    python3 -c "$PAD_PROGRAM" "$IMAGE_DIR/disk.raw" "$RAW_DISK_MULTIPLE"
+  fi
+}
+
 pack_disk() {  # $IMAGE_DIR/disk.raw -> $DIST/disk.tar.gz: what GCE imports, the same bytes every time
-  local members
+  local members size
+  size=$(stat -c %s -- "$IMAGE_DIR/disk.raw")
+  if [ $((size % RAW_DISK_MULTIPLE)) -ne 0 ]; then
+    die "disk.raw is $size bytes, not a whole number of GiB ($RAW_DISK_MULTIPLE bytes); GCE imports raw disks only in whole GB, and this one has no GPT to rewrite for a padded size"
+  fi
   chmod 0644 "$IMAGE_DIR/disk.raw"
   tar --format=oldgnu --sparse --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
     --mode=u=rw,go=r -C "$IMAGE_DIR" -cf - disk.raw | gzip -n > "$DIST/disk.tar.gz.tmp"
@@ -605,6 +699,7 @@ build_phase() {
   fi
   log "both builds are byte-identical: disk sha256 $sha_a"
   cp --sparse=always -- "$WORK_DIR/$TREE_NAME-a.wic" "$IMAGE_DIR/disk.raw"
+  fit_disk
 }
 '''
 
@@ -648,6 +743,8 @@ compare_builds() {  # the published files must be identical in build-a and build
     die "the two builds differ, so the image is not reproducible; nothing is published"
   fi
   cp --sparse=always -- "$a/disk.raw" "$IMAGE_DIR/disk.raw"
+  # padded before anything reads it: OVMF measures the GPT header GCE boots, the padded one
+  fit_disk
   cp -- "$a/digest.txt" "$a/sha256sum.txt" "$a/metadata.json" "$IMAGE_DIR/"
   if [ -f "$a/auth_hash.txt" ]; then
     cp -- "$a/auth_hash.txt" "$IMAGE_DIR/"

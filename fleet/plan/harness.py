@@ -201,7 +201,8 @@ class OfflineMocks(pulumi_mocks.Mocks):
         raise NotImplementedError
 
     def call(self, args: pulumi_mocks.MockCallArgs):
-        return offline.invoke(args.token, args.args, project=self.project, preview=self.preview)
+        return offline.invoke(args.token, args.args, project=self.project, preview=self.preview,
+                              provider=args.provider or "")
 
 
 class _Collect(logging.Handler):

@@ -18,14 +18,15 @@ from typing import Any, Callable
 import pulumi
 
 from fleet.apps import phala
-from fleet.images import dockerbuild, mkosibuild
+from fleet.images import buildscript, dockerbuild, mkosibuild
 
 COMPUTE = "https://www.googleapis.com/compute/v1"
 FAKE_PROJECT_NUMBER = "123456789012"
 
 
-# Set while the offline plan runs the program, so deploy-time guards (refusing pending images in a
-# real `pulumi up`) do not stop the plan's update pass, which only exercises apply bodies.
+# Set while the offline plan runs the program to exercise it (``--pass preview``/``both``): the deploy-time
+# guards (fleet.stacks.readiness: pending images, unset secrets) warn instead of refusing, so every apply
+# body runs. ``--pass up`` runs without it (``run_program(as_deployment=True)``), as a real `pulumi up`.
 OFFLINE_PLAN_ENV = "DSTACK_FLEET_OFFLINE_PLAN"
 
 
@@ -138,6 +139,8 @@ COMPUTED: dict[str, Callable[[Context], dict[str, Any]]] = {
         repoDigest=lambda c: f"{str(c.inputs.get('imageName', '')).rsplit(':', 1)[0]}@sha256:{c.digest('push')}",
         baseImageName=lambda c: c.inputs.get("imageName"), context=lambda c: (c.inputs.get("build") or {}).get("context"),
         dockerfile=lambda c: (c.inputs.get("build") or {}).get("dockerfile"), platform=lambda c: "linux/amd64"),
+    # explicit provider instances (components/roles/env.py: registry look-ups without a Docker daemon)
+    "pulumi:providers:docker": _fields(),
     "gcp:projects/service:Service": _fields(),
     "gcp:storage/bucket:Bucket": _fields(url=lambda c: f"gs://{c.gcp_name}",
                                          selfLink=lambda c: f"https://www.googleapis.com/storage/v1/b/{c.gcp_name}"),
@@ -260,8 +263,19 @@ INVOKES: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
 }
 
 
-def invoke(token: str, args: dict[str, Any], *, project: str, preview: bool) -> dict[str, Any]:
+# Invokes that must go through an explicit provider instance (its type), not the default provider: the
+# default Docker provider needs a Docker daemon on the deploying machine.
+INVOKE_PROVIDERS: dict[str, str] = {
+    "docker:index/getRegistryImage:getRegistryImage": "pulumi:providers:docker",
+}
+
+
+def invoke(token: str, args: dict[str, Any], *, project: str, preview: bool, provider: str = "") -> dict[str, Any]:
     handler = INVOKES.get(token)
     if handler is None:
         raise OfflineGap(f"no offline stand-in for invoke {token}; add one to fleet/plan/offline.py INVOKES")
+    wanted = INVOKE_PROVIDERS.get(token)
+    if wanted and f"::{wanted}::" not in provider:
+        raise OfflineGap(f"invoke {token} must use an explicit {wanted} provider (the default one needs a "
+                         f"Docker daemon), not {provider or 'the default provider'}")
     return handler(args, project)

@@ -3,6 +3,10 @@
 The *preview* pass is what the plan shows, writes and diffs: provider-computed values stay
 ``<computed>`` exactly as in a real ``pulumi preview`` of a new stack. The *update* pass feeds
 deterministic stand-ins so every ``apply`` body runs; both passes must succeed.
+
+``--pass up`` shows the update pass as a real ``pulumi up`` runs it: with every deploy-time decision
+on, so it registers the same resources as the preview or refuses (``UpRefused``) where a real ``up``
+refuses (``fleet.stacks.readiness``: a node's image pending, a secret an app needs not set).
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ from dataclasses import replace
 
 from fleet.config.values import display
 from fleet.plan.harness import ProgramRun, Registration, run_program
+from fleet.apps.plans import plan_apps
+from fleet.gcp.naming import Namer
+from fleet.images import lock as fleet_lock
+from fleet.project.bootstrap import names_for
 from fleet.policy import rules
+from fleet.stacks import readiness
 from fleet.stacks.load import load_config
 
 
@@ -76,6 +85,15 @@ class PlanFailed(Exception):
         super().__init__(f"the program failed in the {phase} pass: {type(error).__name__}: {error}")
 
 
+class UpRefused(Exception):
+    """A real ``pulumi up`` of the stack would refuse; ``lines`` say why, one per reason."""
+
+    def __init__(self, stack: str, lines: list[str]):
+        self.stack = stack
+        self.lines = lines
+        super().__init__(f"{stack}: a real `pulumi up` refuses: " + "; ".join(lines))
+
+
 PASSES = ("preview", "up", "both")
 
 
@@ -83,12 +101,21 @@ def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = Non
                secret_overrides: dict[str, Any] | None = None,
                stack_references: dict[str, dict[str, Any]] | None = None, passes: str = "both") -> Plan:
     """Plan ``stack``. ``passes``: ``preview`` (what ``make plan`` shows: provider-computed values
-    unknown, as in a real preview), ``up`` (the update pass: every ``apply`` body runs on stand-ins), or
-    ``both`` (the preview is shown, the update pass must succeed too; what the tests run)."""
+    unknown, as in a real preview), ``up`` (the update pass as a real ``pulumi up`` runs it, deploy-time
+    decisions on: raises ``UpRefused`` where a real ``up`` refuses; every ``apply`` body runs on
+    stand-ins), or ``both`` (the preview is shown and the update pass must succeed too, with the
+    deploy-time refusals reported as warnings so every ``apply`` body runs; what the tests run)."""
     if passes not in PASSES:
         raise ValueError(f"passes must be one of {PASSES}, not {passes!r}")
     sf, cfg = load_config(root, stack, overrides=overrides, secret_overrides=secret_overrides)
     rule_context = rules.context_from_config(cfg)  # ConfigError for an unknown rule name, before any run
+    if passes == "up":
+        namer = Namer(prefix=cfg.fleet.name_prefix, stack=stack, project=cfg.gcp.project)
+        lock = fleet_lock.load(root)
+        apps = plan_apps(cfg, lock, root, names_for(cfg).registry_path)
+        refusals = readiness.up_refusals(cfg, lock, namer, apps)
+        if refusals:
+            raise UpRefused(stack, refusals)
     runs: dict[str, ProgramRun] = {}
     wanted = {"preview": (("preview", True),), "up": (("update", False),),
               "both": (("preview", True), ("update", False))}[passes]
@@ -96,7 +123,7 @@ def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = Non
         try:
             runs[phase] = run_program(
                 root, stack=stack, config=sf.config, secret_keys=sf.secret_keys, preview=preview,
-                stack_references=stack_references,
+                stack_references=stack_references, as_deployment=passes == "up",
             )
         except Exception as exc:  # noqa: BLE001 - reported as a failed plan, with its pass
             raise PlanFailed(phase, exc) from exc

@@ -1265,11 +1265,49 @@ def pack_config_for(config: Any) -> dict[str, Any]:
                        public_repositories=context.public_repositories)
 
 
-def context_from_policy_config(config: Mapping[str, Any] | None) -> RuleContext:
-    """The rule context from a policy's CrossGuard config. Without a tier (no --policy-pack-config)
-    the pack assumes prod, so a forgotten config never relaxes a rule."""
+class PackConfigMissing(Exception):
+    """The pack was given neither a tier (``--policy-pack-config``) nor the stack's configuration."""
+
+
+# The Pulumi CLI starts a policy pack with the stack's configuration in PULUMI_CONFIG, the JSON document a
+# program reads (pulumi/pulumi pkg/resource/plugin/analyzer_plugin.go, constructEnv: "Config is passed as an
+# environment variable (including unencrypted secrets), similar to how config is passed to each language
+# runtime plugin"; pulumi-policy 1.21.0 policy.py _configure_runtime_settings reads it again per call).
+PULUMI_CONFIG_ENV = "PULUMI_CONFIG"
+NO_TIER = (f"the dstack-fleet policy pack was given no tier: neither --policy-pack-config (`python -m fleet "
+           f"policy-config --stack <stack>` writes it; make preview/up pass it) nor the stack's configuration "
+           f"(dstack-fleet:role and dstack-fleet:tier in {PULUMI_CONFIG_ENV}); it does not guess one")
+
+
+def stack_tier(environ: Mapping[str, str]) -> str | None:
+    """The tier of the stack the CLI runs the pack for, read from its configuration (``none`` for the
+    images and bootstrap stacks); None when the configuration does not say."""
+    try:
+        config = json.loads(environ.get(PULUMI_CONFIG_ENV) or "{}")
+    except ValueError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    tier, role = config.get("dstack-fleet:tier"), config.get("dstack-fleet:role")
+    if role in ("images", "bootstrap"):
+        return "none"
+    if role == "env" and tier in ("dev", "staging", "prod"):
+        return tier
+    return None
+
+
+def context_from_policy_config(config: Mapping[str, Any] | None,
+                               environ: Mapping[str, str] | None = None) -> RuleContext:
+    """The rule context from a policy's CrossGuard config. The tier comes from the config
+    (``pack_config``), else from the stack's configuration the CLI hands the pack; without either the
+    pack refuses (``PackConfigMissing``), because guessing prod would fail dev and staging previews and
+    guessing anything else would relax prod."""
+    import os
+
     config = config or {}
-    tier = config.get("tier", "prod")
+    tier = config.get("tier") or stack_tier(os.environ if environ is None else environ)
+    if tier is None:
+        raise PackConfigMissing(NO_TIER)
     return RuleContext(
         tier=None if tier == "none" else tier,
         public_ports=frozenset(int(p) for p in config.get("publicPorts", ()) or ()),
@@ -1278,6 +1316,27 @@ def context_from_policy_config(config: Mapping[str, Any] | None) -> RuleContext:
         extra_machine_types=tuple(config.get("extraMachineTypes", ()) or ()),
         public_repositories=frozenset(config.get("publicRepositories", ()) or ()),
     )
+
+
+def pack_enforcement(environ: Mapping[str, str]) -> str:
+    """The pack's default level, used for every policy the ``--policy-pack-config`` does not set: the
+    stack's tier's level when the CLI passed the stack's configuration, else mandatory (the policies
+    then refuse for want of a tier)."""
+    tier = stack_tier(environ)
+    return default_level(None if tier in (None, "none") else tier)
+
+
+def _context_or_refuse(r: Rule, config: Mapping[str, Any] | None,
+                       report_violation: Callable[..., None]) -> RuleContext | None:
+    """The context, or None after reporting the refusal: a rule that reads the tier cannot run without
+    one; the others run (they do not depend on it)."""
+    try:
+        return context_from_policy_config(config)
+    except PackConfigMissing as exc:
+        if "tier" in r.config_keys:
+            report_violation(str(exc))
+            return None
+        return context_from_policy_config({**(config or {}), "tier": "none"})
 
 
 def _policy_value(value: Any) -> Any:
@@ -1358,7 +1417,9 @@ def _report(r: Rule, findings: Iterable[Finding], report_violation: Callable[...
 
 def _resource_validator(r: Rule) -> Callable[[Any, Callable[..., None]], None]:
     def validate(args: Any, report_violation: Callable[..., None]) -> None:
-        context = context_from_policy_config(args.get_config())
+        context = _context_or_refuse(r, args.get_config(), report_violation)
+        if context is None:
+            return
         view = view_from_policy(args.resource_type, args.props, args.urn, args.name, args.opts)
         _report(r, r.check(view, context), report_violation, with_urn=False)
 
@@ -1367,7 +1428,9 @@ def _resource_validator(r: Rule) -> Callable[[Any, Callable[..., None]], None]:
 
 def _stack_validator(r: Rule) -> Callable[[Any, Callable[..., None]], None]:
     def validate(args: Any, report_violation: Callable[..., None]) -> None:
-        context = context_from_policy_config(args.get_config())
+        context = _context_or_refuse(r, args.get_config(), report_violation)
+        if context is None:
+            return
         views, outputs, urn = [], None, ""
         for resource in args.resources:
             if resource.resource_type == STACK_TYPE:
@@ -1404,7 +1467,8 @@ def crossguard_policies() -> list[Any]:
 
 __all__ = [
     "EXPECTED_MEASUREMENTS", "MISSING", "PACK_NAME", "RULES", "RULE_NAMES", "SECRET_FIELDS", "Finding", "PlanView",
-    "ResourceView", "Rule", "RuleContext", "context_from_config", "context_from_policy_config",
-    "crossguard_policies", "evaluate", "pack_config", "pack_config_for", "pin_problem", "rule", "rule_table",
+    "PackConfigMissing", "ResourceView", "Rule", "RuleContext", "context_from_config", "context_from_policy_config",
+    "crossguard_policies", "evaluate", "pack_config", "pack_config_for", "pack_enforcement", "pin_problem", "rule",
+    "rule_table", "stack_tier",
     "view_from_policy", "view_from_registration",
 ]
