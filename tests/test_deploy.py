@@ -14,10 +14,15 @@ import pytest
 from .conftest import ROOT
 
 FAKE = """#!{python}
-import json, os, sys
+import json, os, stat, sys
 log = os.environ["FAKE_PULUMI_LOG"]
+record = {{"argv": sys.argv[1:], "backend": os.environ.get("PULUMI_BACKEND_URL")}}
+if "--policy-pack-config" in sys.argv:  # the file exists only while the run lasts: record it now
+    path = sys.argv[sys.argv.index("--policy-pack-config") + 1]
+    record["policyConfig"] = json.load(open(path))
+    record["policyModes"] = [stat.S_IMODE(os.stat(path).st_mode), stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)]
 with open(log, "a") as f:
-    f.write(json.dumps({{"argv": sys.argv[1:], "backend": os.environ.get("PULUMI_BACKEND_URL")}}) + "\\n")
+    f.write(json.dumps(record) + "\\n")
 if sys.argv[1:] == ["version"]:
     print("v" + os.environ.get("FAKE_PULUMI_VERSION", "{version}"))
 """
@@ -46,11 +51,15 @@ def calls(log: Path):
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def policy_config(argv: list[str]) -> dict:
-    """The policy pack flags of a preview/up call: the pack of this checkout and the config file."""
+def policy_config(call: dict) -> dict:
+    """The policy pack flags of a preview/up call: the pack of this checkout and the config file,
+    as the CLI read it (private to the run: mode 0600 in a 0700 directory, removed afterwards)."""
+    argv = call["argv"]
     i = argv.index("--policy-pack")
     assert argv[i + 1] == str(ROOT / "policies") and argv[i + 2] == "--policy-pack-config"
-    return json.loads(Path(argv[i + 3]).read_text())
+    assert call["policyModes"] == [0o600, 0o700]
+    assert not Path(argv[i + 3]).exists() and not Path(argv[i + 3]).parent.exists()
+    return call["policyConfig"]
 
 
 def test_make_preview_dev_uses_the_local_backend(fake_pulumi):
@@ -63,7 +72,7 @@ def test_make_preview_dev_uses_the_local_backend(fake_pulumi):
     preview = recorded[2]["argv"]
     assert preview[:2] == ["--cwd", str(ROOT)] and preview[2:6] == ["preview", "--stack", "dev", "--diff"]
     assert recorded[2]["backend"] == f"file://{ROOT / '.pulumi-state'}"
-    config = policy_config(preview)
+    config = policy_config(recorded[2])
     assert config["all"] == "advisory"  # dev: every policy advisory
     assert {entry["enforcementLevel"] for name, entry in config.items() if name != "all"} == {"advisory"}
 
@@ -98,7 +107,7 @@ def test_up_prod_with_a_shared_backend_and_locked_images(fake_pulumi, project):
     assert up["argv"][8:11] == ["--policy-pack", str(ROOT / "policies"), "--policy-pack-config"]
     assert len(up["argv"]) == 12
     assert up["backend"] == "gs://acme-tee-bootstrap-fleet-state"
-    config = policy_config(up["argv"])
+    config = policy_config(up)
     assert config["all"] == "mandatory" and config["data-safety"] == {"enforcementLevel": "mandatory", "tier": "prod"}
     assert config["unsafe-peer-delivery"]["tier"] == "prod"
 
@@ -112,11 +121,13 @@ def test_policy_enforcement_overrides_reach_the_pack_config(fake_pulumi, project
     result = subprocess.run([sys.executable, "-m", "fleet", "--root", str(project.root), "deploy", "preview",
                              "--stack", "strict"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    first = calls(log)[-1]["argv"]
+    first = calls(log)[-1]
     config = policy_config(first)
     subprocess.run([sys.executable, "-m", "fleet", "--root", str(project.root), "deploy", "preview", "--stack",
                     "strict"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert calls(log)[-1]["argv"] == first  # the same settings reuse one config file
+    second = calls(log)[-1]
+    # every run writes its own file in a fresh private directory: nothing is reused from a shared place
+    assert policy_config(second) == config and second["argv"][-1] != first["argv"][-1]
     assert config["all"] == "mandatory"
     assert config["tdx-only"] == {"enforcementLevel": "advisory", "extraMachineTypes": [],
                                   "allowedImages": ["projects/ubuntu-os-cloud/global/images/ubuntu-2404-tdx-v20250805"]}

@@ -7,12 +7,14 @@
 * The configuration is validated before the CLI starts, with the same messages as ``make plan``.
 * Every preview and update runs the policy pack under ``policies/`` with a generated
   ``--policy-pack-config``: the stack's tier sets each rule's level (mandatory in staging and prod,
-  advisory in dev), ``dstack-fleet:policy.enforcement`` overrides it.
+  advisory in dev), ``dstack-fleet:policy.enforcement`` overrides it. The file is written for each
+  run into a directory only this user can open, and removed afterwards: a config under a
+  predictable name in the shared temporary directory could be planted or swapped by anyone on the
+  machine (turning every rule off) between its check and the CLI reading it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.config.files import write_atomic
 from fleet.config.problems import ConfigError
 from fleet.gcp.naming import Namer
 from fleet.images import lock
@@ -85,26 +88,24 @@ def backend_url(root: Path, stack: str, role: str, tier: str | None, env: dict[s
     return f"file://{state}"
 
 
-def policy_pack_args(config) -> list[str]:
+def policy_pack_args(config, workdir: Path) -> list[str]:
     """``--policy-pack`` and ``--policy-pack-config`` for a validated stack configuration. The
-    config document (``fleet.rules.pack_config``) goes to the temporary directory under a name
-    derived from its content, so runs with the same settings reuse one file."""
+    config document (``fleet.rules.pack_config``) is written into ``workdir``, a directory private
+    to this run (mode 0700), as a file of mode 0600."""
     text = json.dumps(pack_config_for(config), indent=2, sort_keys=True) + "\n"
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"dstack-fleet-policy-{config.stack}-{digest}.json"
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
+    path = Path(workdir) / f"policy-{config.stack}.json"
+    write_atomic(path, text, mode=0o600)
     return ["--policy-pack", str(POLICY_PACK_DIR), "--policy-pack-config", str(path)]
 
 
-def invocations(root: Path, command: str, stack: str, env: dict[str, str], extra: list[str] | None = None) -> list[Invocation]:
-    """The CLI calls ``make preview``/``make up`` run, after every check passed."""
+def invocations(root: Path, command: str, stack: str, env: dict[str, str], extra: list[str] | None = None, *,
+                workdir: Path) -> list[Invocation]:
+    """The CLI calls ``make preview``/``make up`` run, after every check passed; files they read
+    are written into ``workdir``."""
     if command not in ("preview", "up"):
         raise ValueError(command)
     _, config = load_config(root, stack)  # ConfigError propagates: exit 2, like make plan
-    policy = policy_pack_args(config)  # ConfigError too: an unknown rule in dstack-fleet:policy.enforcement
+    policy = policy_pack_args(config, workdir)  # ConfigError too: an unknown rule in dstack-fleet:policy.enforcement
     exe = check_cli(root, env)
     run_env = dict(env)
     run_env["PULUMI_BACKEND_URL"] = backend_url(root, stack, config.fleet.role, config.fleet.tier, env)
@@ -130,11 +131,12 @@ def invocations(root: Path, command: str, stack: str, env: dict[str, str], extra
 
 def run(root: Path, command: str, stack: str, extra: list[str] | None = None) -> int:
     env = dict(os.environ)
-    calls = invocations(root, command, stack, env, extra)
-    for call in calls:
-        result = subprocess.run(call.argv, env=call.env, check=False)
-        if result.returncode != 0:
-            return result.returncode
+    with tempfile.TemporaryDirectory(prefix="dstack-fleet-deploy-") as workdir:  # mkdtemp: mode 0700
+        calls = invocations(root, command, stack, env, extra, workdir=Path(workdir))
+        for call in calls:
+            result = subprocess.run(call.argv, env=call.env, check=False)
+            if result.returncode != 0:
+                return result.returncode
     return 0
 
 
