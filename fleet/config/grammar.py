@@ -96,6 +96,8 @@ def repo_path_problem(value: str) -> str | None:
         return f"{value!r} leaves the repository ('..'); give a path inside it"
     if value.startswith("-"):
         return f"{value!r} would be read as an option; give a path such as apps/x"
+    if len(value.encode("utf-8")) > 1024 or any(len(part.encode("utf-8")) > 255 for part in value.split("/")):
+        return f"{value[:40]!r}... is longer than a file system allows (255 bytes a name, 1024 a path)"
     return None
 
 
@@ -140,7 +142,7 @@ GITHUB_ENVIRONMENT_MAX = 255  # "An environment name may not exceed 255 characte
 def git_branch_problem(name: str) -> str | None:
     """Why git would refuse ``name`` as a branch name (``git check-ref-format --branch``), or None."""
     ref = f"refs/heads/{name}"
-    if not name or name.startswith("-") or ref == "refs/heads/HEAD" or name == "@":
+    if not name or name.startswith("-") or ref == "refs/heads/HEAD":
         return f"{name!r} is not a branch name git accepts"
     if _GIT_BAD.search(name) or ".." in name or "@{" in name or name.endswith((".", "/")) or "//" in name:
         return f"{name!r} is not a branch name git accepts"
