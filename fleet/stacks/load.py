@@ -21,6 +21,7 @@ from fleet.images import mkosibuild
 from fleet.images.recipes import validate_build
 from fleet.images.versions import build_inputs
 from fleet.nodes.checks import check_all
+from fleet.project.bootstrap import federation_problems
 from fleet.stacks import inputs
 
 
@@ -40,6 +41,7 @@ def load(
     if root is not None:
         problems += app_problems(config, root)
     problems += inputs.problems(config, root)
+    problems += federation_problems(config)
     if problems:
         raise ConfigError(problems)
     return config
