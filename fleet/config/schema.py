@@ -110,6 +110,17 @@ def _no_program_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+def _allowed_in_prod(refused, why: str):
+    """Refuse a value prod must never have (the stack's tier comes from the validation context)."""
+
+    def validate(value, info: ValidationInfo):
+        if (info.context or {}).get("tier") == "prod" and value == refused:
+            raise ValueError(why)
+        return value
+
+    return AfterValidator(validate)
+
+
 def _guest_binary_url(value: str, info: ValidationInfo) -> str:
     if value.startswith(("https://", "http://")):
         problem = grammar.url_problem(value, schemes=("https",))
@@ -702,7 +713,9 @@ class BuildHostConfig(Model):
 class PolicyConfig(Model):
     """How the policy rules apply to this stack (the defaults follow the tier)."""
 
-    enforcement: dict[str, Literal["mandatory", "advisory", "disabled"]] = Field(
+    enforcement: dict[str, Annotated[Literal["mandatory", "advisory", "disabled"], _allowed_in_prod(
+            "disabled", "prod never disables a policy rule (every rule is mandatory there); fix what it reports, or "
+            "allow the one thing it refuses through the rule's own setting")]] = Field(
         default_factory=dict,
         description="Per rule name, override the tier's enforcement (mandatory in staging and prod, advisory "
         "in dev).")
@@ -767,7 +780,8 @@ class FleetConfig(Model):
         default_factory=dict,
         description="Adopt resources created by hand: logical resource name -> import id (e.g. "
         "projects/P/zones/Z/disks/D). The next up imports them instead of creating new ones.")
-    snapshots: bool | None = Field(
+    snapshots: Annotated[bool, _allowed_in_prod(False, "prod always snapshots its data disks daily; remove "
+                                                "snapshots: false")] | None = Field(
         None, description="Daily snapshots of data disks (default: on in prod, off elsewhere).")
     tdx: TdxOverrides = Field(default_factory=TdxOverrides, description="Extend the TDX zone/machine lists.")
     secrets: dict[SecretName, SecretStr] = Field(

@@ -16,6 +16,7 @@ from typing import Any
 from dataclasses import replace
 
 from fleet.config.values import display
+from fleet.plan import safety
 from fleet.plan.harness import ProgramRun, Registration, run_program
 from fleet.policy import rules
 from fleet.stacks.load import load_config
@@ -33,6 +34,7 @@ class Plan:
     violations: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     update_run: ProgramRun | None = None
+    safety: dict[str, Any] = field(default_factory=dict)  # fleet.plan.safety.summary
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +47,7 @@ class Plan:
             "measurements": display(self.measurements),
             "violations": sorted(self.violations, key=lambda v: (v["urn"], v["policy"], v["message"])),
             "warnings": sorted(set(self.warnings)),
+            "safety": self.safety,
         }
 
     def to_json(self) -> str:
@@ -105,6 +108,7 @@ def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = Non
         violations=violations,
         warnings=preview_run.warnings + runs["update"].warnings,
         update_run=runs["update"],
+        safety=safety.summary(cfg, rule_context),
     )
 
 
