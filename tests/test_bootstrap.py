@@ -273,6 +273,16 @@ def test_adopt_naming_nothing_is_an_error(project):
     ("prod", lambda c: c.pop("dstack-fleet:bootstrap"), "dstack-fleet:bootstrap", "is required"),
     ("prod", lambda c: c.update({"dstack-fleet:imagesProject": "acme-tee-build"}), "dstack-fleet:imagesProject",
      "only the bootstrap stack sets this"),
+    # two environments in one project: one deploy identity would administer the other's nodes (and the
+    # program would declare the same grants twice: duplicate URNs, the program failed)
+    ("bootstrap", lambda c: c["dstack-fleet:environments"]["prod"].update(project="acme-tee-staging"),
+     "dstack-fleet:environments.staging.project", "is also the project of environment 'prod'"),
+    ("bootstrap", lambda c: c.update({"dstack-fleet:imagesProject": "acme-tee-prod"}), "dstack-fleet:imagesProject",
+     "is the project of environment 'prod'"),
+    ("bootstrap", lambda c: c["dstack-fleet:github"].update(environments=["dev", "staging"]),
+     "dstack-fleet:github.environments", "does not list 'prod'"),
+    ("bootstrap", lambda c: c["dstack-fleet:github"].update(branches=[f"release/{i:03d}-{'x' * 60}" for i in range(60)]),
+     "dstack-fleet:github.branches", "GCP takes at most 4096"),
 ])
 def test_bootstrap_config_errors(project, stack, change, path, message):
     project.mutate(stack, "badboot", change)

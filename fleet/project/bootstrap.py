@@ -286,6 +286,28 @@ def previews_decrypt(tiers: dict[str, str | None], env: str) -> bool:
     return tiers.get(env) in ("dev", "staging")
 
 
+def bootstrap_problems(config: StackConfig) -> list[Problem]:
+    """The bootstrap stack as GCP will take it: one project per environment (a deploy identity
+    administers its whole project, so a shared project would let one environment's CI change
+    another's nodes), the images project apart from them, and the CI federation below."""
+    fleet = config.fleet
+    if fleet.role != "bootstrap":
+        return []
+    out = []
+    owner: dict[str, str] = {}
+    for env, ref in sorted(fleet.environments.items()):
+        if ref.project in owner:
+            out.append(Problem(config.source, f"{NAMESPACE}:environments.{env}.project", f"{ref.project} is also the "
+                               f"project of environment {owner[ref.project]!r}; each environment needs its own (its "
+                               "deploy identity administers the whole project)"))
+        owner.setdefault(ref.project, env)
+    if fleet.images_project in owner:
+        out.append(Problem(config.source, f"{NAMESPACE}:imagesProject", f"{fleet.images_project} is the project of "
+                           f"environment {owner[fleet.images_project]!r}; build hosts need a project of their own (the "
+                           "images identity administers its instances)"))
+    return out + federation_problems(config)
+
+
 def federation_problems(config: StackConfig) -> list[Problem]:
     """The bootstrap stack's CI federation as GCP will take it: names safe in the condition, the
     condition within GCP's length limit."""

@@ -21,7 +21,7 @@ from fleet.images import mkosibuild
 from fleet.images.recipes import validate_build
 from fleet.images.versions import build_inputs
 from fleet.nodes.checks import check_all
-from fleet.project.bootstrap import federation_problems
+from fleet.project.bootstrap import bootstrap_problems
 from fleet.stacks import inputs
 
 
@@ -41,7 +41,7 @@ def load(
     if root is not None:
         problems += app_problems(config, root)
     problems += inputs.problems(config, root)
-    problems += federation_problems(config)
+    problems += bootstrap_problems(config)
     if problems:
         raise ConfigError(problems)
     return config
