@@ -55,6 +55,9 @@ EXIT_3_BEFORE = [
      "containers.hello.docker.context", "longer than a file system allows"),
     ("dev", lambda c: c[NS + "containers"]["simple-app"]["mkosi"].update(directory="x" * 300),
      "containers.simple-app.mkosi.directory", "longer than a file system allows"),
+    # found by the program itself (only it knows every logical name): still bad input, not a failure
+    ("prod", lambda c: c.update({NS + "adopt": {"overlay-0-dta": "projects/x/zones/y/disks/z"}}),
+     "adopt.overlay-0-dta", "names no resource of this stack; use the logical names shown by `make plan`"),
 ]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from dataclasses import replace
 
+from fleet.config.problems import ConfigError, Problem
 from fleet.config.values import display
 from fleet.plan import safety
 from fleet.plan.harness import ProgramRun, Registration, run_program
@@ -89,7 +90,12 @@ def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = Non
                 root, stack=stack, config=sf.config, secret_keys=sf.secret_keys, preview=preview,
                 stack_references=stack_references,
             )
+        except ConfigError:
+            raise
         except Exception as exc:  # noqa: BLE001 - reported as a failed plan, with its pass
+            problems = getattr(exc, "problems", None)  # a configuration mistake the program found
+            if isinstance(problems, list) and problems and all(isinstance(p, Problem) for p in problems):
+                raise ConfigError(problems) from None
             raise PlanFailed(phase, exc) from exc
     preview_run = runs["preview"]
     outputs = dict(preview_run.outputs)
