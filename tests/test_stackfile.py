@@ -156,3 +156,10 @@ def test_an_unexpected_failure_is_one_line_and_exit_3(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "bench")
     assert code == 3 and err.splitlines() == ["error: internal error: RuntimeError: boom (rerun with --debug for the "
                                               "traceback)"]
+
+
+def test_a_json_value_nested_3000_deep_is_one_line(capsys, project):
+    """Top-level values arrive JSON-encoded from the CLI; their depth is bounded like the file's."""
+    project.write_stack("deepjson", text="config:\n  dstack-fleet:labels: '" + "[" * 3000 + "]" * 3000 + "'\n")
+    code, lines = plan(capsys, project, "deepjson")
+    assert code == 2 and "stacks/Pulumi.deepjson.yaml: dstack-fleet:labels: is nested more than 32 levels deep" in lines

@@ -822,13 +822,33 @@ SECRET_KEYS = {f"{NAMESPACE}:secrets"}
 GCP_KEYS = ("project", "region")
 
 
+MAX_VALUE_DEPTH = 32  # as fleet.config.stackfile bounds a stack file
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists and mappings, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_VALUE_DEPTH:
+                stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def decode_value(value: Any) -> Any:
-    """Config values arrive as the CLI passes them: objects and lists JSON-encoded."""
+    """Config values arrive as the CLI passes them: objects and lists JSON-encoded. ``ValueError``
+    when a value is nested deeper than any configuration is (it would exhaust the validator)."""
     if isinstance(value, str) and value[:1] in ("{", "["):
         try:
-            return json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
             return value
+        except RecursionError:
+            raise ValueError(f"is nested more than {MAX_VALUE_DEPTH} levels deep") from None
+    if _depth(value) > MAX_VALUE_DEPTH:
+        raise ValueError(f"is nested more than {MAX_VALUE_DEPTH} levels deep")
     return value
 
 
@@ -853,7 +873,11 @@ def parse(
                 Problem(source, key, f"config keys are 'namespace:key'; did you mean '{NAMESPACE}:{key}'?")
             )
             continue
-        value = decode_value(raw[key])
+        try:
+            value = decode_value(raw[key])
+        except ValueError as exc:
+            problems.append(Problem(source, key, str(exc)))
+            continue
         if namespace == NAMESPACE:
             if name not in fleet_keys:
                 problems.append(Problem(source, key, _unknown_top_level(name, fleet_keys)))
