@@ -85,6 +85,11 @@ def test_urls_with_credentials_or_nonsense_are_refused(url, reason):
     assert reason in grammar.url_problem(url)
 
 
+@pytest.mark.parametrize("url", ["ftp://admin:hunter2@h.example.com", "https://admin:hunter2@-bad-", "x://a:hunter2@b c"])
+def test_a_refused_url_with_credentials_is_never_repeated(url):
+    assert "hunter2" not in grammar.url_problem(url)
+
+
 def test_prod_requires_https():
     assert grammar.url_problem("http://vmm.example.com:9080") is None
     assert "prod requires https" in grammar.url_problem("http://vmm.example.com:9080", prod=True)

@@ -181,6 +181,7 @@ _CREDENTIAL_PARAM = re.compile(r"(?:^|[_.-])(?:api[_-]?key|key|token|secret|pass
                                r"authorization|sig|signature|credential|credentials|access[_-]?token|session)$",
                                re.IGNORECASE)
 _KEY_LIKE = re.compile(r"[A-Za-z0-9_-]{32,}")
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
 
 
 def _looks_like_key(segment: str) -> bool:
@@ -190,7 +191,10 @@ def _looks_like_key(segment: str) -> bool:
 
 def url_problem(value: str, *, schemes: tuple[str, ...] = ("https", "http"), prod: bool = False) -> str | None:
     """A URL a client of ours requests: parsed, an allowed scheme, a host, no credentials in it,
-    https in prod."""
+    https in prod. A message never repeats a URL that carries credentials."""
+    if _USERINFO.search(value):
+        return ("carries credentials (user:password@); keep them out of URLs, which plans print: store them in "
+                "dstack-fleet:secrets with `pulumi config set --secret`")
     if _CONTROL.search(value) or " " in value:
         return f"{value[:60]!r} is not a URL (it contains spaces or control characters)"
     try:
