@@ -236,7 +236,7 @@ def compare(stack: str, base_ref: str, base: PlanResult, head: dict[str, Any]) -
     measurement_changes = changed_values(base_doc.get("measurements"), head.get("measurements"))
     output_changes = changed_values(base_doc.get("outputs"), head.get("outputs"))
     safety_changes = changed_values(base_doc.get("safety"), head.get("safety")) if "safety" in base_doc else []
-    changed = bool(resource_changes or measurement_changes or output_changes or safety_changes or failures)
+    changed = bool(resource_changes or measurement_changes or output_changes or safety_changes)
 
     lines = [f"## `{stack}`: offline plan diff against `{base_ref}`", ""]
     if base.note:
