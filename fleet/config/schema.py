@@ -66,7 +66,7 @@ def _cidr(value: str) -> str:
     return str(ipaddress.IPv4Network(value))
 
 
-def _check(check, what: str = ""):
+def _check(check):
     """An ``AfterValidator`` from a ``fleet.config.grammar`` function (``value -> reason | None``)."""
 
     def validate(value: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 from yaml.events import AliasEvent
-from yaml.nodes import MappingNode, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, ScalarNode
 
 from fleet.config.problems import ConfigError, Problem
 
@@ -31,7 +31,7 @@ STACK_FILE_KEYS = {"config", "encryptionsalt", "encryptedkey", "secretsprovider"
 SECRETS_KEY = "dstack-fleet:secrets"
 # Far above any real stack file (a 1,000-node fleet is a few kilobytes), far below what could hurt.
 MAX_STACK_FILE_BYTES = 1 << 20
-MAX_DEPTH = 32  # nested mappings and lists; the schema's deepest path is 7 levels
+MAX_DEPTH = 32  # nodes from the document root; the schema's deepest values sit about 10 down
 # Pulumi's stack names: 1-100 characters of [A-Za-z0-9_.-] (pulumi/pulumi
 # c8bf1862344e561754ea3ebb1c444c77ca7378c0, sdk/go/common/tokens/stack_name.go, ParseStackName).
 STACK_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
@@ -62,11 +62,11 @@ class _StackFileLoader(yaml.SafeLoader):
         if self.check_event(AliasEvent):
             event = self.peek_event()
             raise _Refused(None, None, f"alias *{event.anchor} is not supported in stack files (write the value "
-                           "out; the Pulumi CLI rewrites stack files without anchors)", event.start_mark)
+                           "out in full)", event.start_mark)
         event = self.peek_event()
         if event.anchor is not None:
             raise _Refused(None, None, f"anchor &{event.anchor} is not supported in stack files (write the value "
-                           "out; the Pulumi CLI rewrites stack files without anchors)", event.start_mark)
+                           "out in full)", event.start_mark)
         self._depth += 1
         if self._depth > MAX_DEPTH:
             raise _Refused(None, None, f"values are nested more than {MAX_DEPTH} levels deep", event.start_mark)
