@@ -55,6 +55,9 @@ EXIT_3_BEFORE = [
      "containers.hello.docker.context", "longer than a file system allows"),
     ("dev", lambda c: c[NS + "containers"]["simple-app"]["mkosi"].update(directory="x" * 300),
      "containers.simple-app.mkosi.directory", "longer than a file system allows"),
+    # a release whose app-compose needs a setting the app does not have: found by fleet.apps.compose
+    ("dev", lambda c: app(c, "gce").update(dstackVersion="0.5.0"), "apps[0].settings.secureTime",
+     "vmm-cli 0.5.0 always writes secure_time: true"),
     # found by the program itself (only it knows every logical name): still bad input, not a failure
     ("prod", lambda c: c.update({NS + "adopt": {"overlay-0-dta": "projects/x/zones/y/disks/z"}}),
      "adopt.overlay-0-dta", "names no resource of this stack; use the logical names shown by `make plan`"),
@@ -214,3 +217,23 @@ def test_the_shipped_mkosi_app_is_pinned_and_a_moving_mirror_is_refused(capsys, 
     lines = plan_problems(capsys, project, "dev", lambda c: None, name="dev")
     assert any(f"{NS}containers.simple-app.mkosi.directory: apps/simple-mkosi-app/mkosi.conf: Mirror=" in line
                for line in lines), lines
+
+
+def test_a_compose_file_that_is_not_utf8_is_named(capsys, project):
+    (project.root / "compose").mkdir()
+    (project.root / "compose" / "bad.yaml").write_bytes("services:\n  a:\n    image: caf\xe9\n".encode("latin-1"))
+
+    def compose_file(c):
+        entry = app(c, "vmm")
+        entry.update(kind="compose", composeFile="compose/bad.yaml")
+        entry.pop("nearMpc")
+
+    lines = plan_problems(capsys, project, "staging", compose_file)
+    assert any(f"{NS}apps[0].composeFile: compose/bad.yaml: is not UTF-8 text" in line for line in lines), lines
+
+
+def test_problems_hidden_behind_a_pending_image_are_found(capsys, project):
+    """The dev stack's Phala apps wait for images the lock lacks, so the program never renders their
+    compose; the check renders it with a stand-in digest and finds what rendering would."""
+    lines = plan_problems(capsys, project, "dev", lambda c: app(c, "phala").update(dstackVersion="0.5.3"))
+    assert any(f"{NS}apps[1].settings.secureTime: vmm-cli 0.5.3 always writes secure_time" in line for line in lines)

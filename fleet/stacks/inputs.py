@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Iterator
 
 from fleet.apps import compose as fc
-from fleet.apps.imageref import InvalidImageReference, parse_image_ref, unpinned_reason
+from fleet.apps.imageref import DigestKind, InvalidImageReference, parse_image_ref, unpinned_reason
+from fleet.apps.plans import Container, plan_app
 from fleet.apps.vmm import VmmError, parse_port
 from fleet.config import stackfile
 from fleet.config.problems import ConfigError, Problem
@@ -35,7 +36,7 @@ PLACEHOLDER_DIGEST = "sha256:" + "0" * 64  # stands in for a pending build while
 
 def problems(config: StackConfig, root: Path | None) -> list[Problem]:
     out: list[tuple[str, str]] = []
-    out += _app_problems(config)
+    out += _app_problems(config, root)
     out += _container_problems(config)
     if root is not None:
         out += _build_for_problems(config, root)
@@ -45,14 +46,23 @@ def problems(config: StackConfig, root: Path | None) -> list[Problem]:
 
 # ---- apps -------------------------------------------------------------------------------------------
 
-_COMPOSE_FIELDS = {"working_dir": "workingDir", "security_opt": "securityOpt", "read_only": "readOnly"}
+# Where a problem of fleet.apps.compose (its field names) lives in an app's configuration.
+_APP_FIELDS = {
+    "dstack_version": "dstackVersion", "key_provider": "keyProvider", "key_provider_id": "kms.keyProviderId",
+    "gateway_enabled": "settings.gatewayEnabled", "public_logs": "settings.publicLogs",
+    "public_sysinfo": "settings.publicSysinfo", "public_tcbinfo": "settings.publicTcbinfo",
+    "no_instance_id": "settings.noInstanceId", "secure_time": "settings.secureTime",
+    "storage_fs": "settings.storageFs", "allowed_envs": "settings.allowedEnvs",
+}
+_SERVICE_FIELDS = {"working_dir": "workingDir", "security_opt": "securityOpt", "read_only": "readOnly"}
 
 
-def _app_problems(config: StackConfig) -> Iterator[tuple[str, str]]:
+def _app_problems(config: StackConfig, root: Path | None) -> Iterator[tuple[str, str]]:
     releases = set(fc.KNOWN_DSTACK_RELEASES) | set(fc.DSTACK_OS_COMPOSE_RELEASES)
     for i, app in enumerate(config.fleet.apps):
         at = f"apps[{i}]"
-        if app.target in ("gce", "vmm") and app.dstack_version not in releases:
+        known = app.dstack_version in releases
+        if not known:
             yield (f"{at}.dstackVersion", f"{app.dstack_version!r} is not a dstack release whose app-compose format "
                    f"is known; use one of {', '.join(sorted(releases, key=_version_key))}")
         if app.vmm is not None:
@@ -61,51 +71,67 @@ def _app_problems(config: StackConfig) -> Iterator[tuple[str, str]]:
                     parse_port(port)  # vmm-cli.py's parse_port_mapping, as fleet.apps.vmm reads it
                 except VmmError as exc:
                     yield (f"{at}.vmm.ports[{j}]", str(exc))
-        if app.services:
-            yield from _rehearse_compose(config, at, app)
+        if known and root is not None:
+            yield from _rehearse_app(config, root, at, app)
 
 
 def _version_key(version: str) -> tuple:
     return tuple(int(p) if p.isdigit() else -1 for p in re.split(r"[.]", version))
 
 
-def _rehearse_compose(config: StackConfig, at: str, app) -> Iterator[tuple[str, str]]:
-    """Render the generated compose with a stand-in digest for pending images, so its checks
-    (``fleet.apps.compose``) run even before anything is built."""
-    index = {s.name: j for j, s in enumerate(app.services)}
-    specs = []
-    for service in app.services:
-        source = config.fleet.containers.get(service.image)
-        repository = source.external.image if source is not None and source.external else "registry.invalid/build"
+def _rehearse_app(config: StackConfig, root: Path, at: str, app) -> Iterator[tuple[str, str]]:
+    """Plan the app as the program will (``fleet.apps.plans.plan_app``: compose, app-compose.json for
+    its dstack version), with a stand-in digest for every container, so its checks run even while
+    images are pending, and map what they find to the app's keys."""
+    containers = {}
+    for key, source in config.fleet.containers.items():
+        repository = source.external.image if source.external else "registry.invalid/build"
         try:
             ref = parse_image_ref(f"{repository}@{PLACEHOLDER_DIGEST}")
         except InvalidImageReference:
             return  # reported for the container itself
-        specs.append(fc.ServiceSpec(
-            name=service.name, image=ref, ports=service.ports, environment=service.environment,
-            volumes=service.volumes, command=service.command, working_dir=service.working_dir,
-            restart=service.restart, read_only=service.read_only, security_opt=service.security_opt,
-            tmpfs=service.tmpfs))
+        containers[key] = Container(key, "external" if source.external else "built", ref, DigestKind.MANIFEST)
+    if any(key not in containers for key in _container_keys(app)):
+        return  # reported by fleet.apps.plans.app_problems
+    if app.compose_file:
+        path = _inside(root, app.compose_file)
+        if path is None or not path.is_file():
+            return  # reported by fleet.apps.plans.app_problems
     try:
-        fc.compose_document(fc.ComposeSpec(services=tuple(specs)))
+        plan_app(app, config.stack, containers, root)
+    except (OSError, UnicodeDecodeError):
+        return  # an unreadable compose file: reported by fleet.apps.plans.app_problems
     except fc.ComposeError as exc:
+        index = {s.name: j for j, s in enumerate(app.services)}
         for where, message in exc.problems:
-            yield (_service_path(at, index, where), message)
+            yield _app_path(at, app, index, where, message)
 
 
-def _service_path(at: str, index: dict[str, int], where: str) -> str:
-    """``services.NAME.field[k]`` of the compose module as the config key ``apps[i].services[j].field[k]``."""
+def _container_keys(app) -> list[str]:
+    keys = [s.image for s in app.services]
+    if app.near_mpc:
+        keys += [app.near_mpc.launcher_image, app.near_mpc.mpc_image]
+    if app.kettle:
+        keys.append(app.kettle.launcher_image)
+    return keys
+
+
+def _app_path(at: str, app, index: dict[str, int], where: str, message: str) -> tuple[str, str]:
+    """A problem of the compose module (``where`` in its field names) as (config key, message)."""
     head, _, rest = where.partition(".")
-    if head != "services" or not rest:
-        return f"{at}.services"
-    name, _, field = rest.partition(".")
-    if name not in index:
-        return f"{at}.services"
-    path = f"{at}.services[{index[name]}]"
-    if field:
-        key, bracket, tail = field.partition("[")
-        path += "." + _COMPOSE_FIELDS.get(key, key) + (bracket + tail if bracket else "")
-    return path
+    if head == "docker_compose_file":
+        head, _, rest = rest.partition(".")
+    if head == "services" and rest and app.services:
+        name, _, field = rest.partition(".")
+        if name in index:
+            path = f"{at}.services[{index[name]}]"
+            if field:
+                key, bracket, tail = field.partition("[")
+                path += "." + _SERVICE_FIELDS.get(key, key) + (bracket + tail if bracket else "")
+            return path, message
+    if where in _APP_FIELDS:
+        return f"{at}.{_APP_FIELDS[where]}", message
+    return at, f"{where}: {message}" if where else message
 
 
 # ---- containers -------------------------------------------------------------------------------------
