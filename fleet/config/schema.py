@@ -695,7 +695,7 @@ class AppConfig(Model):
 
 class RecipeHost(Model):
     machine_type: MachineTypeName | None = Field(None, description="Build host machine type (default per recipe).")
-    disk_gb: int | None = Field(None, ge=50, description="Build disk size in GB (default per recipe).")
+    disk_gb: int | None = Field(None, ge=50, le=65536, description="Build disk size in GB (default per recipe).")
     disk_type: Literal["pd-ssd", "pd-balanced"] = Field("pd-ssd", description="Build disk type.")
     timeout_minutes: int | None = Field(None, ge=10, description="How long `pulumi up` waits for the build.")
 
@@ -708,6 +708,16 @@ class BuildHostConfig(Model):
     poll_seconds: int = Field(60, ge=5, description="How often the wait step looks for the build's outputs.")
     recipes: dict[Literal["tplus-overlay", "dstack-os"], RecipeHost] = Field(
         default_factory=dict, description="Per-recipe sizing.")
+
+    @model_validator(mode="after")
+    def _timeouts_outlast_polls(self) -> "BuildHostConfig":
+        # fleet.images.buildscript.settings_problems refuses this inside the program; say it here
+        short = sorted(name for name, host in self.recipes.items()
+                       if host.timeout_minutes is not None and host.timeout_minutes * 60 < self.poll_seconds)
+        if short:
+            raise ValueError(f"recipes.{short[0]}.timeoutMinutes must be longer than pollSeconds "
+                             f"({self.poll_seconds} s)")
+        return self
 
 
 class PolicyConfig(Model):
