@@ -70,7 +70,7 @@ SCALARS = st.one_of(
     st.sampled_from([0, 1, 5, 65535, 65536, 10**20]), st.booleans(), st.none(), st.floats(allow_nan=True),
 )
 VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["a", "name", "port", "zone", "x-y", "1"]), inner,
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(["a", "name", "port", "zone", "x-y", "1", "a\nb"]), inner,
                                                  max_size=3)), max_leaves=6)
 
 

@@ -163,3 +163,10 @@ def test_a_json_value_nested_3000_deep_is_one_line(capsys, project):
     project.write_stack("deepjson", text="config:\n  dstack-fleet:labels: '" + "[" * 3000 + "]" * 3000 + "'\n")
     code, lines = plan(capsys, project, "deepjson")
     assert code == 2 and "stacks/Pulumi.deepjson.yaml: dstack-fleet:labels: is nested more than 32 levels deep" in lines
+
+
+def test_a_problem_is_one_line_even_when_the_key_holds_a_line_break(capsys, project):
+    project.mutate("dev", "breaks", lambda c: c["dstack-fleet:labels"].update({"a\nb\x1b[31m": "x"}))
+    code, lines = plan(capsys, project, "breaks")
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("stacks/Pulumi.breaks.yaml: dstack-fleet:labels.a\\nb\\x1b[31m: ")
