@@ -121,7 +121,7 @@ def _allowed_in_prod(refused, why: str):
     return AfterValidator(validate)
 
 
-def _guest_binary_url(value: str, info: ValidationInfo) -> str:
+def _guest_binary_url(value: str) -> str:
     if value.startswith(("https://", "http://")):
         problem = grammar.url_problem(value, schemes=("https",))
     else:
