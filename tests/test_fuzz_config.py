@@ -138,7 +138,7 @@ def _plan(root: Path, stack: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@settings(max_examples=40, deadline=timedelta(seconds=30), derandomize=True, database=None,
+@settings(max_examples=30, deadline=timedelta(seconds=30), derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])
 @given(case=mutated())
