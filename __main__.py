@@ -11,11 +11,10 @@ the steps of its stack in order:
 
 from pathlib import Path
 
-import pulumi
-
 from components import adopt
 from components.roles import bootstrap, env, images
-from components.stackconfig import load_stack_config
+from components.stackconfig import ConfigRunError, load_stack_config
+from fleet.config.problems import Problem
 from fleet.gcp.naming import Namer
 
 ROOT = Path(__file__).resolve().parent
@@ -25,5 +24,7 @@ namer = Namer(prefix=config.fleet.name_prefix, stack=config.stack, project=confi
 adopt.configure(config.fleet.adopt)
 {"bootstrap": bootstrap.build, "images": images.build, "env": env.build}[config.fleet.role](config, namer, ROOT)
 if adopt.unused():
-    raise pulumi.RunError("dstack-fleet:adopt names no resource of this stack: " + ", ".join(adopt.unused())
-                          + "; use the logical names shown by `make plan`")
+    raise ConfigRunError("dstack-fleet:adopt names no resource of this stack: " + ", ".join(adopt.unused())
+                         + "; use the logical names shown by `make plan`",
+                         [Problem(config.source, f"dstack-fleet:adopt.{name}", "names no resource of this stack; use "
+                                  "the logical names shown by `make plan`") for name in adopt.unused()])

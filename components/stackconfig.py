@@ -20,7 +20,7 @@ from fleet.images import lock
 from fleet.config.schema import StackConfig
 from fleet.config.values import NOT_SET
 from fleet.images.lock import LockFile
-from fleet.config.problems import ConfigError
+from fleet.config.problems import ConfigError, Problem
 from fleet.plan.offline import is_offline_plan
 from fleet.stacks import readiness
 from fleet.stacks.load import load
@@ -34,6 +34,15 @@ def runtime_values() -> tuple[dict[str, Any], set[str]]:
     return values, secret_keys
 
 
+class ConfigRunError(pulumi.RunError):
+    """A configuration mistake the program found: a ``pulumi.RunError`` (the CLI prints it without a
+    traceback) that keeps its one-line problems, so the offline plan reports them as bad input."""
+
+    def __init__(self, title: str, problems: list[Problem]):
+        self.problems = problems
+        super().__init__(title + "\n" + "\n".join(str(p) for p in sorted(set(problems))))
+
+
 def load_stack_config(root: Path) -> StackConfig:
     """The validated config, or one ``pulumi.RunError`` that lists every problem (no traceback)."""
     stack = pulumi.get_stack()
@@ -42,14 +51,14 @@ def load_stack_config(root: Path) -> StackConfig:
     try:
         return load(values, stack=stack, source=source, secret_keys=secret_keys, root=root)
     except ConfigError as exc:
-        raise pulumi.RunError("invalid configuration:\n" + "\n".join(exc.lines())) from None
+        raise ConfigRunError("invalid configuration:", exc.problems) from None
 
 
 def load_lock(root: Path) -> LockFile:
     try:
         return lock.load(root)
     except ConfigError as exc:
-        raise pulumi.RunError("invalid lock file:\n" + "\n".join(exc.lines())) from None
+        raise ConfigRunError("invalid lock file:", exc.problems) from None
 
 
 def secret(config: StackConfig, name: str) -> pulumi.Output[str]:

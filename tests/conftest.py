@@ -34,6 +34,13 @@ def stack_config(name: str) -> dict[str, Any]:
     return yaml.safe_load((ROOT / "stacks" / f"Pulumi.{name}.yaml").read_text())["config"]
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a value shared by two keys out twice: stack files refuse anchors and aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 class Project:
     """A copy of the program's entry files, stacks and apps in a temporary directory; the packages
     (``fleet``, ``components``) are imported from the repository."""
@@ -47,7 +54,7 @@ class Project:
         if text is None:
             document = {"config": config or {}}
             document.update(extra or {})
-            text = yaml.safe_dump(document, sort_keys=False)
+            text = yaml.dump(document, Dumper=_NoAliasDumper, sort_keys=False)
         path.write_text(text)
         return path
 

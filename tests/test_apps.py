@@ -36,7 +36,7 @@ def minimal_env(apps, containers=None, secrets=None, nodes=None, images=None):
         "dstack-fleet:bootstrap": {"project": "acme-tee-ops"},
         "dstack-fleet:network": {"subnets": {"us-central1": "10.10.0.0/20"}},
         "dstack-fleet:apps": apps,
-        "dstack-fleet:secrets": secrets or {"vmmToken": "t0ken"},
+        "dstack-fleet:secrets": {name: {"secure": "v1:placeholder"} for name in (secrets or {"vmmToken": ""})},
     }
     if containers:
         config["dstack-fleet:containers"] = containers
@@ -201,12 +201,13 @@ def test_near_launcher_digest_kind_must_match(project):
 
 def test_canary_secret_never_appears_in_generated_app_files(project):
     canary = "canary-31ab-app-must-not-leak"
-    project.write_stack("canary", minimal_env([NEAR_APP], secrets={"vmmToken": canary}))
-    _, config = load_config(project.root, "canary")
+    project.write_stack("canary", minimal_env([NEAR_APP]))
+    secrets = {"dstack-fleet:secrets": {"vmmToken": canary}}  # as the CLI hands a decrypted secure: value
+    _, config = load_config(project.root, "canary", secret_overrides=secrets)
     (app,) = fleet_apps.plan_apps(config, fleet_lock.load(ROOT), project.root, "r")
     generated = app.app_compose.text + (app.user_config or "") + json.dumps(app.summary())
     assert canary not in generated
-    plan = build_plan(project.root, "canary")
+    plan = build_plan(project.root, "canary", secret_overrides=secrets)
     assert canary not in plan.to_json()
 
 
@@ -426,6 +427,7 @@ def test_a_launcher_on_a_release_without_emit_event_is_refused(project):
         load_config(project.root, "old")
     assert any("nearMpc: dstack 0.4.2 has no EmitEvent in its guest agent" in line for line in info.value.lines())
     app["dstackVersion"] = "0.5.0"
+    app["settings"] = {"secureTime": True}  # vmm-cli 0.5.0 writes secure_time: true, so the config says so
     project.write_stack("old", minimal_env([app], containers=containers))
     load_config(project.root, "old")
 

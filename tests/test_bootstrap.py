@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pulumi
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from fleet.project import accounts
-from fleet.project.bootstrap import PRIMITIVE_ROLES, PUBLIC_MEMBERS, names_for, plan_bootstrap
+from fleet.project.bootstrap import PRIMITIVE_ROLES, PUBLIC_MEMBERS, env_tiers, names_for, plan_bootstrap
 from fleet.plan.harness import run_program
 from fleet.plan.planner import build_plan
 from fleet.stacks.load import load_config
@@ -59,7 +60,7 @@ def principal_kind(name: str) -> str:
 
 def test_iam_is_exactly_the_declared_set(plan):
     _, config = load_config(ROOT, "bootstrap")
-    declared = {b.key: (b.role, b.member) for b in plan_bootstrap(config).bindings}
+    declared = {b.key: (b.role, b.member) for b in plan_bootstrap(config, env_tiers(ROOT, config)).bindings}
     granted = {r.name: (r.inputs["role"], r.inputs["member"]) for r in iam(plan) if not r.name.startswith("wif-")}
     for key, (role, member) in declared.items():
         assert key in granted and granted[key][0] == role
@@ -87,7 +88,7 @@ def test_no_primitive_roles_no_public_members_and_only_reviewed_roles(plan):
 
 def test_deploy_identities_touch_only_their_own_environment(plan):
     _, config = load_config(ROOT, "bootstrap")
-    bp = plan_bootstrap(config)
+    bp = plan_bootstrap(config, env_tiers(ROOT, config))
     for env, project in bp.environments.items():
         mine = [b for b in bp.bindings if b.who == f"ci-deploy-{env}"]
         projects = {b.target for b in mine if b.scope == "project"}
@@ -109,9 +110,100 @@ def test_federation_pins_repository_and_owner_ids(plan):
     assert condition.startswith("assertion.repository_id ==") and " && " in condition
     assert provider.inputs["oidc"]["issuerUri"] == "https://token.actions.githubusercontent.com"
     bindings = {r.name: r.inputs["member"] for r in plan.update_run.resources if r.name.startswith("wif-")}
-    assert bindings["wif-environment-prod"].endswith("/attribute.environment/prod")
-    assert bindings[f"wif-repository_id-{github['repositoryId']}"].endswith(
-        f"/attribute.repository_id/{github['repositoryId']}")
+    repository_id = github["repositoryId"]
+    # every principal set names the repository: a token of another repository matches none of them
+    assert bindings == {
+        f"wif-repository_id-{repository_id}": f"{POOL}/attribute.repository_id/{repository_id}",
+        f"wif-repo_env-{repository_id}-dev": f"{POOL}/attribute.repo_env/{repository_id}/dev",
+        f"wif-repo_env-{repository_id}-staging": f"{POOL}/attribute.repo_env/{repository_id}/staging",
+        f"wif-repo_env-{repository_id}-prod": f"{POOL}/attribute.repo_env/{repository_id}/prod",
+        f"wif-repo_ref-{repository_id}-refs-heads-main": f"{POOL}/attribute.repo_ref/{repository_id}/refs/heads/main",
+    }
+    mapping = provider.inputs["attributeMapping"]
+    assert mapping["attribute.repo_env"] == ("assertion.repository_id + '/' + ('environment' in assertion ? "
+                                             "assertion.environment : '')")
+    assert mapping["attribute.repo_ref"] == "assertion.repository_id + '/' + ('ref' in assertion ? assertion.ref : '')"
+
+
+POOL = "principalSet://iam.googleapis.com/" + "projects/123456789012/locations/global/workloadIdentityPools/fleet-github"  # the offline stand-in
+
+
+def test_the_preview_identity_decrypts_no_prod_secret(plan):
+    """Any branch of the repository can reach the preview identity through a pull request: it may
+    decrypt what pull requests preview (dev, staging), never prod's key."""
+    grants = [(r.name, r.inputs.get("cryptoKeyId")) for r in plan.update_run.resources
+              if r.type == "gcp:kms/cryptoKeyIAMMember:CryptoKeyIAMMember" and r.name.startswith("ci-preview")]
+    assert sorted(name for name, _ in grants) == ["ci-preview-cloudkms-cryptoKeyDecrypter-key-dev",
+                                                  "ci-preview-cloudkms-cryptoKeyDecrypter-key-staging"]
+    preview_roles = {r.inputs["role"] for r in plan.update_run.resources
+                     if r.name.startswith("ci-preview") and "role" in r.inputs}
+    assert not any(role.endswith(("Admin", "admin", "Writer", "writer", "Creator", "Encrypter")) or "Encrypter" in role
+                   for role in preview_roles), preview_roles
+
+
+def test_an_environment_whose_stack_file_is_missing_counts_as_prod(project):
+    from fleet.project.bootstrap import previews_decrypt
+
+    (project.root / "stacks" / "Pulumi.staging.yaml").unlink()
+    _, config = load_config(project.root, "bootstrap")
+    tiers = env_tiers(project.root, config)
+    assert tiers == {"dev": "dev", "staging": None, "prod": "prod"}
+    assert [env for env in tiers if previews_decrypt(tiers, env)] == ["dev"]
+
+
+HOSTILE_BRANCHES = ["x'])||true||('", "main' || true || 'x", "a\\'b", "feat/(x)", "release|1"]
+HOSTILE_ENVIRONMENTS = ["prod' || true || '", "prod']||true||['", "pr od", "prod/x", "e" * 256]
+
+
+@pytest.mark.parametrize("key, value", [("branches", [b]) for b in HOSTILE_BRANCHES]
+                         + [("imagesBranch", b) for b in HOSTILE_BRANCHES]
+                         + [("environments", ["dev", "staging", "prod", e]) for e in HOSTILE_ENVIRONMENTS])
+def test_hostile_names_never_reach_the_condition(project, key, value):
+    project.mutate("bootstrap", "hostile", lambda c: c["dstack-fleet:github"].update({key: value}))
+    with pytest.raises(ConfigError) as info:
+        load_config(project.root, "hostile")
+    lines = info.value.lines()
+    assert lines and all(f"dstack-fleet:github.{key}" in line for line in lines), lines
+
+
+def test_the_condition_refuses_rather_than_escapes_even_past_the_schema():
+    """Called with names the schema never saw (another caller, a future field), the condition
+    builder refuses them instead of writing them into CEL."""
+    from types import SimpleNamespace
+
+    from fleet.project.bootstrap import UnsafeName, attribute_condition
+
+    base = dict(repository_id="812345678", owner_id="98765432", branches=["main"], environments=["prod"])
+    assert "'refs/heads/main'" in attribute_condition(SimpleNamespace(**base), [])
+    for change in ({"branches": ["x'])||true||('"]}, {"environments": ["prod' || true || '"]},
+                   {"repository_id": "1' || true || '"}, {"branches": ["a\\"]}):
+        with pytest.raises(UnsafeName):
+            attribute_condition(SimpleNamespace(**{**base, **change}), [])
+
+
+def _structure(condition: str) -> str:
+    """The condition with every string literal replaced by a marker: its operators and shape."""
+    import re
+
+    return re.sub(r"'[^'\\]*'", "L", condition)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(branches=st.lists(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,20}", fullmatch=True), min_size=1, max_size=3),
+       environments=st.lists(st.from_regex(r"[A-Za-z0-9._-]{1,20}", fullmatch=True), min_size=1, max_size=3))
+def test_no_accepted_name_changes_the_shape_of_the_condition(branches, environments):
+    """For every name the grammar accepts, the condition differs only inside its string literals."""
+    from types import SimpleNamespace
+
+    from fleet.config import grammar
+    from fleet.project.bootstrap import attribute_condition
+
+    branches = [b for b in branches if grammar.ci_branch_problem(b) is None] or ["main"]
+    reference = attribute_condition(SimpleNamespace(repository_id="1", owner_id="2", branches=["main"] * len(branches),
+                                                    environments=["prod"] * len(environments)), [])
+    condition = attribute_condition(SimpleNamespace(repository_id="1", owner_id="2", branches=branches,
+                                                    environments=environments), [])
+    assert _structure(condition) == _structure(reference)
 
 
 def test_state_bucket(plan):
@@ -189,6 +281,16 @@ def test_adopt_naming_nothing_is_an_error(project):
     ("prod", lambda c: c.pop("dstack-fleet:bootstrap"), "dstack-fleet:bootstrap", "is required"),
     ("prod", lambda c: c.update({"dstack-fleet:imagesProject": "acme-tee-build"}), "dstack-fleet:imagesProject",
      "only the bootstrap stack sets this"),
+    # two environments in one project: one deploy identity would administer the other's nodes (and the
+    # program would declare the same grants twice: duplicate URNs, the program failed)
+    ("bootstrap", lambda c: c["dstack-fleet:environments"]["prod"].update(project="acme-tee-staging"),
+     "dstack-fleet:environments.staging.project", "is also the project of environment 'prod'"),
+    ("bootstrap", lambda c: c.update({"dstack-fleet:imagesProject": "acme-tee-prod"}), "dstack-fleet:imagesProject",
+     "is the project of environment 'prod'"),
+    ("bootstrap", lambda c: c["dstack-fleet:github"].update(environments=["dev", "staging"]),
+     "dstack-fleet:github.environments", "does not list 'prod'"),
+    ("bootstrap", lambda c: c["dstack-fleet:github"].update(branches=[f"release/{i:03d}-{'x' * 60}" for i in range(60)]),
+     "dstack-fleet:github.branches", "GCP takes at most 4096"),
 ])
 def test_bootstrap_config_errors(project, stack, change, path, message):
     project.mutate(stack, "badboot", change)

@@ -19,11 +19,16 @@ from fleet.stacks import readiness
 from .conftest import ROOT, stack_config
 
 FAKE = """#!{python}
-import json, os, sys
+import json, os, stat, sys
 log = os.environ["FAKE_PULUMI_LOG"]
 argv = sys.argv[1:]
+record = {{"argv": argv, "backend": os.environ.get("PULUMI_BACKEND_URL")}}
+if "--policy-pack-config" in argv:  # the file exists only while the run lasts: record it now
+    path = argv[argv.index("--policy-pack-config") + 1]
+    record["policyConfig"] = json.load(open(path))
+    record["policyModes"] = [stat.S_IMODE(os.stat(path).st_mode), stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)]
 with open(log, "a") as f:
-    f.write(json.dumps({{"argv": argv, "backend": os.environ.get("PULUMI_BACKEND_URL")}}) + "\\n")
+    f.write(json.dumps(record) + "\\n")
 if argv == ["version"]:
     print("v" + os.environ.get("FAKE_PULUMI_VERSION", "{version}"))
 elif "export" in argv:
@@ -67,11 +72,15 @@ def calls(log: Path):
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def policy_config(argv: list[str]) -> dict:
-    """The policy pack flags of a preview/up call: the pack of this checkout and the config file."""
+def policy_config(call: dict) -> dict:
+    """The policy pack flags of a preview/up call: the pack of this checkout and the config file,
+    as the CLI read it (private to the run: mode 0600 in a 0700 directory, removed afterwards)."""
+    argv = call["argv"]
     i = argv.index("--policy-pack")
     assert argv[i + 1] == str(ROOT / "policies") and argv[i + 2] == "--policy-pack-config"
-    return json.loads(Path(argv[i + 3]).read_text())
+    assert call["policyModes"] == [0o600, 0o700]
+    assert not Path(argv[i + 3]).exists() and not Path(argv[i + 3]).parent.exists()
+    return call["policyConfig"]
 
 
 def initialised(project, base: str, name: str | None = None, *, change=None, encrypted: bool = True,
@@ -115,7 +124,7 @@ def test_make_preview_dev_creates_the_stack_with_its_kms_key_and_the_local_backe
     preview = recorded[2]["argv"]
     assert preview[:2] == ["--cwd", str(project.root)] and preview[2:6] == ["preview", "--stack", "dev", "--diff"]
     assert recorded[2]["backend"] == f"file://{project.root / '.pulumi-state'}"
-    config = policy_config(preview)
+    config = policy_config(recorded[2])
     assert config["all"] == "advisory"  # dev: every policy advisory
     assert {entry["enforcementLevel"] for name, entry in config.items() if name != "all"} == {"advisory"}
     assert not any("export" in c["argv"] for c in recorded)  # a preview does not read the state
@@ -242,7 +251,7 @@ def test_up_prod_with_a_shared_backend_and_locked_images(fake_pulumi, project):
     assert up["argv"][8:11] == ["--policy-pack", str(ROOT / "policies"), "--policy-pack-config"]
     assert len(up["argv"]) == 12
     assert up["backend"] == "gs://acme-tee-bootstrap-fleet-state"
-    config = policy_config(up["argv"])
+    config = policy_config(up)
     assert config["all"] == "mandatory" and config["data-safety"] == {"enforcementLevel": "mandatory", "tier": "prod"}
     assert config["unsafe-peer-delivery"]["tier"] == "prod"
 
@@ -341,10 +350,12 @@ def test_policy_enforcement_overrides_reach_the_pack_config(fake_pulumi, project
         "allowedImages": ["projects/ubuntu-os-cloud/global/images/ubuntu-2404-tdx-v20250805"]}}))
     result = fleet_deploy(project, "preview", "strict", env)
     assert result.returncode == 0, result.stderr
-    first = calls(log)[-1]["argv"]
+    first = calls(log)[-1]
     config = policy_config(first)
     assert fleet_deploy(project, "preview", "strict", env).returncode == 0
-    assert calls(log)[-1]["argv"] == first  # the same settings reuse one config file
+    second = calls(log)[-1]
+    # every run writes its own file in a fresh private directory: nothing is reused from a shared place
+    assert policy_config(second) == config and second["argv"][-1] != first["argv"][-1]
     assert config["all"] == "mandatory"
     assert config["tdx-only"] == {"enforcementLevel": "advisory", "extraMachineTypes": [],
                                   "allowedImages": ["projects/ubuntu-os-cloud/global/images/ubuntu-2404-tdx-v20250805"]}

@@ -97,8 +97,13 @@ def test_measurement_and_identity_changes_appear(prod_doc):
     assert "### App identity changes" in report.markdown and "### Expected measurements" in report.markdown
     assert "| `app:wallet.compose_hash` |" in report.markdown
     assert any("app app:wallet would get a new identity" in f for f in report.failures)
-    head["measurements"]["app:wallet"]["identity"] = "pinned"
+    # a KMS with a pinned app id keeps the identity across compose changes: no failure...
+    base["measurements"]["app:wallet"]["identity"] = "pinned"
+    head["measurements"]["app:wallet"].update(identity="pinned", app_id="a" * 40)
     assert not any("new identity" in f for f in compare(base, head).failures)
+    # ...but changing the pinned id itself is a new identity, stable or not
+    head["measurements"]["app:wallet"]["app_id"] = "c" * 40
+    assert any("app app:wallet would get a new identity" in f for f in compare(base, head).failures)
 
 
 def test_truncation_keeps_the_comment_under_the_limit():

@@ -463,7 +463,14 @@ def test_program_change_opening_ssh_fails_in_prod_and_follows_the_declared_ports
         {"dstack-fleet:policy": {"enforcement": {"no-open-ingress": "mandatory"}}}))
     assert plan_cli(project, "dev-strict").returncode == 1
 
+    # prod never disables a rule: the plan refuses the setting itself (exit 2, naming it)...
     project.mutate("prod", "off", lambda c: c.update(
+        {"dstack-fleet:policy": {"enforcement": {"no-open-ingress": "disabled"}}}))
+    refused = plan_cli(project, "off")
+    assert refused.returncode == 2 and "dstack-fleet:policy.enforcement.no-open-ingress: prod never disables" \
+        in refused.stderr
+    # ...while staging may, and the rule then says nothing
+    project.mutate("staging", "off", lambda c: c.update(
         {"dstack-fleet:policy": {"enforcement": {"no-open-ingress": "disabled"}}}))
     off = plan_cli(project, "off")
     assert off.returncode == 0 and "no-open-ingress" not in off.stdout

@@ -19,7 +19,7 @@ from fleet.gcp.naming import Namer
 
 
 def build(config: StackConfig, namer: Namer, root: Path) -> None:
-    plan = fleet_bootstrap.plan_bootstrap(config)
+    plan = fleet_bootstrap.plan_bootstrap(config, fleet_bootstrap.env_tiers(root, config))
     names = plan.names
     labels = namer.labels()
     project, region = config.gcp.project, config.gcp.region

@@ -370,6 +370,8 @@ def app_problems(config: StackConfig, root: Path) -> list[Problem]:
             else:
                 try:
                     fc.parse_compose(path.read_text(encoding="utf-8"))
+                except UnicodeDecodeError as exc:
+                    p(f"{at}.composeFile", f"{app.compose_file}: is not UTF-8 text (byte {exc.start})")
                 except fc.ComposeError as exc:
                     for where, message in exc.problems:
                         p(f"{at}.composeFile", f"{app.compose_file}: {where}: {message}")

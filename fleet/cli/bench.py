@@ -252,13 +252,20 @@ def bench_lock(project: Path) -> None:
     (project / "images.lock.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
+class _NoAliases(yaml.SafeDumper):
+    """Stack files hold no anchors or aliases (the reader refuses them): shared values are written out."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def _stack_dir(root: Path, work: Path, shape: str, nodes: int) -> Path:
     project = work / f"{shape}-{nodes}"
     (project / "stacks").mkdir(parents=True)
     for name in PROGRAM_FILES:
         if (root / name).exists():
             shutil.copy(root / name, project / name)
-    (project / "stacks" / f"Pulumi.{STACK}.yaml").write_text(yaml.safe_dump(fleet_config(shape, nodes)))
+    (project / "stacks" / f"Pulumi.{STACK}.yaml").write_text(yaml.dump(fleet_config(shape, nodes), Dumper=_NoAliases))
     bench_lock(project)
     return project
 

@@ -16,7 +16,10 @@
   delete because it waits for a build.
 * Every preview and update runs the policy pack under ``policies/`` with a generated
   ``--policy-pack-config``: the stack's tier sets each rule's level (mandatory in staging and prod,
-  advisory in dev), ``dstack-fleet:policy.enforcement`` overrides it.
+  advisory in dev), ``dstack-fleet:policy.enforcement`` overrides it. The file is written for each
+  run into a directory only this user can open, and removed afterwards: a config under a
+  predictable name in the shared temporary directory could be planted or swapped by anyone on the
+  machine (turning every rule off) between its check and the CLI reading it.
 
 Each check is one function of a ``Deployment`` (``BEFORE_CLI``, then ``ON_STATE`` for ``up``), so a new
 check is one more function in one of those lists.
@@ -24,7 +27,6 @@ check is one more function in one of those lists.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fleet.apps import plans as fleet_apps
+from fleet.config.files import write_atomic
 from fleet.config.problems import ConfigError
 from fleet.config.schema import StackConfig
 from fleet.config.stackfile import StackFile
@@ -97,17 +100,13 @@ def backend_url(root: Path, stack: str, role: str, tier: str | None, env: dict[s
     return f"file://{state}"
 
 
-def policy_pack_args(config) -> list[str]:
+def policy_pack_args(config, workdir: Path) -> list[str]:
     """``--policy-pack`` and ``--policy-pack-config`` for a validated stack configuration. The
-    config document (``fleet.rules.pack_config``) goes to the temporary directory under a name
-    derived from its content, so runs with the same settings reuse one file."""
+    config document (``fleet.rules.pack_config``) is written into ``workdir``, a directory private
+    to this run (mode 0700), as a file of mode 0600."""
     text = json.dumps(pack_config_for(config), indent=2, sort_keys=True) + "\n"
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"dstack-fleet-policy-{config.stack}-{digest}.json"
-    if not path.exists() or path.read_text(encoding="utf-8") != text:
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
+    path = Path(workdir) / f"policy-{config.stack}.json"
+    write_atomic(path, text, mode=0o600)
     return ["--policy-pack", str(POLICY_PACK_DIR), "--policy-pack-config", str(path)]
 
 
@@ -267,7 +266,7 @@ def stack_export(exe: str, d: Deployment, run_env: dict[str, str]) -> dict[str, 
 def run(root: Path, command: str, stack: str, extra: list[str] | None = None) -> int:
     env = dict(os.environ)
     d = prepare(root, command, stack, env, extra)
-    policy = policy_pack_args(d.config)  # ConfigError too: an unknown rule in dstack-fleet:policy.enforcement
+    pack_config_for(d.config)  # ConfigError first: an unknown rule in dstack-fleet:policy.enforcement
     for check in BEFORE_CLI:
         check(d)
     exe = check_cli(root, env)
@@ -275,14 +274,16 @@ def run(root: Path, command: str, stack: str, extra: list[str] | None = None) ->
     run_env["PULUMI_BACKEND_URL"] = backend_url(root, stack, d.role, d.tier, env)
     run_env.setdefault("PULUMI_SKIP_UPDATE_CHECK", "true")
     base = [exe, "--cwd", str(root)]
-    selected = subprocess.run(base + select_args(d), env=run_env, check=False)
-    if selected.returncode != 0:
-        return selected.returncode
-    if command == "up":
-        export = stack_export(exe, d, run_env)
-        for state_check in ON_STATE:
-            state_check(d, export)
-    return subprocess.run(base + command_args(d, policy), env=run_env, check=False).returncode
+    with tempfile.TemporaryDirectory(prefix="dstack-fleet-deploy-") as workdir:  # mkdtemp: mode 0700
+        policy = policy_pack_args(d.config, Path(workdir))
+        selected = subprocess.run(base + select_args(d), env=run_env, check=False)
+        if selected.returncode != 0:
+            return selected.returncode
+        if command == "up":
+            export = stack_export(exe, d, run_env)
+            for state_check in ON_STATE:
+                state_check(d, export)
+        return subprocess.run(base + command_args(d, policy), env=run_env, check=False).returncode
 
 
 __all__ = ["BEFORE_CLI", "ConfigError", "DeployRefused", "Deployment", "ON_STATE", "prepare", "run"]

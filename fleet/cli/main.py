@@ -1,5 +1,9 @@
 """``python -m fleet``: the offline tools. Exit codes: 0 ok, 1 a mandatory check failed,
-2 bad input (configuration, files), 3 the program itself failed."""
+2 bad input (configuration, files), 3 the program itself failed.
+
+Whatever the input, a command ends with one of those codes and one line per problem: a stack name
+Pulumi would refuse, an output file in a missing directory or an unexpected failure never end in a
+Python traceback (``--debug`` prints one for program failures)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from fleet.config.problems import ConfigError
+from fleet.config.files import write_atomic
+from fleet.config.problems import ConfigError, Problem
+from fleet.config.stackfile import stack_name_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 EXIT_OK, EXIT_MANDATORY, EXIT_INPUT, EXIT_PROGRAM = 0, 1, 2, 3
@@ -19,6 +25,41 @@ EXIT_OK, EXIT_MANDATORY, EXIT_INPUT, EXIT_PROGRAM = 0, 1, 2, 3
 
 def _root(args: argparse.Namespace) -> Path:
     return Path(args.root).resolve() if getattr(args, "root", None) else ROOT
+
+
+def _output_problem(option: str, value: str | None) -> Problem | None:
+    """An output file must go to an existing directory: checked before any work is done."""
+    if not value:
+        return None
+    parent = Path(value).parent
+    if not parent.is_dir():
+        return Problem(option, "", f"directory {str(parent)!r} does not exist; create it or write elsewhere")
+    if Path(value).is_dir():
+        return Problem(option, "", f"{value!r} is a directory; name a file")
+    return None
+
+
+def _write_output(option: str, path: str, text: str) -> None:
+    try:
+        write_atomic(Path(path), text, mode=0o644)
+    except OSError as exc:
+        raise ConfigError([Problem(option, "", f"cannot write {path!r}: {exc.strerror or exc}")]) from None
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Arguments every command shares, checked before it starts: ``--stack`` is a name Pulumi
+    accepts (it becomes a file name and part of every URN), output files have a directory."""
+    problems = []
+    stack = getattr(args, "stack", None)
+    if isinstance(stack, str) and stack_name_problem(stack):
+        problems.append(Problem("--stack", "", stack_name_problem(stack)))
+    for option, attribute in (("--json", "json"), ("--output", "output")):
+        value = getattr(args, attribute, None)
+        problem = _output_problem(option, value) if isinstance(value, str) and value != "-" else None
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -54,7 +95,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         render = render_markdown if args.format == "markdown" else render_text
         sys.stdout.write(render(plan, verbose=args.verbose))
         if args.json:
-            Path(args.json).write_text(plan.to_json(), encoding="utf-8")
+            _write_output("--json", args.json, plan.to_json())
     mandatory = [v for v in plan.violations if v["enforcement"] == "mandatory"]
     return EXIT_MANDATORY if mandatory else EXIT_OK
 
@@ -162,7 +203,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return EXIT_INPUT
     sys.stdout.write(report.markdown)
     if args.output:
-        Path(args.output).write_text(report.markdown, encoding="utf-8")
+        _write_output("--output", args.output, report.markdown)
     for failure in report.failures:
         print(f"mandatory check failed: {failure}", file=sys.stderr)
     return report.exit_code
@@ -379,8 +420,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION", "true")
     try:
+        check_arguments(args)
         return args.func(args)
     except ConfigError as exc:  # bad input from any command: one line per problem, exit 2
         for line in exc.lines():
             print(line, file=sys.stderr)
         return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_PROGRAM
+    except Exception as exc:  # noqa: BLE001 - a bug, not bad input: one line, the traceback on request
+        first = (str(exc).splitlines() or [""])[0][:300]
+        print(f"error: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        if args.debug:
+            traceback.print_exception(exc)
+        return EXIT_PROGRAM

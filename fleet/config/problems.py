@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _one_line(text: str) -> str:
+    """Control characters (a line break in a key, an escape sequence in a value) written escaped:
+    a problem is always one line, and a terminal never interprets a stack file's bytes."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 @dataclass(frozen=True, order=True)
@@ -15,7 +24,7 @@ class Problem:
 
     def __str__(self) -> str:
         parts = [p for p in (self.source, self.path) if p]
-        return ": ".join(parts + [self.message])
+        return _one_line(": ".join(parts + [self.message]))
 
 
 class ConfigError(Exception):

@@ -29,6 +29,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from fleet.gcp import tdx
+from fleet.gcp.naming import PROGRAM_LABEL_KEYS
+from fleet.config import grammar
 from fleet.config.ports import port_key
 from fleet.config.problems import ConfigError, Problem
 from fleet.config.validation import known_keys, problems_from
@@ -58,15 +60,75 @@ def _pattern(regex: str, what: str):
 
 
 def _cidr(value: str) -> str:
-    try:
-        network = ipaddress.IPv4Network(value, strict=True)
-    except ValueError as exc:
-        raise ValueError(f"{value!r} is not an IPv4 CIDR block such as 10.10.0.0/20 ({exc})") from None
-    if not network.is_private:
-        raise ValueError(f"{value!r} is not a private range (use RFC 1918 space such as 10.0.0.0/8)")
-    if network.prefixlen > 29:
-        raise ValueError(f"{value!r} is too small for GCP (a subnet needs at least a /29)")
-    return str(network)
+    problem = grammar.subnet_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return str(ipaddress.IPv4Network(value))
+
+
+def _check(check):
+    """An ``AfterValidator`` from a ``fleet.config.grammar`` function (``value -> reason | None``)."""
+
+    def validate(value: str) -> str:
+        problem = check(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(validate)
+
+
+def _regex(compiled: "re.Pattern[str]", what: str):
+    def validate(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"{value[:80]!r} is not {what}")
+        return value
+
+    return AfterValidator(validate)
+
+
+def _url(schemes: tuple[str, ...] = ("https", "http")):
+    """A URL checked by ``grammar.url_problem``; https is required when the stack's tier is prod."""
+
+    def validate(value: str, info: ValidationInfo) -> str:
+        problem = grammar.url_problem(value, schemes=schemes, prod=(info.context or {}).get("tier") == "prod")
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(validate)
+
+
+def _no_program_labels(labels: dict[str, str]) -> dict[str, str]:
+    taken = sorted(set(labels) & set(PROGRAM_LABEL_KEYS))
+    if taken:
+        raise ValueError(f"label key(s) {', '.join(taken)} are set by the program (they identify the stack, group "
+                         f"and node); choose other keys (reserved: {', '.join(PROGRAM_LABEL_KEYS)})")
+    if len(labels) + len(PROGRAM_LABEL_KEYS) > 64:
+        raise ValueError(f"GCP allows 64 labels per resource and the program sets {len(PROGRAM_LABEL_KEYS)}; "
+                         f"keep at most {64 - len(PROGRAM_LABEL_KEYS)}")
+    return labels
+
+
+def _allowed_in_prod(refused, why: str):
+    """Refuse a value prod must never have (the stack's tier comes from the validation context)."""
+
+    def validate(value, info: ValidationInfo):
+        if (info.context or {}).get("tier") == "prod" and value == refused:
+            raise ValueError(why)
+        return value
+
+    return AfterValidator(validate)
+
+
+def _guest_binary_url(value: str) -> str:
+    if value.startswith(("https://", "http://")):
+        problem = grammar.url_problem(value, schemes=("https",))
+    else:
+        problem = grammar.repo_path_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 def _ipv4(value: str) -> str:
@@ -110,6 +172,23 @@ Zone = Annotated[str, _pattern(r"[a-z]+-[a-z]+[0-9]+-[a-z]", "a GCP zone such as
 TdxZone = Annotated[Zone, AfterValidator(_tdx_zone)]
 TdxMachineType = Annotated[str, AfterValidator(_tdx_machine_type)]
 Cidr = Annotated[str, AfterValidator(_cidr)]
+Url = Annotated[str, _url()]
+HttpsUrl = Annotated[str, _url(("https",))]
+OneLine = Annotated[str, _check(grammar.one_line_problem)]
+Argument = Annotated[str, _check(grammar.argument_problem)]
+AbsolutePath = Annotated[str, _check(grammar.absolute_path_problem)]
+MachineTypeName = Annotated[str, _regex(grammar.MACHINE_TYPE, "a machine type name such as n2-standard-16")]
+CiBranch = Annotated[str, _check(grammar.ci_branch_problem)]
+GithubEnvironment = Annotated[str, _check(grammar.github_environment_problem)]
+ComposePort = Annotated[str, _check(grammar.compose_port_problem)]
+ComposeVolume = Annotated[str, _check(grammar.compose_volume_problem)]
+ComposeTmpfs = Annotated[str, _check(grammar.compose_tmpfs_problem)]
+SecurityOpt = Annotated[str, _regex(grammar.SECURITY_OPT, "a security option such as no-new-privileges:true")]
+Restart = Annotated[str, _regex(grammar.COMPOSE_RESTART, "a restart policy: no, always, unless-stopped or "
+                                "on-failure[:N]")]
+# Import ids of adopted resources: GCP resource paths or names, no spaces (pulumi import ids).
+ImportId = Annotated[str, _regex(re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,1023}"),
+                                 "an import id such as projects/P/zones/Z/disks/D")]
 IPv4 = Annotated[str, AfterValidator(_ipv4)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 ShortName = Annotated[
@@ -155,7 +234,7 @@ class PublicIngress(Model):
 
     port: Port = Field(description="Destination port.")
     protocol: Protocol = Field("tcp", description="tcp or udp.")
-    reason: str = Field(description="Why this port is public; shown in the plan and the firewall description.")
+    reason: OneLine = Field(description="Why this port is public; shown in the plan and the firewall description.")
     groups: list[ShortName] = Field(min_length=1, description="Node groups that receive this traffic.")
 
 
@@ -244,24 +323,27 @@ class ExpectedHashes(Model):
     os_image_hash: Sha256Hex | None = Field(None, description="dstack os-image-hash (sha256 of sha256sum.txt).")
     rootfs_hash: str | None = Field(None, description="dm-verity root hash of the rootfs.")
     uki_hash: str | None = Field(None, description="Authenticode hash of the UKI.")
-    source: str = Field(description="Where these values come from (release page, build log).")
+    source: OneLine = Field(description="Where these values come from (release page, build log).")
 
 
 class GuestBinary(Model):
     """A prebuilt light-client binary (the musl build), verified before use."""
 
-    url: str = Field(description="https:// URL or path (relative to the repository) of the musl build.")
+    url: Annotated[str, AfterValidator(_guest_binary_url)] = Field(
+        description="https:// URL or path (relative to the repository) of the musl build.")
     sha256: Sha256Hex = Field(description="SHA-256 of the binary; the build stops when it differs.")
 
 
 class GuestSource(Model):
     """Build the light client from source on the build host (cargo, musl target)."""
 
-    repository: str = Field(pattern=r"^https://[^\s]+$", description="Git repository (https).")
+    repository: HttpsUrl = Field(description="Git repository (https).")
     commit: CommitSha = Field(description="Commit to build.")
-    workspace: str = Field(description="Cargo workspace directory inside the repository.")
+    workspace: Annotated[str, _check(grammar.repo_path_problem)] = Field(
+        description="Cargo workspace directory inside the repository.")
     binary: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="Cargo binary target to build.")
-    features: list[str] = Field(default_factory=list, description="Cargo features (with --no-default-features).")
+    features: list[Annotated[str, _regex(grammar.CARGO_FEATURE, "a Cargo feature name")]] = Field(
+        default_factory=list, description="Cargo features (with --no-default-features).")
 
 
 class Guest(Model):
@@ -357,8 +439,8 @@ class OverlayConfig(Model):
         "setup", description="How the light client takes its peers: argv (`guest <port> [ip:port ...]`, older "
         "builds) or setup (one-time POST /setup on the loopback port, current builds).")
     setup_port: Port = Field(40080, description="Loopback port of the setup endpoint; never opened to the network.")
-    execution_rpc: str | None = Field(
-        None, pattern=r"^https?://[^\s'\"]+$",
+    execution_rpc: Url | None = Field(
+        None,
         description="Ethereum execution RPC URL for the setup interface. It ends up in the image or metadata, so "
         "never put an API key in it.")
 
@@ -381,11 +463,21 @@ class GithubConfig(Model):
     repository_id: str = Field(pattern=r"^[0-9]+$", description="The repository's immutable numeric id "
                                "(gh api repos/OWNER/NAME --jq .id); names can be renamed and re-registered.")
     owner_id: str = Field(pattern=r"^[0-9]+$", description="The owner's immutable numeric id (… --jq .owner.id).")
-    branches: list[str] = Field(default_factory=lambda: ["main"], min_length=1,
-                                description="Branches whose workflows may authenticate.")
-    environments: list[str] = Field(default_factory=list, description="GitHub environments allowed to "
-                                    "authenticate (each deploy identity accepts only its own).")
-    images_branch: str = Field("main", description="Branch whose workflow may run the images stack.")
+    branches: list[CiBranch] = Field(default_factory=lambda: ["main"], min_length=1,
+                                     description="Branches whose workflows may authenticate.")
+    environments: list[GithubEnvironment] = Field(default_factory=list, description="GitHub environments "
+                                                  "allowed to authenticate (each deploy identity accepts only its "
+                                                  "own).")
+    images_branch: CiBranch = Field("main", description="Branch whose workflow may run the images stack.")
+
+    @model_validator(mode="after")
+    def _unique_environments(self) -> "GithubConfig":
+        folded = [e.lower() for e in self.environments]
+        twice = sorted({e for e in self.environments if folded.count(e.lower()) > 1})
+        if twice:
+            raise ValueError(f"environments {', '.join(twice)} differ only in case; GitHub environment names are "
+                             "not case sensitive, so they name one environment")
+        return self
 
 
 class GcConfig(Model):
@@ -404,7 +496,8 @@ class RegistryConfig(Model):
 
 Digest = Annotated[str, _pattern(r"sha256:[0-9a-f]{64}", "a digest 'sha256:' + 64 lowercase hex digits")]
 EnvName = Annotated[str, _pattern(r"[A-Za-z_][A-Za-z0-9_]{0,63}", "an environment variable name")]
-RepoPath = Annotated[str, _pattern(r"[A-Za-z0-9_.][A-Za-z0-9_./-]*", "a path inside the repository")]
+RepoPath = Annotated[str, _pattern(r"[A-Za-z0-9_.][A-Za-z0-9_./-]*", "a path inside the repository"),
+                     _check(grammar.repo_path_problem)]
 
 
 class ExternalContainer(Model):
@@ -416,7 +509,7 @@ class ExternalContainer(Model):
     digest_kind: Literal["manifest", "image-id"] = Field(
         "manifest", description="manifest: registry manifest digest (pull by digest); image-id: config digest "
         "(docker image inspect .Id), which some launchers compare.")
-    source: str = Field(description="Where the digest comes from (release, build log, registry).")
+    source: OneLine = Field(description="Where the digest comes from (release, build log, registry).")
     check_at_deploy: bool = Field(False, description="Ask the registry at deploy whether this manifest digest "
                                   "exists under the repository (manifest digests only; public registries).")
 
@@ -425,10 +518,13 @@ class DockerBuildContainer(Model):
     """Built by the images stack with Docker (a generated step) and pushed to the bootstrap registry."""
 
     context: RepoPath = Field(description="Build context directory in the repository.")
-    dockerfile: str = Field("Dockerfile", description="Dockerfile inside the context.")
+    dockerfile: RepoPath = Field("Dockerfile", description="Dockerfile inside the context.")
     platform: Literal["linux/amd64"] = Field("linux/amd64", description="TDX guests are amd64.")
-    args: dict[str, str] = Field(default_factory=dict, description="Build args (part of the input hash).")
-    target: str | None = Field(None, description="Build stage.")
+    args: dict[Annotated[str, _regex(grammar.DOCKER_ARG_NAME, "a build-arg name")], Argument] = Field(
+        default_factory=dict, description="Build args (part of the input hash). An arg a FROM line uses must "
+        "name an image pinned by digest.")
+    target: Annotated[str, _regex(grammar.DOCKER_STAGE, "a build stage name")] | None = Field(
+        None, description="Build stage (a FROM ... AS name of the Dockerfile).")
 
 
 def _image_port(value: int | str) -> int | str:
@@ -442,11 +538,10 @@ class MkosiBuildContainer(Model):
     deterministic OCI image) and pushed to the bootstrap registry; see fleet/images/mkosibuild.py."""
 
     directory: RepoPath = Field(description="Repository directory holding mkosi.conf (Format=tar, SourceDateEpoch=).")
-    command: list[str] = Field(min_length=1, description="What the container runs (the image's Cmd).")
-    entrypoint: list[str] = Field(default_factory=list, description="The image's Entrypoint.")
-    working_dir: Annotated[str, _pattern(r"/.*", "an absolute path such as /opt/app")] | None = Field(
-        None, description="The image's working directory.")
-    env: dict[EnvName, str] = Field(default_factory=dict, description="The image's environment.")
+    command: list[Argument] = Field(min_length=1, description="What the container runs (the image's Cmd).")
+    entrypoint: list[Argument] = Field(default_factory=list, description="The image's Entrypoint.")
+    working_dir: AbsolutePath | None = Field(None, description="The image's working directory.")
+    env: dict[EnvName, Argument] = Field(default_factory=dict, description="The image's environment.")
     ports: list[Annotated[int | str, AfterValidator(_image_port)]] = \
         Field(default_factory=list, description="Exposed ports: 3000, '3000/tcp', '53/udp'.")
 
@@ -483,7 +578,7 @@ class AppSettings(Model):
 
 
 class KmsSettings(Model):
-    urls: list[str] = Field(min_length=1, description="KMS URLs the guest asks for its keys.")
+    urls: list[Url] = Field(min_length=1, description="KMS URLs the guest asks for its keys.")
     app_id: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="The app id registered with the KMS "
                                "(e.g. the on-chain app contract): the identity stays stable across compose changes.")
     key_provider_id: str = Field("", pattern=r"^([0-9a-f]{2})*$", description="Hex id of the KMS root key.")
@@ -494,15 +589,16 @@ class ServiceConfig(Model):
 
     name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$", description="Service name.")
     image: str = Field(description="A key of dstack-fleet:containers.")
-    ports: list[str] = Field(default_factory=list, description="Port mappings, e.g. '3000:3000'.")
-    environment: dict[EnvName, str] = Field(default_factory=dict, description="Measured environment.")
-    volumes: list[str] = Field(default_factory=list, description="Volume mounts.")
-    command: list[str] | None = Field(None, description="Command (argv).")
-    working_dir: str | None = Field(None, description="Working directory.")
-    restart: str | None = Field(None, description="Restart policy.")
+    ports: list[ComposePort] = Field(default_factory=list, description="Port mappings, e.g. '3000:3000'.")
+    environment: dict[EnvName, Argument] = Field(default_factory=dict, description="Measured environment.")
+    volumes: list[ComposeVolume] = Field(default_factory=list, description="Volume mounts, e.g. "
+                                         "'/var/run/dstack.sock:/var/run/dstack.sock'.")
+    command: list[Argument] | None = Field(None, description="Command (argv).")
+    working_dir: AbsolutePath | None = Field(None, description="Working directory.")
+    restart: Restart | None = Field(None, description="Restart policy: no, always, unless-stopped, on-failure[:N].")
     read_only: bool | None = Field(None, description="Read-only root filesystem.")
-    security_opt: list[str] = Field(default_factory=list, description="Security options.")
-    tmpfs: list[str] = Field(default_factory=list, description="tmpfs mounts.")
+    security_opt: list[SecurityOpt] = Field(default_factory=list, description="Security options.")
+    tmpfs: list[ComposeTmpfs] = Field(default_factory=list, description="tmpfs mounts, e.g. '/tmp:size=64m'.")
 
 
 class NearPortMapping(Model):
@@ -556,19 +652,21 @@ class KettleConfig(Model):
 class VmmTarget(Model):
     """A dstack VMM host (vmm-cli.py's HTTP API)."""
 
-    url: str = Field(pattern=r"^https?://", description="VMM RPC URL.")
-    image: str = Field(description="dstack OS image name on the host, e.g. dstack-0.5.11.")
+    url: Url = Field(description="VMM RPC URL (https in prod; the credential goes in tokenSecret).")
+    image: Annotated[str, _regex(grammar.VMM_IMAGE, "an image name on the VMM host such as dstack-0.5.11")] = Field(
+        description="dstack OS image name on the host, e.g. dstack-0.5.11.")
     vcpu: int = Field(2, ge=1, description="vCPUs (measured in RTMR0).")
     memory_mb: int = Field(4096, ge=512, description="Memory in MB (measured).")
     disk_gb: int = Field(20, ge=1, description="Data disk in GB.")
     ports: list[str] = Field(default_factory=list, description="Port forwards 'tcp:host:guest'.")
-    gateway_urls: list[str] = Field(default_factory=list, description="Gateway URLs.")
+    gateway_urls: list[Url] = Field(default_factory=list, description="Gateway URLs.")
     token_secret: SecretName | None = Field(
         None, description="dstack-fleet:secrets entry with the VMM credential: 'user:password' (HTTP Basic, what "
         "vmm-cli.py sends) or a bearer token.")
     api_version: str = Field("0.5.11", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$",
                              description="dstack version of the VMM host (decides the update call).")
-    trusted_kms_signers: list[str] = Field(
+    trusted_kms_signers: list[Annotated[str, _regex(grammar.SECP256K1_COMPRESSED,
+                                                    "a compressed secp256k1 public key (0x02.. or 0x03.., 33 bytes)")]] = Field(
         default_factory=list, description="Compressed secp256k1 keys (0x…) the KMS env key must be signed by; empty "
         "accepts any signer, as vmm-cli.py does with an empty whitelist.")
 
@@ -578,8 +676,10 @@ class PhalaTarget(Model):
 
     node_id: int | None = Field(None, description="Node to deploy on.")
     kms: Literal["phala", "ethereum", "base"] = Field("phala", description="KMS of the app.")
-    instance_type: str = Field("tdx.small", description="Phala instance type.")
-    gateway_domain: str = Field(description="Gateway base domain, e.g. dstack-pha-prod8.phala.network.")
+    instance_type: Annotated[str, _regex(grammar.PHALA_INSTANCE_TYPE, "a Phala instance type such as tdx.small")] = \
+        Field("tdx.small", description="Phala instance type.")
+    gateway_domain: Annotated[str, _check(grammar.hostname_problem)] = Field(
+        description="Gateway base domain, e.g. dstack-pha-prod8.phala.network.")
     api_key_secret: SecretName = Field(description="dstack-fleet:secrets entry with the Phala API key.")
     ports: list[Port] = Field(default_factory=list, description="Ports served through the gateway.")
     public_images: bool = Field(False, description="Push this app's built containers to the bootstrap's public-read "
@@ -591,9 +691,9 @@ class PhalaTarget(Model):
 class VerifyConfig(Model):
     """After each deploy, fetch the app's attestation and check it against the plan (off unless set)."""
 
-    info_url: str = Field(pattern=r"^https?://[^\s'\"]+$", description="URL of the guest agent's Info response "
+    info_url: Url = Field(description="URL of the guest agent's Info response "
                           "(JSON with tcb_info), e.g. the app's guest-agent port through the dstack gateway.")
-    quote_url: str | None = Field(None, pattern=r"^https?://[^\s'\"]+$",
+    quote_url: Url | None = Field(None,
                                   description="URL of a GetQuote response (needed: the check always verifies the "
                                               "quote's signature, TCB status and registers).")
 
@@ -607,7 +707,9 @@ class AppConfig(Model):
     target: Literal["gce", "vmm", "phala"] = Field(description="gce: a DstackNode group; vmm: a dstack VMM "
                                                    "host; phala: Phala Cloud.")
     nodes: ShortName | None = Field(None, description="gce target: the kind: dstack node group that runs it.")
-    dstack_version: str = Field("0.5.11", description="dstack guest version whose app-compose format to write.")
+    dstack_version: Annotated[str, _pattern(r"[0-9]+\.[0-9]+\.[0-9]+(\.[a-z0-9]+)?", "a dstack version such as "
+                                            "0.5.11")] = Field(
+        "0.5.11", description="dstack guest version whose app-compose format to write.")
     key_provider: Literal["none", "local", "kms"] = Field(
         description="Where keys come from. Unless kms.appId pins it, the app-id is the compose hash's first 20 "
         "bytes, with or without a KMS (identity 'compose': any compose change is a new identity); a pinned "
@@ -617,7 +719,7 @@ class AppConfig(Model):
         "mirror", description="gce target: pull Docker Hub images through the bootstrap's Docker Hub mirror "
         "(mirror) or straight from Docker Hub (direct). Either is named in the measured compose, so switching "
         "changes the compose-hash (and a derived app identity).")
-    gateway_urls: list[str] = Field(default_factory=list, description="gce target: dstack gateway URLs "
+    gateway_urls: list[Url] = Field(default_factory=list, description="gce target: dstack gateway URLs "
                                     "(.sys-config.json; not measured).")
     stateful: bool = Field(True, description="The app keeps data under its keys; prod refuses identity changes.")
     compose_file: RepoPath | None = Field(None, description="A docker-compose file taken verbatim (its bytes are "
@@ -628,7 +730,7 @@ class AppConfig(Model):
     settings: AppSettings = Field(default_factory=AppSettings, description="app-compose.json settings.")
     secret_env: dict[EnvName, SecretName] = Field(
         default_factory=dict, description="Env vars from dstack-fleet:secrets, delivered encrypted (needs kms).")
-    user_config: str | None = Field(None, description="Unmeasured .user-config text (host-controlled).")
+    user_config: Argument | None = Field(None, description="Unmeasured .user-config text (host-controlled).")
     vmm: VmmTarget | None = Field(None, description="vmm target settings.")
     phala: PhalaTarget | None = Field(None, description="phala target settings.")
     verify: VerifyConfig | None = Field(None, description="Optional post-deploy check of the app's attestation "
@@ -636,8 +738,8 @@ class AppConfig(Model):
 
 
 class RecipeHost(Model):
-    machine_type: str | None = Field(None, description="Build host machine type (default per recipe).")
-    disk_gb: int | None = Field(None, ge=50, description="Build disk size in GB (default per recipe).")
+    machine_type: MachineTypeName | None = Field(None, description="Build host machine type (default per recipe).")
+    disk_gb: int | None = Field(None, ge=50, le=65536, description="Build disk size in GB (default per recipe).")
     disk_type: Literal["pd-ssd", "pd-balanced"] = Field("pd-ssd", description="Build disk type.")
     timeout_minutes: int | None = Field(None, ge=10, description="How long a started build may run before `python -m fleet collect` gives it up (its host is deleted, the failure recorded).")
 
@@ -651,11 +753,23 @@ class BuildHostConfig(Model):
     recipes: dict[Literal["tplus-overlay", "dstack-os"], RecipeHost] = Field(
         default_factory=dict, description="Per-recipe sizing.")
 
+    @model_validator(mode="after")
+    def _timeouts_outlast_polls(self) -> "BuildHostConfig":
+        # fleet.images.buildscript.settings_problems refuses this inside the program; say it here
+        short = sorted(name for name, host in self.recipes.items()
+                       if host.timeout_minutes is not None and host.timeout_minutes * 60 < self.poll_seconds)
+        if short:
+            raise ValueError(f"recipes.{short[0]}.timeoutMinutes must be longer than pollSeconds "
+                             f"({self.poll_seconds} s)")
+        return self
+
 
 class PolicyConfig(Model):
     """How the policy rules apply to this stack (the defaults follow the tier)."""
 
-    enforcement: dict[str, Literal["mandatory", "advisory", "disabled"]] = Field(
+    enforcement: dict[str, Annotated[Literal["mandatory", "advisory", "disabled"], _allowed_in_prod(
+            "disabled", "prod never disables a policy rule (every rule is mandatory there); fix what it reports, or "
+            "allow the one thing it refuses through the rule's own setting")]] = Field(
         default_factory=dict,
         description="Per rule name, override the tier's enforcement (mandatory in staging and prod, advisory "
         "in dev).")
@@ -671,7 +785,7 @@ class TdxOverrides(Model):
     """Additions to the built-in TDX zone and machine-type lists (see fleet/gcp/tdx.py for their source)."""
 
     extra_zones: list[Zone] = Field(default_factory=list, description="Zones to accept beyond the built-in list.")
-    extra_machine_types: list[str] = Field(
+    extra_machine_types: list[MachineTypeName] = Field(
         default_factory=list, description="Machine types to accept beyond the built-in list."
     )
 
@@ -686,8 +800,8 @@ class FleetConfig(Model):
         "addresses and refuses unsafe settings; staging and prod make policies mandatory.",
     )
     name_prefix: ShortName = Field("fleet", description="Prefix of every GCP resource name.")
-    labels: dict[LabelKey, LabelValue] = Field(
-        default_factory=dict, description="Extra labels on every resource that takes labels."
+    labels: Annotated[dict[LabelKey, LabelValue], AfterValidator(_no_program_labels)] = Field(
+        default_factory=dict, description="Extra labels on every node (keys the program sets are refused)."
     )
     network: NetworkConfig | None = Field(None, description="The stack's VPC (env and images stacks).")
     images: dict[ImageKey, ImageSource] = Field(
@@ -717,11 +831,13 @@ class FleetConfig(Model):
     build_host: BuildHostConfig | None = Field(None, description="images stack: build host settings.")
     gc: GcConfig = Field(default_factory=GcConfig, description="images and env stacks: garbage collection of "
                          "what no stack and no lock entry names any more (`make gc`).")
-    adopt: dict[str, str] = Field(
+    adopt: dict[Annotated[str, _pattern(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", "a logical resource name")],
+                ImportId] = Field(
         default_factory=dict,
         description="Adopt resources created by hand: logical resource name -> import id (e.g. "
         "projects/P/zones/Z/disks/D). The next up imports them instead of creating new ones.")
-    snapshots: bool | None = Field(
+    snapshots: Annotated[bool, _allowed_in_prod(False, "prod always snapshots its data disks daily; remove "
+                                                "snapshots: false")] | None = Field(
         None, description="Daily snapshots of data disks (default: on in prod, off elsewhere).")
     tdx: TdxOverrides = Field(default_factory=TdxOverrides, description="Extend the TDX zone/machine lists.")
     secrets: dict[SecretName, SecretStr] = Field(
@@ -762,13 +878,33 @@ SECRET_KEYS = {f"{NAMESPACE}:secrets"}
 GCP_KEYS = ("project", "region")
 
 
+MAX_VALUE_DEPTH = 32  # as fleet.config.stackfile bounds a stack file
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists and mappings, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level <= MAX_VALUE_DEPTH:
+                stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def decode_value(value: Any) -> Any:
-    """Config values arrive as the CLI passes them: objects and lists JSON-encoded."""
+    """Config values arrive as the CLI passes them: objects and lists JSON-encoded. ``ValueError``
+    when a value is nested deeper than any configuration is (it would exhaust the validator)."""
     if isinstance(value, str) and value[:1] in ("{", "["):
         try:
-            return json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
             return value
+        except RecursionError:
+            raise ValueError(f"is nested more than {MAX_VALUE_DEPTH} levels deep") from None
+    if _depth(value) > MAX_VALUE_DEPTH:
+        raise ValueError(f"is nested more than {MAX_VALUE_DEPTH} levels deep")
     return value
 
 
@@ -793,7 +929,11 @@ def parse(
                 Problem(source, key, f"config keys are 'namespace:key'; did you mean '{NAMESPACE}:{key}'?")
             )
             continue
-        value = decode_value(raw[key])
+        try:
+            value = decode_value(raw[key])
+        except ValueError as exc:
+            problems.append(Problem(source, key, str(exc)))
+            continue
         if namespace == NAMESPACE:
             if name not in fleet_keys:
                 problems.append(Problem(source, key, _unknown_top_level(name, fleet_keys)))
@@ -829,9 +969,15 @@ def parse(
     except ValidationError as exc:
         problems += problems_from(exc, root=GcpSettings, source=source, prefix="gcp:")
     tdx_raw = fleet_raw.get("tdx") if isinstance(fleet_raw.get("tdx"), dict) else {}
+
+    def strings(key: str) -> list[str]:
+        value = tdx_raw.get(key)
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
     context = {
-        "extra_zones": [z for z in tdx_raw.get("extraZones", []) if isinstance(z, str)],
-        "extra_machine_types": [m for m in tdx_raw.get("extraMachineTypes", []) if isinstance(m, str)],
+        "extra_zones": strings("extraZones"),
+        "extra_machine_types": strings("extraMachineTypes"),
+        "tier": fleet_raw.get("tier"),
     }
     try:
         fleet = FleetConfig.model_validate(fleet_raw, context=context)

@@ -75,6 +75,12 @@ def label_key(key: str) -> str:
     return _fit(text, key, MAX_LABEL, "_")
 
 
+# Label keys the program sets on resources itself (``Namer.labels`` and node specs); a user label
+# of the same key would be overwritten or collide, so the schema refuses them.
+PROGRAM_LABEL_KEYS = ("environment", "group", "image_key", "input_hash", "kind", "managed_by", "node", "recipe",
+                      "role", "stack", "tier")
+
+
 def labels(**values: str) -> dict[str, str]:
     """Labels for a resource, keys and values made valid, sorted by key."""
     return {label_key(k): label_value(v) for k, v in sorted(values.items())}

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from fleet.config.files import write_atomic
 from fleet.config.problems import ConfigError, Problem
 from fleet.config.validation import problems_from
 
@@ -199,4 +200,7 @@ def merge(current: LockFile, outputs: dict, *, replace: bool = False) -> tuple[L
 
 
 def write(root: Path, lock_file: LockFile) -> None:
-    (root / LOCK_FILE).write_text(lock_file.to_json(), encoding="utf-8")
+    """Replace the lock file in one rename (``fleet.config.files``): a failed or interrupted
+    ``make lock`` leaves the previous lock, never a truncated one that env stacks would read as
+    every image pending. The file is committed, so it keeps the usual mode 0644."""
+    write_atomic(root / LOCK_FILE, lock_file.to_json(), mode=0o644)

@@ -39,6 +39,9 @@ def _role(config: "StackConfig") -> list[Problem]:
             out.append(_p(config, "nodes", f"only env stacks declare nodes (this stack's role is {fleet.role!r})"))
     images_only = ("build_for", "build_host")
     if fleet.role == "images":
+        if fleet.network is None:
+            out.append(_p(config, "network", "is required for the images stack: its build hosts run in it; declare "
+                          "network.subnets"))
         if fleet.build_host is None:
             out.append(_p(config, "buildHost", "is required for the images stack: at least bootImage, the build "
                           "hosts' boot image pinned by self link"))
@@ -174,9 +177,13 @@ def _address_blocks(config: "StackConfig") -> list[Problem]:
                        "nodes; pin one address per ordinal")
                 )
                 continue
+            first_use: dict[str, int] = {}
             for j, pin in enumerate(group.addresses.pins):
                 if ipaddress.IPv4Address(pin) not in subnet:
                     out.append(_p(config, f"{at}.pins[{j}]", f"{pin} is outside {region}'s subnet {cidr}"))
+                if first_use.setdefault(pin, j) != j:
+                    out.append(_p(config, f"{at}.pins[{j}]", f"{pin} is already pinned at pins[{first_use[pin]}]; "
+                                  "each node needs an address of its own"))
         indexes = group_block(group, cidr)
         bad = [x for x in indexes if not first <= x <= last]
         if bad and group.addresses.offset is not None:

@@ -47,6 +47,7 @@ FIELD_ACTIONS: dict[str, dict[str, str]] = {
         "name": REPLACE, "zone": REPLACE, "project": REPLACE, "type": REPLACE, "image": REPLACE,
         "snapshot": REPLACE, "description": REPLACE, "diskEncryptionKey": REPLACE, "interface": REPLACE,
         "physicalBlockSizeBytes": REPLACE, "sourceImageEncryptionKey": REPLACE, "storagePool": REPLACE,
+        # growing updates live; shrinking replaces (see SHRINK_REPLACES)
         "size": LIVE, "labels": LIVE, "resourcePolicies": LIVE, "provisionedIops": LIVE,
         "provisionedThroughput": LIVE, "deletionPolicy": LIVE, "accessMode": LIVE,
     },
@@ -81,6 +82,20 @@ FIELD_ACTIONS: dict[str, dict[str, str]] = {
     "pulumi-python:dynamic/vmm:Vm": {"url": REPLACE, "name": REPLACE, "ports": LIVE, "tokenSecret": LIVE,
                                      "apiVersion": LIVE, "stopTimeout": LIVE, "": STOP},
 }
+
+
+# Sizes that only grow in place: a smaller value recreates the resource. pulumi-gcp 10.2.0,
+# compute/disk.py, Disk ``size``: "the provider updates the disk size if upsizing is detected but
+# recreates the disk if downsizing is requested".
+SHRINK_REPLACES: dict[str, tuple[str, ...]] = {"gcp:compute/disk:Disk": ("size",)}
+
+
+def shrinks(type_: str, path: str, old_inputs: dict, new_inputs: dict) -> bool:
+    """Whether the change of ``path`` is a size going down where that means a replacement."""
+    if path not in SHRINK_REPLACES.get(type_, ()):
+        return False
+    old, new = old_inputs.get(path), new_inputs.get(path)
+    return isinstance(old, (int, float)) and isinstance(new, (int, float)) and new < old
 
 
 def strip_indexes(path: str) -> str:
@@ -175,6 +190,8 @@ def classify(old: dict | None, new: dict | None) -> ResourceChange:
     reboots_on_disks = new["type"] == INSTANCE_TYPE and (new.get("inputs", {}).get("labels") or {}).get("kind") == "dstack"
     for path in paths:
         action = action_for(new["type"], path)
+        if shrinks(new["type"], path, old.get("inputs", {}), new.get("inputs", {})):
+            action = REPLACE
         if reboots_on_disks and strip_indexes(path).startswith("attachedDisks"):
             action = STOP
         top = strip_indexes(path)

@@ -6,8 +6,12 @@ working tree with the current code; both run as ``python -m fleet plan --json`` 
 documents are compared. The summary's counts come from ``fleet.changes`` and are an estimate: the
 real ``pulumi preview`` is authoritative.
 
-Exit codes: 0 ok, 1 a mandatory check failed (a prod group over its ``maxUnavailable``, a refused
-app identity change, a mandatory policy violation), 2 bad input (unknown ref, invalid config).
+Exit codes: 0 ok, 1 a mandatory check failed, 2 bad input (unknown ref, invalid config). The
+mandatory checks: a prod group over its ``maxUnavailable``; a mandatory policy violation; and any
+weakening of a staging or prod stack (``fleet.plan.safety``): a lower tier, a rule disabled or
+downgraded, protection removed from a resource, snapshots turned off, the TDX or image allow-lists
+widened, a stateful app's identity changed by any route (a new compose, a rename, a removal,
+``stateful: false``), a data disk shrunk or replaced; in prod every data disk or address at risk.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.attest import measure
-from fleet.plan import changes
+from fleet.plan import changes, safety
 
 COMMENT_LIMIT = 65_536
 TRUNCATION_NOTE = "\n\n> The diff was truncated to fit a GitHub comment; the full text is in the job log.\n"
@@ -145,7 +149,9 @@ def _identity_value(m: dict[str, Any]) -> Any:
 
 
 def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
-    """Apps whose identity changes (new keys; data under the old keys becomes unreadable)."""
+    """Apps whose identity changes (new keys; data under the old keys becomes unreadable). An app
+    counts as stateful when either side says so: turning ``stateful`` off in the same change does
+    not let a new identity through. An app whose compose was still pending had no identity yet."""
     out = []
     for name in sorted(set(old) | set(new)):
         before, after = old.get(name) or {}, new.get(name) or {}
@@ -153,9 +159,10 @@ def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str,
             continue
         if _identity_value(before) != _identity_value(after):
             out.append({"name": name, "before": before.get("app_id", "(none)"), "after": after.get("app_id", "(none)"),
-                        "stateful": bool(after.get("stateful", before.get("stateful", False))),
+                        "stateful": bool(before.get("stateful")) or bool(after.get("stateful")),
                         "identity": _identity(after or before),
-                        "new": not before, "removed": not after})
+                        "new": not before or _identity_value(before) == measure.PENDING_BUILD,
+                        "removed": not after})
     return out
 
 
@@ -224,27 +231,28 @@ def compare(stack: str, base_ref: str, base: PlanResult, head: dict[str, Any]) -
     base_by = {r["urn"]: r for r in base_doc["resources"]}
     head_by = {r["urn"]: r for r in head["resources"]}
     resource_changes = [c for c in changes.diff(base_doc["resources"], head["resources"]) if c.action != "none"]
-    tier = head.get("tier")
+    # the stricter of the two tiers: lowering prod to staging must not also lower the checks
+    tier = safety.strictest_tier(base_doc, head)
     failures: list[str] = []
 
     rollout = changes.rollout(base_doc["resources"], head["resources"])
     for message in changes.over_limit(rollout):
         if tier == "prod":
             failures.append(message)
-    identities = identity_changes(base_doc.get("measurements", {}), head.get("measurements", {}))
-    for change in identities:
-        if tier == "prod" and change["stateful"] and change["identity"] != measure.IDENTITY_PINNED \
-                and not change["new"] \
-                and not change["removed"]:
-            failures.append(f"app {change['name']} would get a new identity (app-id {change['before']} → "
-                            f"{change['after']}): its keys change and its data becomes unreadable; prod refuses "
-                            "this for a stateful app unless its app id is pinned (kms.appId)")
+    failures += safety.weakenings(base_doc, head)
+    old_measurements, new_measurements = base_doc.get("measurements", {}), head.get("measurements", {})
+    identities = identity_changes(old_measurements, new_measurements)
+    if tier in safety.GUARDED_TIERS:
+        failures += safety.identity_weakenings(identities, old_measurements, new_measurements)
+    risky = [item for g in rollout.values() for item in g.data_at_risk]
+    failures += safety.data_weakenings(tier, risky)
     mandatory = [v for v in head.get("violations", []) if v.get("enforcement") == "mandatory"]
     failures += [f"policy {v['policy']}: {v['urn']}: {v['message']}" for v in mandatory]
 
     measurement_changes = changed_values(base_doc.get("measurements"), head.get("measurements"))
     output_changes = changed_values(base_doc.get("outputs"), head.get("outputs"))
-    changed = bool(resource_changes or measurement_changes or output_changes)
+    safety_changes = changed_values(base_doc.get("safety"), head.get("safety")) if "safety" in base_doc else []
+    changed = bool(resource_changes or measurement_changes or output_changes or safety_changes)
 
     lines = [f"## `{stack}`: offline plan diff against `{base_ref}`", ""]
     if base.note:
@@ -273,7 +281,6 @@ def compare(stack: str, base_ref: str, base: PlanResult, head: dict[str, Any]) -
                      f"{', '.join(g.stopped) or '-'} | {', '.join(g.created) or '-'} | {', '.join(g.removed) or '-'} | {check} |")
     if not rollout:
         lines.append("| (no node groups) | | | | | | |")
-    risky = [item for g in rollout.values() for item in g.data_at_risk]
     if risky:
         lines += ["", "**Data at risk** (data disks or addresses replaced or deleted): " + ", ".join(risky)]
     lines.append("")
@@ -286,6 +293,10 @@ def compare(stack: str, base_ref: str, base: PlanResult, head: dict[str, Any]) -
                   "|---|---|---|---|---|"]
         lines += [f"| `{c['name']}` | {_cell(c['before'])} | {_cell(c['after'])} | {c['identity']} | "
                   f"{'yes' if c['stateful'] else 'no'} |" for c in identities]
+        lines.append("")
+    if safety_changes:
+        lines += ["### Safety settings", "", "| setting | before | after |", "|---|---|---|"]
+        lines += [f"| `{k}` | {_cell(a)} | {_cell(b)} |" for k, a, b in safety_changes]
         lines.append("")
     if measurement_changes:
         lines += ["### Expected measurements", "", "| measurement | before | after |", "|---|---|---|"]

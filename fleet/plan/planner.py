@@ -20,7 +20,9 @@ from typing import Any
 
 from dataclasses import replace
 
+from fleet.config.problems import ConfigError, Problem
 from fleet.config.values import display
+from fleet.plan import safety
 from fleet.plan.harness import ProgramRun, Registration, run_program
 from fleet.apps.plans import plan_apps
 from fleet.gcp.naming import Namer
@@ -44,6 +46,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     update_run: ProgramRun | None = None
     shown_pass: str = "preview"  # the pass whose registrations this plan shows: preview or up
+    safety: dict[str, Any] = field(default_factory=dict)  # fleet.plan.safety.summary
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +59,7 @@ class Plan:
             "measurements": display(self.measurements),
             "violations": sorted(self.violations, key=lambda v: (v["urn"], v["policy"], v["message"])),
             "warnings": sorted(set(self.warnings)),
+            "safety": self.safety,
         } | ({"pass": "up"} if self.shown_pass == "up" else {})
 
     def to_json(self) -> str:
@@ -125,7 +129,12 @@ def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = Non
                 root, stack=stack, config=sf.config, secret_keys=sf.secret_keys, preview=preview,
                 stack_references=stack_references, as_deployment=passes == "up",
             )
+        except ConfigError:
+            raise
         except Exception as exc:  # noqa: BLE001 - reported as a failed plan, with its pass
+            problems = getattr(exc, "problems", None)  # a configuration mistake the program found
+            if isinstance(problems, list) and problems and all(isinstance(p, Problem) for p in problems):
+                raise ConfigError(problems) from None
             raise PlanFailed(phase, exc) from exc
     shown = runs.get("preview") or runs["update"]
     outputs = dict(shown.outputs)
@@ -145,6 +154,7 @@ def build_plan(root: Path, stack: str, *, overrides: dict[str, Any] | None = Non
         warnings=[w for run in runs.values() for w in run.warnings],
         update_run=runs.get("update"),
         shown_pass="preview" if "preview" in runs else "up",
+        safety=safety.summary(cfg, rule_context),
     )
 
 

@@ -7,19 +7,31 @@ by the functions here; env and images stacks derive the same names from their
 every email, bucket and registry path without reading another stack's state, and
 ``tests/test_bootstrap.py`` proves the bootstrap stack creates exactly what they expect.
 
-Least privilege: the preview identity can only read (and decrypt stack secrets); each deploy
-identity can change only its own environment's project, state objects and key; node identities can
-only write logs and metrics (and read the registry, for dstack nodes); no primitive role is ever
-granted, and no public member but ``allUsers`` reading the public app repository when
-``dstack-fleet:registry.publicAppImages`` asks for it.
+Least privilege: the preview identity can only read, and decrypt the secrets of the stacks pull
+requests preview (dev and staging tiers; never prod, whose preview runs only as its deploy
+identity); each deploy identity can change only its own environment's project, state objects and
+key; node identities can only write logs and metrics (and read the registry, for dstack nodes); no
+primitive role is ever granted, and no public member but ``allUsers`` reading the public app
+repository when ``dstack-fleet:registry.publicAppImages`` asks for it.
+
+CI federation: every name that reaches the provider's CEL condition or a principal set (branches,
+GitHub environments) is checked against git's and GitHub's rules and refused, never escaped, when
+it holds a character either would read as syntax. A principal set binds one attribute, so the
+provider maps combined attributes, ``repo_env`` (repository id and environment) and ``repo_ref``
+(repository id and ref): a deploy identity trusts only its own environment *of this repository*,
+the images identity only its branch of this repository, even if the condition were ever loosened.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 from fleet.project import accounts
-from fleet.config.schema import StackConfig
+from fleet.config import grammar, stackfile
+from fleet.config.problems import ConfigError, Problem
+from fleet.config.schema import NAMESPACE, StackConfig
 from fleet.gcp.naming import MAX_SERVICE_ACCOUNT_ID, gcp_name, public_repository_id
 
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
@@ -188,20 +200,56 @@ class BootstrapPlan:
         return next(a for a in self.accounts if a.key == key)
 
 
+# The provider's condition is at most 4096 characters (pulumi-gcp 10.2.0,
+# iam/workload_identity_pool_provider.py, attribute_condition).
+MAX_CONDITION = 4096
+_DIGITS = frozenset("0123456789")
+
+
+class UnsafeName(ValueError):
+    """A name that would reach the CEL condition or a principal set but is not safe there."""
+
+
+def _literal(value: str, problem: str | None) -> str:
+    """A CEL single-quoted literal of a value already checked to need no escaping: refuse, never escape."""
+    if problem is not None or "'" in value or "\\" in value:
+        raise UnsafeName(problem or f"{value!r} cannot be a CEL literal")
+    return f"'{value}'"
+
+
+def _ids(github) -> tuple[str, str]:
+    for value in (github.repository_id, github.owner_id):
+        if not value or not set(value) <= _DIGITS:
+            raise UnsafeName(f"{value!r} is not a numeric GitHub id")
+    return github.repository_id, github.owner_id
+
+
+def deploy_environments(github, environments: list[str]) -> list[str]:
+    return list(github.environments or environments)
+
+
 def attribute_condition(github, environments: list[str]) -> str:
     """Only this repository (by immutable ids, which survive renames and cannot be re-registered by
-    someone else) from its allowed branches, GitHub environments, or its own pull requests."""
-    branches = ", ".join(f"'refs/heads/{b}'" for b in github.branches)
-    environments_list = ", ".join(f"'{e}'" for e in (github.environments or environments))
+    someone else) from its allowed branches, GitHub environments, or its own pull requests. Every
+    name is checked (``fleet.config.grammar``) before it is written into the expression."""
+    repository_id, owner_id = _ids(github)
+    branches = ", ".join(_literal(f"refs/heads/{b}", grammar.ci_branch_problem(b)) for b in github.branches)
+    environments_list = ", ".join(_literal(e, grammar.github_environment_problem(e))
+                                  for e in deploy_environments(github, environments))
     return (
-        f"assertion.repository_id == '{github.repository_id}' && "
-        f"assertion.repository_owner_id == '{github.owner_id}' && "
+        f"assertion.repository_id == '{repository_id}' && "
+        f"assertion.repository_owner_id == '{owner_id}' && "
         f"(assertion.ref in [{branches}] || "
         f"('environment' in assertion && assertion.environment in [{environments_list}]) || "
         "assertion.event_name == 'pull_request')"
     )
 
 
+# Combined attributes: a principal set names one attribute value, so the repository goes into the
+# value together with what is bound (GitHub's claims: repository_id, environment, ref). A job
+# without an environment maps to '<id>/', which no binding names.
+REPO_ENV = "repo_env"
+REPO_REF = "repo_ref"
 ATTRIBUTE_MAPPING = {
     "google.subject": "assertion.sub",
     "attribute.repository_id": "assertion.repository_id",
@@ -209,6 +257,8 @@ ATTRIBUTE_MAPPING = {
     "attribute.ref": "assertion.ref",
     "attribute.environment": "assertion.environment",
     "attribute.event_name": "assertion.event_name",
+    f"attribute.{REPO_ENV}": "assertion.repository_id + '/' + ('environment' in assertion ? assertion.environment : '')",
+    f"attribute.{REPO_REF}": "assertion.repository_id + '/' + ('ref' in assertion ? assertion.ref : '')",
 }
 
 
@@ -232,7 +282,73 @@ def state_prefix_condition(stack: str, project_name: str = "dstack-fleet") -> tu
     return (f"state of {stack}", clauses)
 
 
-def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
+def env_tiers(root: Path, config: StackConfig) -> dict[str, str | None]:
+    """The tier each environment's own stack file declares (None when it is missing or unreadable,
+    which counts as prod: the stricter reading)."""
+    tiers: dict[str, str | None] = {}
+    for env in config.fleet.environments:
+        try:
+            tier = stackfile.read(root, env).config.get(f"{NAMESPACE}:tier")
+        except ConfigError:
+            tier = None
+        tiers[env] = tier if tier in ("dev", "staging", "prod") else None
+    return tiers
+
+
+def previews_decrypt(tiers: dict[str, str | None], env: str) -> bool:
+    """Pull requests preview dev and staging with the read-only identity; prod is previewed only by
+    its deploy identity, so the preview identity never holds prod's key."""
+    return tiers.get(env) in ("dev", "staging")
+
+
+def bootstrap_problems(config: StackConfig) -> list[Problem]:
+    """The bootstrap stack as GCP will take it: one project per environment (a deploy identity
+    administers its whole project, so a shared project would let one environment's CI change
+    another's nodes), the images project apart from them, and the CI federation below."""
+    fleet = config.fleet
+    if fleet.role != "bootstrap":
+        return []
+    out = []
+    owner: dict[str, str] = {}
+    for env, ref in sorted(fleet.environments.items()):
+        if ref.project in owner:
+            out.append(Problem(config.source, f"{NAMESPACE}:environments.{env}.project", f"{ref.project} is also the "
+                               f"project of environment {owner[ref.project]!r}; each environment needs its own (its "
+                               "deploy identity administers the whole project)"))
+        owner.setdefault(ref.project, env)
+    if fleet.images_project in owner:
+        out.append(Problem(config.source, f"{NAMESPACE}:imagesProject", f"{fleet.images_project} is the project of "
+                           f"environment {owner[fleet.images_project]!r}; build hosts need a project of their own (the "
+                           "images identity administers its instances)"))
+    return out + federation_problems(config)
+
+
+def federation_problems(config: StackConfig) -> list[Problem]:
+    """The bootstrap stack's CI federation as GCP will take it: names safe in the condition, the
+    condition within GCP's length limit."""
+    github = config.fleet.github
+    if config.fleet.role != "bootstrap" or github is None:
+        return []
+    at = f"{NAMESPACE}:github"
+    try:
+        condition = attribute_condition(github, list(config.fleet.environments))
+    except UnsafeName as exc:  # the schema refuses these first; this guards other callers
+        return [Problem(config.source, at, str(exc))]
+    if len(condition) > MAX_CONDITION:
+        return [Problem(config.source, f"{at}.branches", f"the attribute condition would be {len(condition)} characters; "
+                        f"GCP takes at most {MAX_CONDITION}: list fewer or shorter branches and environments")]
+    out = []
+    for env in config.fleet.environments:
+        if github.environments and env not in github.environments:
+            out.append(Problem(config.source, f"{at}.environments", f"does not list {env!r}: its deploy identity "
+                               "could never authenticate; add it"))
+    return out
+
+
+def plan_bootstrap(config: StackConfig, tiers: dict[str, str | None] | None = None) -> BootstrapPlan:
+    """``tiers``: each environment's tier (``env_tiers``); an environment without one is treated as
+    prod."""
+    tiers = tiers or {}
     fleet = config.fleet
     assert fleet.github is not None and fleet.images_project is not None, "checked for bootstrap stacks"
     names = names_for(config)
@@ -281,11 +397,13 @@ def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
             who if who in PUBLIC_MEMBERS else f"compute-agent-{labels.get(who, who)}")
         bindings.append(Binding(scope, target, role, member, who, labels[target], rest[0] if rest else None))
 
-    # preview: read-only everywhere it looks, plus decrypting stack secrets to run a preview
+    # preview: read-only everywhere it looks, plus decrypting the secrets of the stacks pull requests
+    # preview (never prod's: any branch of the repository can reach this identity)
     for env, project in envs.items():
         for role in PREVIEW_PROJECT_ROLES:
             add(("project", project, role, sa("ci-preview")))
-        add(("crypto_key", names.key(env), "roles/cloudkms.cryptoKeyDecrypter", sa("ci-preview")))
+        if previews_decrypt(tiers, env):
+            add(("crypto_key", names.key(env), "roles/cloudkms.cryptoKeyDecrypter", sa("ci-preview")))
     add(("bucket", state, "roles/storage.objectViewer", sa("ci-preview")))
     add(("bucket", image_bucket, "roles/storage.objectViewer", sa("ci-preview")))
     # deploy per environment: only its project, its node identities, its state objects and its key
@@ -357,8 +475,13 @@ def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
 
 
 def impersonation(plan: BootstrapPlan, github) -> list[tuple[str, str, str]]:
-    """(account key, attribute, value): which GitHub principals may act as which CI account."""
-    out = [("ci-preview", "repository_id", github.repository_id)]
-    out += [(f"ci-deploy-{env}", "environment", env) for env in plan.environments]
-    out += [("ci-images", "ref", f"refs/heads/{github.images_branch}")]
+    """(account key, attribute, value): which GitHub principals may act as which CI account. Each
+    value carries the repository id, so no other repository's token matches it."""
+    repository_id, _ = _ids(github)
+    _literal(github.images_branch, grammar.ci_branch_problem(github.images_branch))
+    out = [("ci-preview", "repository_id", repository_id)]
+    for env in plan.environments:
+        _literal(env, grammar.github_environment_problem(env))
+        out.append((f"ci-deploy-{env}", REPO_ENV, f"{repository_id}/{env}"))
+    out.append(("ci-images", REPO_REF, f"{repository_id}/refs/heads/{github.images_branch}"))
     return out

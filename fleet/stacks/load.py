@@ -3,7 +3,9 @@ the checks each domain owns, in a fixed order, so every problem of a stack file 
 
 * nodes: role, network, node groups, address blocks, image use, overlay (``fleet.nodes.checks``);
 * images: recipe inputs and mkosi declarations, checked by the recipes themselves (``fleet.images``);
-* apps: files and settings of dstack apps (``fleet.apps.plans``), when the repository is known.
+* apps: files and settings of dstack apps (``fleet.apps.plans``), when the repository is known;
+* inputs: values the program hands to a domain's parser, run through that parser first, and the
+  repository files builds read (``fleet.stacks.inputs``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from fleet.images import mkosibuild
 from fleet.images.recipes import validate_build
 from fleet.images.versions import build_inputs
 from fleet.nodes.checks import check_all
+from fleet.project.bootstrap import bootstrap_problems
+from fleet.stacks import inputs
 from fleet.stacks.expectations import verify_problems
 
 
@@ -38,6 +42,8 @@ def load(
     problems += verify_problems(config)
     if root is not None:
         problems += app_problems(config, root)
+    problems += inputs.problems(config, root)
+    problems += bootstrap_problems(config)
     if problems:
         raise ConfigError(problems)
     return config
