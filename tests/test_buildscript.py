@@ -35,6 +35,19 @@ INIT_SCRIPT = "#!/bin/sh\n# overlay init script\nDAEMON='/usr/bin/guest'\necho \
 GUEST_BYTES = b"\x7fELF musl light client \x00\x01\x02"
 GUEST_SHA256 = hashlib.sha256(GUEST_BYTES).hexdigest()
 BUCKET = "acme-tee-build-fleet-images"
+# the fleet's table-signing key version (fleet.project.bootstrap.Names.table_key_version) and a P-256
+# public key the stand-in Cloud KMS hands out for it
+TABLE_KEY_VERSION = ("projects/acme-tee-ops/locations/us-central1/keyRings/fleet-stack-secrets/cryptoKeys/"
+                     "fleet-overlay-tables/cryptoKeyVersions/1")
+
+
+def _table_public_key() -> str:
+    from Crypto.PublicKey import ECC
+
+    return ECC.generate(curve="P-256").public_key().export_key(format="PEM") + "\n"
+
+
+TABLE_PUBLIC_KEY = _table_public_key()
 
 # ---- upstream bytes the stand-in checkouts carry -------------------------------------------------------
 
@@ -216,6 +229,13 @@ elif args[:2] == ["storage", "cat"]:
 elif args[:2] == ["storage", "rm"]:
     need(args[2])
     os.remove(local(args[2]))
+elif args[:4] == ["kms", "keys", "versions", "get-public-key"]:
+    flags = dict(zip(args[5::2], args[6::2]))
+    name = (f"projects/{flags['--project']}/locations/{flags['--location']}/keyRings/{flags['--keyring']}/"
+            f"cryptoKeys/{flags['--key']}/cryptoKeyVersions/{args[4]}")
+    if name != os.environ["FAKE_KMS_VERSION"]:
+        sys.exit("ERROR: (gcloud.kms.keys.versions.get-public-key) NOT_FOUND: " + name)
+    open(flags["--output-file"], "w").write(os.environ["FAKE_KMS_PUBLIC_KEY"])
 else:
     sys.exit("fake gcloud: unsupported " + " ".join(args))
 '''
@@ -229,7 +249,7 @@ os.makedirs(deploy, exist_ok=True)
 dated = "core-image-minimal-tdx-gcp.rootfs-20250101000000.wic"
 with open(os.path.join(deploy, dated), "wb") as disk:
     disk.write(b"EFI PART stand-in disk")
-    for n, name in enumerate(("guest", "init", "dstack-sync.bb"), start=1):
+    for n, name in enumerate(("guest", "init", "dstack-sync.bb", "table-key.pem"), start=1):
         disk.seek(n << 20)
         disk.write(open(os.path.join(recipe, name), "rb").read())
     disk.truncate(8 << 20)
@@ -368,7 +388,8 @@ class Toolchain:
         local_conf.write_text(original_from_patch(PROD_LOCAL_CONF_PATCH))
         self.env = dict(os.environ, PATH=f"{self.bin}:{os.environ['PATH']}", STUB_LOG=str(self.log),
                         FAKE_GCS=str(self.gcs), FAKE_UPSTREAMS=str(self.upstreams), FAKE_HTTP=str(self.http),
-                        FAKE_LOCAL_CONF=str(local_conf))
+                        FAKE_LOCAL_CONF=str(local_conf), FAKE_KMS_VERSION=TABLE_KEY_VERSION,
+                        FAKE_KMS_PUBLIC_KEY=TABLE_PUBLIC_KEY)
         self._tplus_upstreams()
         self._dstack_upstream()
 
@@ -432,7 +453,8 @@ def tplus_spec(guest: dict | None = None, prod: bool | None = None) -> recipes.B
                     "guest": guest or {"binary": {"url": "https://downloads.example/guest-musl", "sha256": GUEST_SHA256}}}
     if prod is not None:
         inputs["prod"] = prod
-    derived = {"init_script_sha256": hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()}
+    derived = {"init_script_sha256": hashlib.sha256(INIT_SCRIPT.encode()).hexdigest(),
+               "table_key_version": TABLE_KEY_VERSION}
     return recipes.build_spec("overlay-a", inputs, derived, init_script=INIT_SCRIPT)
 
 
@@ -501,6 +523,9 @@ def test_tplus_build_publishes_a_gce_tarball_and_the_outputs_the_lock_needs(tool
                             ("disk.tar.gz", "disk.tar.gz.sha256", "build.log", "outputs.json")}
     full = json.loads((out / "outputs.json").read_text())
     assert full["details"]["guest_sha256"] == GUEST_SHA256
+    # the image carries the fleet key's public half, fetched by its key version, and the lock records it
+    assert disk[4 << 20:(4 << 20) + len(TABLE_PUBLIC_KEY)] == TABLE_PUBLIC_KEY.encode()
+    assert full["details"]["table_key_sha256"] == hashlib.sha256(TABLE_PUBLIC_KEY.encode()).hexdigest()
     lock.merge(lock.LockFile(version=1), {"images": {digest: entry}})  # what make lock does
 
 
@@ -514,7 +539,15 @@ def test_tplus_recipe_is_patched_as_upstream_requires(tools, tmp_path):
     # renaming the file is not enough: BINARY and SRC_URI name the guest, nothing names mini-server
     assert 'BINARY = "guest"' in bb.splitlines() and 'SRC_URI += "file://guest"' in bb.splitlines()
     assert "mini-server" not in bb and not (recipe / "mini-server").exists()
-    assert bb.replace('"guest"', '"mini-server"').replace("file://guest", "file://${BINARY}") == DSTACK_SYNC_BB
+    upstream, ours = bb.split("\n# dstack-fleet:", 1)
+    assert upstream.replace('"guest"', '"mini-server"').replace("file://guest", "file://${BINARY}") == DSTACK_SYNC_BB
+    # the key goes where the init script reads it; the tools it calls are runtime dependencies of
+    # dstack-sync, so they land in the initramfs the node runs (DISTRO_EXTRA_RDEPENDS holds dstack-sync)
+    assert ('SRC_URI += "file://table-key.pem"' in ours.splitlines()
+            and 'RDEPENDS:${PN} += "openssl-bin"' in ours.splitlines())
+    assert "    install -m 0644 ${WORKDIR}/table-key.pem ${D}${sysconfdir}/dstack-fleet/table-key.pem" in ours
+    assert recipes.TABLE_KEY_PATH == "/etc/dstack-fleet/table-key.pem"
+    assert (recipe / "table-key.pem").read_text() == TABLE_PUBLIC_KEY
     assert (recipe / "guest").read_bytes() == GUEST_BYTES and os.access(recipe / "guest", os.X_OK)
     assert (recipe / "init").read_text() == INIT_SCRIPT
     # get-modular.sh's steps, at the pins: PROD drops debug-tweaks; cvm-* recipes go; podman's bbappend renamed

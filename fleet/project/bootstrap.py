@@ -15,6 +15,7 @@ public member is ever granted.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from fleet.project import accounts
@@ -84,6 +85,20 @@ class Names:
         return f"gcpkms://{self.key_id(stack)}"
 
     @property
+    def table_key(self) -> str:
+        """The fleet's asymmetric signing key for overlay member tables (one for every stack, so one
+        overlay image, which carries its public half, serves them all)."""
+        return gcp_name(self.prefix, "overlay-tables")
+
+    @property
+    def table_key_version(self) -> str:
+        """Version 1 of it: Cloud KMS never reuses a key or version name, so this name stands for one
+        public key for good (an image build fetches it; deploys sign with it)."""
+        return (f"projects/{self.project}/locations/{self.region}/keyRings/{self.key_ring}/cryptoKeys/"
+                f"{self.table_key}/cryptoKeyVersions/1")
+
+
+    @property
     def pool_id(self) -> str:
         return gcp_name(self.prefix, "github", max_length=32)
 
@@ -113,6 +128,21 @@ class Names:
 
     def builder_account_id(self) -> str:
         return gcp_name(self.prefix, "builder", max_length=MAX_SERVICE_ACCOUNT_ID)
+
+
+# A Cloud KMS key version's resource name, as gcloud's --project/--location/--keyring/--key/--version want it.
+KEY_VERSION_RE = re.compile(
+    r"^projects/(?P<project>[a-z][a-z0-9-]{4,28}[a-z0-9])/locations/(?P<location>[a-z0-9-]+)/keyRings/"
+    r"(?P<ring>[A-Za-z0-9_-]{1,63})/cryptoKeys/(?P<key>[A-Za-z0-9_-]{1,63})/cryptoKeyVersions/(?P<version>[0-9]+)$")
+
+
+def key_version_flags(name: str) -> tuple[str, list[str]]:
+    """(version number, the gcloud flags naming its key) of a key version resource name."""
+    match = KEY_VERSION_RE.match(name)
+    if not match:
+        raise ValueError(f"{name!r} is not a Cloud KMS key version resource name")
+    return match["version"], ["--project", match["project"], "--location", match["location"],
+                              "--keyring", match["ring"], "--key", match["key"]]
 
 
 def names_for(config: StackConfig) -> Names:
@@ -163,6 +193,7 @@ class BootstrapPlan:
     accounts: list[Account]
     bindings: list[Binding]
     keys: dict[str, str]  # stack -> crypto key name
+    table_key: str  # the overlay member tables' signing key
     attribute_mapping: dict[str, str]
     attribute_condition: str
     environments: dict[str, str]  # env stack -> project
@@ -257,6 +288,7 @@ def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
     labels.update({project: f"project-{env}" for env, project in envs.items()})
     labels[images_project] = "project-images"
     labels.update({names.key(stack): f"key-{stack}" for stack in [*envs, "images"]})
+    labels[names.table_key] = "key-overlay-tables"
     labels.update({a.email: f"sa-{a.key}" for a in accts})
 
     def add(b: tuple) -> None:
@@ -317,6 +349,13 @@ def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
                 add(("repository", registry, "roles/artifactregistry.reader", member))
                 add(("repository", names.mirror_id, "roles/artifactregistry.reader", member))
 
+    # overlay member tables: each deploy identity signs its environment's tables with the fleet key
+    # (cloudkms.signerVerifier: sign, and read the public key to check the signature), build hosts
+    # read its public half into the overlay image
+    for env in envs:
+        add(("crypto_key", names.table_key, "roles/cloudkms.signerVerifier", sa(f"ci-deploy-{env}")))
+    add(("crypto_key", names.table_key, "roles/cloudkms.publicKeyViewer", builder))
+
     keys = {stack: names.key(stack) for stack in [*envs, "images"]}
     return BootstrapPlan(
         names=names,
@@ -324,6 +363,7 @@ def plan_bootstrap(config: StackConfig) -> BootstrapPlan:
         accounts=accts,
         bindings=bindings,
         keys=keys,
+        table_key=names.table_key,
         attribute_mapping=dict(ATTRIBUTE_MAPPING),
         attribute_condition=attribute_condition(fleet.github, list(envs)),
         environments=envs,
