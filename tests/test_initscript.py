@@ -400,6 +400,25 @@ def test_the_cc_event_log_goes_to_the_serial_console(guest):
     assert base64.b64decode("".join(inside.split())) == ccel
 
 
+def test_the_readme_capture_command_recovers_the_event_log(guest):
+    # the pipeline the README gives after `gcloud compute instances get-serial-port-output`
+    pipeline = ("tr -d '\\r' \\\n  | sed -n '/^dstack-fleet: BEGIN CCEL$/,/^dstack-fleet: END CCEL$/p' | sed '1d;$d' \\\n"
+                "  | base64 -d > overlay-0.ccel")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert pipeline in readme
+    ccel = os.urandom(5000)
+    guest.ccel.write_bytes(ccel)
+    guest.serial.write_text("[    1.2] kernel line\r\n")
+    guest.deliver(signed(plan(interface="argv")))
+    assert guest.boot("10.30.0.11").returncode == 0
+    console = guest.serial.read_text().replace("\n", "\r\n") + "[    9.9] later kernel line\r\n"
+    (guest.tmp / "serial.txt").write_text(console)
+    result = subprocess.run(["sh", "-c", "cat serial.txt | " + pipeline.replace("\\\n", "")], cwd=guest.tmp,
+                            capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert (guest.tmp / "overlay-0.ccel").read_bytes() == ccel
+
+
 def test_stop_and_usage(guest):
     assert guest.boot("10.30.0.11", action="stop").returncode == 0
     assert guest.read("ssd") == ["-K -o -p /var/run/dstack-sync.pid"]

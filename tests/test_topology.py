@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fleet.plan.planner import build_plan
@@ -227,3 +229,53 @@ def test_members_get_the_signed_table_in_live_metadata():
     assert not instance.options["replaceOnChanges"]  # a metadata change is live on GCE
     sign = next(r for r in plan.resources if r.name == "overlay-table-sign")
     assert "--founding" in sign.inputs["create"] and "--founding" not in sign.inputs["update"]
+
+
+# ---- one image for every stack; membership and settings leave it alone ----------------------------------------
+
+def test_dev_staging_and_prod_plan_the_same_overlay_image():
+    hashes = {stack: shipped_plan(stack).outputs["images"]["overlay-3eb04ca"]["contentHash"]
+              for stack in ("dev", "staging", "prod")}
+    assert len(set(hashes.values())) == 1, hashes
+    images = shipped_plan("images").outputs["builds"]["images"]
+    overlay = [h for h, b in images.items() if b["recipe"] == "tplus-overlay"]
+    assert overlay == [hashes["prod"]]  # built once, for all three
+
+
+@pytest.mark.parametrize("change", [
+    lambda c: c["dstack-fleet:nodes"][0].update(count=9),
+    lambda c: c["dstack-fleet:overlay"].update(port=5001, topology="ring"),
+    lambda c: c["dstack-fleet:overlay"].update(executionRpc="https://ethereum-sepolia-rpc.publicnode.com"),
+    lambda c: c.update({"gcp:project": "acme-tee-elsewhere"}),
+])
+def test_membership_settings_and_environment_do_not_change_the_overlay_image(project, change):
+    project.mutate("prod", "other", change)
+    other = build_plan(project.root, "other").outputs["images"]["overlay-3eb04ca"]["contentHash"]
+    assert other == shipped_plan("prod").outputs["images"]["overlay-3eb04ca"]["contentHash"]
+
+
+def test_the_signing_step_follows_the_genesis_data_disk():
+    plan = shipped_plan("prod")
+    sign = next(r for r in plan.resources if r.name == "overlay-table-sign")
+    genesis_disk = next(r.urn for r in plan.resources if r.name == "overlay-0-data")
+    assert genesis_disk in sign.dependencies  # a new genesis disk changes the trigger: update, founding closed
+    assert contains_unknown(sign.inputs["triggers"])  # the disk's id, known once GCP made it
+    assert sign.inputs["stdin"].startswith("stack prod\nproject acme-tee-prod\n")
+
+
+def test_a_port_change_resets_the_members_in_waves_and_replaces_none(project):
+    from fleet.plan import changes
+
+    base = json.loads(build_plan(project.root, "prod").to_json())
+    project.mutate("prod", "prod", lambda c: c["dstack-fleet:overlay"].update(port=5001))
+    head = json.loads(build_plan(project.root, "prod").to_json())
+    groups = changes.rollout(base["resources"], head["resources"], base["outputs"], head["outputs"])
+    g = groups["overlay"]
+    assert g.replaced == [] and g.stopped == g.reset == [f"overlay-{n}" for n in range(5)]
+    assert changes.waves(g, "overlay-0") == [["overlay-1"], ["overlay-2"], ["overlay-3"], ["overlay-4"], ["overlay-0"]]
+    command = changes.wave_command(g, ["overlay-2"])
+    assert command.endswith("--pulumi-arg=--target=urn:pulumi:prod::dstack-fleet::dstack-fleet:nodes:OverlayNode$"
+                            "command:local:Command::overlay-2-apply-table")
+    reset = next(r for r in head["resources"] if r["name"] == "overlay-2-apply-table")
+    assert reset["inputs"]["update"] == ("gcloud compute instances reset fleet-prod-overlay-2 --zone us-central1-c "
+                                         "--project acme-tee-prod --quiet")
