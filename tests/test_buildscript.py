@@ -529,6 +529,15 @@ def test_tplus_build_publishes_a_gce_tarball_and_the_outputs_the_lock_needs(tool
     lock.merge(lock.LockFile(version=1), {"images": {digest: entry}})  # what make lock does
 
 
+def test_a_table_key_that_is_not_p256_stops_the_build(tools, tmp_path):
+    from Crypto.PublicKey import RSA
+
+    rsa = RSA.generate(2048).public_key().export_key().decode() + "\n"
+    result = tools.run(local_script(tplus_spec(), tmp_path / "out", bucket=None), FAKE_KMS_PUBLIC_KEY=rsa)
+    assert result.returncode != 0 and "did not give an EC P-256 public key" in result.stderr
+    assert not tools.calls("bitbake")
+
+
 def test_tplus_recipe_is_patched_as_upstream_requires(tools, tmp_path):
     out = tmp_path / "out"
     result = tools.run(local_script(tplus_spec(), out, bucket=None))

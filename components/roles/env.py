@@ -126,7 +126,9 @@ def genesis_first(fleet) -> list:
 
 def overlay_table(fleet):
     """The members' metadata callback: the first overlay node built (the genesis node, unless it
-    waits for its image) creates the signing step."""
+    waits for its image) creates the signing step. A genesis node that waits for its image while
+    others are created makes its disk appear later, which updates the step: founding closes, and the
+    overlay is then founded only by replacing the step (`pulumi up --replace <its URN>`)."""
     made: list[OverlayTable] = []
 
     def metadata(node) -> dict:

@@ -15,6 +15,7 @@ from fleet.project import accounts
 from fleet.project.bootstrap import names_for
 from fleet.config.schema import NodeGroup, StackConfig
 from fleet.nodes.identity import NodeIdentity, node_identities
+from fleet.images.recipes import INIT_SCRIPT_DERIVED, TABLE_KEY_DERIVED
 from fleet.images.versions import ImageVersion
 from fleet.nodes import membertable
 from fleet.nodes.initscript import SCRIPT, SCRIPT_SHA256
@@ -138,7 +139,7 @@ LIGHT_CLIENT_API_PORT = 3032
 # (cloud.google.com/iap/docs/using-tcp-forwarding#create-firewall-rule). Nothing else may reach it.
 IAP_TCP_FORWARDING_RANGE = "35.235.240.0/20"
 # Firewall rules are kept well inside GCP's per-rule limits (assumed >= 256 source ranges and >= 64
-# target tags; the limits page could not be read, see the README's assumptions).
+# target tags; the limits page could not be read: a stated assumption in the README).
 MAX_SOURCE_RANGES = 256
 MAX_TARGET_TAGS = 64
 
@@ -166,9 +167,6 @@ def overlay_init_script(config: StackConfig, namer: Namer) -> tuple[OverlayPlan 
     return result
 
 
-TABLE_KEY_DERIVED = "table_key_version"  # the input a tplus-overlay build adds besides the init script
-
-
 def derived_image_inputs(config: StackConfig, namer: Namer) -> dict[str, dict[str, str]]:
     """Inputs of image builds that come from outside the build's own config: an overlay image bakes
     the init script (the same bytes for every stack) and the public half of the fleet's table-signing
@@ -178,7 +176,7 @@ def derived_image_inputs(config: StackConfig, namer: Namer) -> dict[str, dict[st
     key_version = names_for(config).table_key_version
     for key, source in config.fleet.images.items():
         if source.build is not None and source.build.recipe == "tplus-overlay":
-            out[key] = {"init_script_sha256": SCRIPT_SHA256, TABLE_KEY_DERIVED: key_version}
+            out[key] = {INIT_SCRIPT_DERIVED: SCRIPT_SHA256, TABLE_KEY_DERIVED: key_version}
     return out
 
 
