@@ -80,8 +80,12 @@ def test_a_whole_group_stopped_in_prod_fails_naming_it_and_a_step_that_works(pro
     waves = report.markdown.split("### Rollout waves", 1)[1].split("###", 1)[0]
     commands = [line.strip() for line in waves.splitlines() if line.strip().startswith("python -m fleet deploy up")]
     urn = "urn:pulumi:prod::dstack-fleet::dstack-fleet:nodes:OverlayNode$gcp:compute/instance:Instance::overlay-{}"
-    assert commands == [f"python -m fleet deploy up --stack prod --pulumi-arg=--target={urn.format(n)}"
+    assert commands == [f"python -m fleet deploy up --stack prod '--pulumi-arg=--target={urn.format(n)}'"
                         for n in (1, 2, 3, 4, 0)]
+    # what a shell hands the CLI: the URN intact (it holds a `$`)
+    echoed = subprocess.run(["sh", "-c", commands[0].replace("python -m fleet deploy up", "printf '%s\\n'")],
+                            capture_output=True, text=True).stdout.splitlines()
+    assert echoed == ["--stack", "prod", f"--pulumi-arg=--target={urn.format(1)}"]
     assert "the genesis node `overlay-0` goes last" in waves
 
 
@@ -252,7 +256,9 @@ def test_a_kms_app_without_a_pinned_id_follows_its_compose(prod_doc):
 # ---- today's prod overlay moves from the baked image to the one without a member table -----------------------
 
 def _targets(command: str) -> list[str]:
-    return [part.split("=", 2)[2] for part in command.split() if part.startswith("--pulumi-arg=--target=")]
+    import shlex
+
+    return [part.split("=", 2)[2] for part in shlex.split(command) if part.startswith("--pulumi-arg=--target=")]
 
 
 def test_moving_prod_off_the_baked_image_replaces_each_member_once_in_a_stated_order(prod_doc):

@@ -274,8 +274,8 @@ def test_a_port_change_resets_the_members_in_waves_and_replaces_none(project):
     assert g.replaced == [] and g.stopped == g.reset == [f"overlay-{n}" for n in range(5)]
     assert changes.waves(g, "overlay-0") == [["overlay-1"], ["overlay-2"], ["overlay-3"], ["overlay-4"], ["overlay-0"]]
     command = changes.wave_command(g, ["overlay-2"])
-    assert command.endswith("--pulumi-arg=--target=urn:pulumi:prod::dstack-fleet::dstack-fleet:nodes:OverlayNode$"
-                            "command:local:Command::overlay-2-apply-table")
+    assert command.endswith("'--pulumi-arg=--target=urn:pulumi:prod::dstack-fleet::dstack-fleet:nodes:OverlayNode$"
+                            "command:local:Command::overlay-2-apply-table'")
     reset = next(r for r in head["resources"] if r["name"] == "overlay-2-apply-table")
     assert reset["inputs"]["update"] == ("gcloud compute instances reset fleet-prod-overlay-2 --zone us-central1-c "
                                          "--project acme-tee-prod --quiet")

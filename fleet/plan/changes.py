@@ -10,6 +10,7 @@ worst case. The classification is an estimate for reviews and rollout checks; th
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -337,8 +338,9 @@ def wave_command(g: GroupRollout, nodes: list[str]) -> str:
     urns: list[str] = []
     for key in nodes:
         urns += [u for u in g.targets.get(key, []) if u not in urns]
-    return " ".join([f"python -m fleet deploy up --stack {g.stack or 'STACK'}"]
-                    + [f"--pulumi-arg=--target={u}" for u in urns])
+    # quoted: a URN holds `$` (parent type chains), which a shell would expand
+    return " ".join(["python -m fleet deploy up --stack", shlex.quote(g.stack or "STACK")]
+                    + [shlex.quote(f"--pulumi-arg=--target={u}") for u in urns])
 
 
 def rollout_hint(g: GroupRollout, declared_images: set[str] | None = None, last: str | None = None) -> str:
