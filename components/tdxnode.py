@@ -2,7 +2,9 @@
 
 The instance is replaced delete-before-replace with the same data disk re-attached and is never
 protected; stop-requiring updates (machine type, shielded settings, service account) are allowed
-to stop it. In prod the disk and address are protected, kept on delete and ``PREVENT``ed.
+to stop it. In prod the disk and address are protected, kept on delete and ``PREVENT``ed. Instance
+metadata updates in place (GCE applies it to a running instance; nothing here marks it
+replace-on-change), which is how an overlay member gets a new signed member table.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import pulumi
+import pulumi_command as command
 import pulumi_gcp as gcp
 
 from components.adopt import options
@@ -29,9 +32,11 @@ class TdxNode(pulumi.ComponentResource):
                  boot_image: pulumi.Input[str], snapshot_policy: gcp.compute.ResourcePolicy | None,
                  data_disk_image: pulumi.Input[str] | None = None,
                  extra_disks: "Callable[[TdxNode], list[dict]] | None" = None,
+                 extra_metadata: "Callable[[TdxNode], dict[str, pulumi.Input[str]]] | None" = None,
                  opts: pulumi.ResourceOptions | None = None):
         super().__init__(type_token, spec.key, {"group": spec.identity.group, "ordinal": spec.identity.ordinal,
                                                 "maxUnavailable": spec.max_unavailable}, opts)
+        self.spec_key = spec.key
         keep = dict(parent=self, protect=spec.protect_data or None, retain_on_delete=spec.protect_data or None)
         deletion_policy = "PREVENT" if spec.protect_data else None
         identity = spec.identity
@@ -112,17 +117,29 @@ class TdxNode(pulumi.ComponentResource):
                 "enable_integrity_monitoring": spec.shielded.integrity_monitoring,
             },
             service_account={"email": spec.service_account, "scopes": list(spec.scopes)},
-            metadata=spec.metadata,
+            metadata={**spec.metadata, **(extra_metadata(self) if extra_metadata else {})},
             tags=list(spec.tags),
             labels=spec.labels,
             allow_stopping_for_update=True,
             deletion_protection=False,
-            opts=options(spec.key, parent=self, delete_before_replace=True, replace_on_changes=(
-                ["metadata"] if spec.delivery == "metadata" else None)),
+            opts=options(spec.key, parent=self, delete_before_replace=True),
         )
         self.register_outputs({"name": self.instance.name, "address": self.address.address})
 
 
 class OverlayNode(TdxNode):
-    def __init__(self, spec: NodeSpec, **kwargs):
-        super().__init__("dstack-fleet:nodes:OverlayNode", spec, **kwargs)
+    """A member of the overlay: its metadata carries the signed member table (``table`` gives it)."""
+
+    def __init__(self, spec: NodeSpec, *, table: "Callable[[TdxNode], dict[str, pulumi.Input[str]]]", **kwargs):
+        super().__init__("dstack-fleet:nodes:OverlayNode", spec, extra_metadata=table, **kwargs)
+        # A running member reads the table once per start. Membership changes need nothing (a
+        # running node accepts joining peers); a change it must act on (port, interface, topology,
+        # execution RPC) resets it, which the rollout check counts as a stop and rolls in waves.
+        # `create` runs when the node is first made (it boots with the table anyway).
+        command.local.Command(
+            f"{spec.key}-apply-table",
+            create="true",
+            update=(f"gcloud compute instances reset {spec.identity.name} --zone {spec.identity.zone} "
+                    f"--project {kwargs['project']} --quiet"),
+            environment={"OVERLAY_RESTART_KEY": spec.restart_key or ""},
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.instance]))

@@ -29,11 +29,11 @@ ALLOWED_ROLES = {
     "ci-deploy": {"roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
                   "roles/compute.storageAdmin", "roles/iam.serviceAccountUser", "roles/storage.objectViewer",
                   "roles/storage.objectAdmin", "roles/cloudkms.cryptoKeyEncrypterDecrypter",
-                  "roles/iam.workloadIdentityUser", "roles/storage.objectCreator"},
+                  "roles/iam.workloadIdentityUser", "roles/storage.objectCreator", "roles/cloudkms.signerVerifier"},
     "ci-images": {"roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
                   "roles/iam.serviceAccountUser", "roles/storage.objectAdmin", "roles/artifactregistry.writer",
                   "roles/storage.objectViewer", "roles/cloudkms.cryptoKeyEncrypterDecrypter"},
-    "builder": {"roles/logging.logWriter", "roles/storage.objectAdmin"},
+    "builder": {"roles/logging.logWriter", "roles/storage.objectAdmin", "roles/cloudkms.publicKeyViewer"},
     "node-overlay": {"roles/logging.logWriter", "roles/monitoring.metricWriter"},
     "node-dstack": {"roles/logging.logWriter", "roles/monitoring.metricWriter", "roles/artifactregistry.reader"},
     "compute-agent": {"roles/storage.objectViewer"},
@@ -92,8 +92,10 @@ def test_deploy_identities_touch_only_their_own_environment(plan):
     for env, project in bp.environments.items():
         mine = [b for b in bp.bindings if b.who == f"ci-deploy-{env}"]
         projects = {b.target for b in mine if b.scope == "project"}
-        keys = {b.target for b in mine if b.scope == "crypto_key"}
-        assert projects == {project} and keys == {bp.names.key(env)}
+        keys = {(b.target, b.role) for b in mine if b.scope == "crypto_key"}
+        # its own secrets key, and the fleet's table-signing key to sign its overlay's member tables
+        assert projects == {project} and keys == {(bp.names.key(env), "roles/cloudkms.cryptoKeyEncrypterDecrypter"),
+                                                  (bp.names.table_key, "roles/cloudkms.signerVerifier")}
         writes = [b for b in mine if b.role == "roles/storage.objectAdmin"]
         assert len(writes) == 1 and f"/{env}.json" in writes[0].condition[1]
         assert all(f"/{other}" not in writes[0].condition[1] for other in bp.environments if other != env)
@@ -298,3 +300,29 @@ def test_bootstrap_config_errors(project, stack, change, path, message):
         load_config(project.root, "badboot")
     lines = [l for l in info.value.lines() if f": {path}: " in l]
     assert lines and any(message in l for l in lines), info.value.lines()
+
+
+def test_the_table_signing_key_is_one_asymmetric_p256_key_for_the_fleet(plan):
+    # pulumi-gcp 10.2.0 CryptoKey: purpose and version_template.algorithm take Cloud KMS's enum names
+    # (CryptoKeyPurpose ASYMMETRIC_SIGN, CryptoKeyVersionAlgorithm EC_SIGN_P256_SHA256)
+    _, config = load_config(ROOT, "bootstrap")
+    bp = plan_bootstrap(config)
+    keys = [r for r in plan.resources if r.type == "gcp:kms/cryptoKey:CryptoKey"]
+    (table,) = [r for r in keys if r.inputs.get("purpose") == "ASYMMETRIC_SIGN"]
+    assert table.inputs["name"] == bp.names.table_key == "fleet-overlay-tables"
+    assert table.inputs["versionTemplate"] == {"algorithm": "EC_SIGN_P256_SHA256", "protectionLevel": "HSM"}
+    assert "rotationPeriod" not in table.inputs  # asymmetric keys do not rotate automatically
+    assert table.options["protect"] and table.options["retainOnDelete"]
+    assert all(r.inputs["purpose"] == "ENCRYPT_DECRYPT" for r in keys if r is not table)
+    assert bp.names.table_key_version == (
+        "projects/acme-tee-ops/locations/us-central1/keyRings/fleet-stack-secrets/cryptoKeys/fleet-overlay-tables/"
+        "cryptoKeyVersions/1")
+    assert plan.outputs["overlayTableKey"] == bp.names.table_key_version
+    grants = {(b.who, b.role) for b in bp.bindings if b.target == bp.names.table_key}
+    assert grants == {(f"ci-deploy-{env}", "roles/cloudkms.signerVerifier") for env in bp.environments} | {
+        ("builder", "roles/cloudkms.publicKeyViewer")}
+    # every env stack and the images stack derive the same key version (one image for every stack)
+    for stack in ("dev", "staging", "prod", "images"):
+        from fleet.project.bootstrap import names_for
+
+        assert names_for(load_config(ROOT, stack)[1]).table_key_version == bp.names.table_key_version

@@ -23,7 +23,9 @@ BOOT_IMAGE = "projects/ubuntu-os-cloud/global/images/ubuntu-2404-noble-amd64-v20
 SUBNET = "projects/acme-tee-build/regions/us-central1/subnetworks/fleet-images-us-central1"
 ACCOUNT = "fleet-build@acme-tee-build.iam.gserviceaccount.com"
 INIT = "#!/bin/sh\necho overlay\n"
-DERIVED = {"init_script_sha256": hashlib.sha256(INIT.encode()).hexdigest()}
+DERIVED = {"init_script_sha256": hashlib.sha256(INIT.encode()).hexdigest(),
+           "table_key_version": ("projects/acme-tee-ops/locations/us-central1/keyRings/fleet-stack-secrets/"
+                                 "cryptoKeys/fleet-overlay-tables/cryptoKeyVersions/1")}
 NAMER = Namer(prefix="fleet", stack="images", project="acme-tee-build")
 SETTINGS = BuildHostSettings(bucket=BUCKET, zone="us-central1-a", boot_image=BOOT_IMAGE)
 

@@ -39,6 +39,19 @@ INIT_SCRIPT = "#!/bin/sh\n# overlay init script\nDAEMON='/usr/bin/guest'\necho \
 GUEST_BYTES = b"\x7fELF musl light client \x00\x01\x02"
 GUEST_SHA256 = hashlib.sha256(GUEST_BYTES).hexdigest()
 BUCKET = "acme-tee-build-fleet-images"
+# the fleet's table-signing key version (fleet.project.bootstrap.Names.table_key_version) and a P-256
+# public key the stand-in Cloud KMS hands out for it
+TABLE_KEY_VERSION = ("projects/acme-tee-ops/locations/us-central1/keyRings/fleet-stack-secrets/cryptoKeys/"
+                     "fleet-overlay-tables/cryptoKeyVersions/1")
+
+
+def _table_public_key() -> str:
+    from Crypto.PublicKey import ECC
+
+    return ECC.generate(curve="P-256").public_key().export_key(format="PEM") + "\n"
+
+
+TABLE_PUBLIC_KEY = _table_public_key()
 
 # ---- upstream bytes the stand-in checkouts carry -------------------------------------------------------
 
@@ -220,6 +233,13 @@ elif args[:2] == ["storage", "cat"]:
 elif args[:2] == ["storage", "rm"]:
     need(args[2])
     os.remove(local(args[2]))
+elif args[:4] == ["kms", "keys", "versions", "get-public-key"]:
+    flags = dict(zip(args[5::2], args[6::2]))
+    name = (f"projects/{flags['--project']}/locations/{flags['--location']}/keyRings/{flags['--keyring']}/"
+            f"cryptoKeys/{flags['--key']}/cryptoKeyVersions/{args[4]}")
+    if name != os.environ["FAKE_KMS_VERSION"]:
+        sys.exit("ERROR: (gcloud.kms.keys.versions.get-public-key) NOT_FOUND: " + name)
+    open(flags["--output-file"], "w").write(os.environ["FAKE_KMS_PUBLIC_KEY"])
 else:
     sys.exit("fake gcloud: unsupported " + " ".join(args))
 '''
@@ -246,7 +266,7 @@ if os.environ.get("FAKE_NO_GPT"):  # a disk whose size cannot be changed safely
 else:
     stand_in_disk(os.path.join(deploy, dated), 8 << 20)
 with open(os.path.join(deploy, dated), "r+b") as disk:
-    for n, name in enumerate(("guest", "init", "dstack-sync.bb"), start=1):
+    for n, name in enumerate(("guest", "init", "dstack-sync.bb", "table-key.pem"), start=1):
         disk.seek(n << 20)
         disk.write(open(os.path.join(recipe, name), "rb").read())
     disk.seek(6 << 20)
@@ -387,7 +407,8 @@ class Toolchain:
         local_conf.write_text(original_from_patch(PROD_LOCAL_CONF_PATCH))
         self.env = dict(os.environ, PATH=f"{self.bin}:{os.environ['PATH']}", STUB_LOG=str(self.log),
                         FAKE_GCS=str(self.gcs), FAKE_UPSTREAMS=str(self.upstreams), FAKE_HTTP=str(self.http),
-                        FAKE_LOCAL_CONF=str(local_conf))
+                        FAKE_LOCAL_CONF=str(local_conf), FAKE_KMS_VERSION=TABLE_KEY_VERSION,
+                        FAKE_KMS_PUBLIC_KEY=TABLE_PUBLIC_KEY)
         self._tplus_upstreams()
         self._dstack_upstream()
 
@@ -451,7 +472,8 @@ def tplus_spec(guest: dict | None = None, prod: bool | None = None) -> recipes.B
                     "guest": guest or {"binary": {"url": "https://downloads.example/guest-musl", "sha256": GUEST_SHA256}}}
     if prod is not None:
         inputs["prod"] = prod
-    derived = {"init_script_sha256": hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()}
+    derived = {"init_script_sha256": hashlib.sha256(INIT_SCRIPT.encode()).hexdigest(),
+               "table_key_version": TABLE_KEY_VERSION}
     return recipes.build_spec("overlay-a", inputs, derived, init_script=INIT_SCRIPT)
 
 
@@ -556,6 +578,9 @@ def test_tplus_build_publishes_a_gce_tarball_and_the_outputs_the_lock_needs(tool
                             ("disk.tar.gz", "disk.tar.gz.sha256", "build.log", "outputs.json")}
     full = json.loads((out / "outputs.json").read_text())
     assert full["details"]["guest_sha256"] == GUEST_SHA256
+    # the image carries the fleet key's public half, fetched by its key version, and the lock records it
+    assert read_at(disk, 4 << 20, len(TABLE_PUBLIC_KEY)) == TABLE_PUBLIC_KEY.encode()
+    assert full["details"]["table_key_sha256"] == hashlib.sha256(TABLE_PUBLIC_KEY.encode()).hexdigest()
     lock.merge(lock.LockFile(version=1), {"images": {digest: entry}})  # what make lock does
 
 
@@ -623,6 +648,15 @@ def test_pad_gpt_disk_runs_from_its_own_source_and_refuses_what_it_cannot_pad(tm
     assert run.returncode != 0 and "partition array's CRC32 does not match" in run.stderr
 
 
+def test_a_table_key_that_is_not_p256_stops_the_build(tools, tmp_path):
+    from Crypto.PublicKey import RSA
+
+    rsa = RSA.generate(2048).public_key().export_key().decode() + "\n"
+    result = tools.run(local_script(tplus_spec(), tmp_path / "out", bucket=None), FAKE_KMS_PUBLIC_KEY=rsa)
+    assert result.returncode != 0 and "did not give an EC P-256 public key" in result.stderr
+    assert not tools.calls("bitbake")
+
+
 def test_tplus_recipe_is_patched_as_upstream_requires(tools, tmp_path):
     out = tmp_path / "out"
     result = tools.run(local_script(tplus_spec(), out, bucket=None))
@@ -633,7 +667,15 @@ def test_tplus_recipe_is_patched_as_upstream_requires(tools, tmp_path):
     # renaming the file is not enough: BINARY and SRC_URI name the guest, nothing names mini-server
     assert 'BINARY = "guest"' in bb.splitlines() and 'SRC_URI += "file://guest"' in bb.splitlines()
     assert "mini-server" not in bb and not (recipe / "mini-server").exists()
-    assert bb.replace('"guest"', '"mini-server"').replace("file://guest", "file://${BINARY}") == DSTACK_SYNC_BB
+    upstream, ours = bb.split("\n# dstack-fleet:", 1)
+    assert upstream.replace('"guest"', '"mini-server"').replace("file://guest", "file://${BINARY}") == DSTACK_SYNC_BB
+    # the key goes where the init script reads it; the tools it calls are runtime dependencies of
+    # dstack-sync, so they land in the initramfs the node runs (DISTRO_EXTRA_RDEPENDS holds dstack-sync)
+    assert ('SRC_URI += "file://table-key.pem"' in ours.splitlines()
+            and 'RDEPENDS:${PN} += "busybox e2fsprogs-mke2fs openssl-bin"' in ours.splitlines())
+    assert "    install -m 0644 ${WORKDIR}/table-key.pem ${D}${sysconfdir}/dstack-fleet/table-key.pem" in ours
+    assert recipes.TABLE_KEY_PATH == "/etc/dstack-fleet/table-key.pem"
+    assert (recipe / "table-key.pem").read_text() == TABLE_PUBLIC_KEY
     assert (recipe / "guest").read_bytes() == GUEST_BYTES and os.access(recipe / "guest", os.X_OK)
     assert (recipe / "init").read_text() == INIT_SCRIPT
     # get-modular.sh's steps, at the pins: PROD drops debug-tweaks; cvm-* recipes go; podman's bbappend renamed

@@ -108,18 +108,26 @@ def two_guests(c, new_for=None):
 def rollout_between(project, before, after):
     project.mutate("prod", "roll", before)
     lock_all(project, "roll")
-    old = plan_json(project, "roll")
+    old = json.loads(build_plan(project.root, "roll").to_json())
     project.mutate("prod", "roll", after)
     lock_all(project, "roll")
-    return changes.rollout(old, plan_json(project, "roll"))
+    new = json.loads(build_plan(project.root, "roll").to_json())
+    return changes.rollout(old["resources"], new["resources"], old["outputs"], new["outputs"])
 
 
 def test_image_bump_in_one_wave_is_over_the_limit(project):
     groups = rollout_between(project, two_guests, lambda c: two_guests(c, new_for=range(5)))
     g = groups["overlay"]
     assert g.replaced == [f"overlay-{n}" for n in range(5)] and g.over_limit
-    (message,) = changes.over_limit(groups)
+    (message,) = changes.over_limit(groups, {"overlay-3eb04ca", "overlay-next"}, "overlay-0")
     assert message.startswith("group overlay would take 5 node(s) down at once")
+    # the old key is still declared: the step that works pins the nodes that wait to it
+    assert message.endswith("keep the others on 'overlay-3eb04ca' for now: set group overlay's imageOverrides to "
+                            "{0: overlay-3eb04ca, 2: overlay-3eb04ca, 3: overlay-3eb04ca, 4: overlay-3eb04ca}, then "
+                            "shrink it by at most 1 node(s) per change")
+    # once the old key is gone there is nothing to pin: targeted waves instead
+    (message,) = changes.over_limit(groups, {"overlay-next"}, "overlay-0")
+    assert "apply it in 5 wave(s) of targeted updates" in message
 
 
 def test_image_bump_in_waves_stays_within_the_limit(project):
@@ -142,10 +150,17 @@ def test_label_change_takes_nothing_down(project):
 
 
 def test_growing_a_group_creates_without_taking_anything_down(project):
-    # a baked member table changes the image of everyone: use an existing image so only growth shows
-    def existing_image(c, count):
-        c["dstack-fleet:images"]["fixed"] = {"prebuilt": {"image": {"selfLink": "projects/acme-x/global/images/ov1"}}}
-        c["dstack-fleet:nodes"][0].update(image="fixed", count=count)
-
-    groups = rollout_between(project, lambda c: existing_image(c, 5), lambda c: existing_image(c, 6))
+    # the member table is not in the image: growing the overlay leaves every running member's image alone
+    groups = rollout_between(project, lambda c: None, lambda c: c["dstack-fleet:nodes"][0].update(count=6))
     assert groups["overlay"].created == ["overlay-5"] and groups["overlay"].unavailable == 0
+    groups = rollout_between(project, lambda c: None, lambda c: c["dstack-fleet:nodes"][0].update(retired=[3]))
+    assert groups["overlay"].removed == ["overlay-3"] and groups["overlay"].unavailable == 0
+
+
+def test_a_command_with_an_update_step_updates_in_place():
+    C = "command:local:Command"
+    old = res("u::c", C, {"create": "true", "update": "gcloud compute instances reset n", "environment": {"K": "1"}})
+    new = res("u::c", C, {"create": "true", "update": "gcloud compute instances reset n", "environment": {"K": "2"}})
+    assert changes.classify(old, new).action == LIVE  # pulumi-command 1.2.1 runs `update`
+    plain = res("u::c", C, {"create": "echo 2"})
+    assert changes.classify(res("u::c", C, {"create": "echo 1"}), plain).action == REPLACE

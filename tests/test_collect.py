@@ -14,6 +14,7 @@ from fleet.images import lock as fleet_lock
 from fleet.images import recipes
 from fleet.images.buildscript import BuildHostSettings, plan_build_host
 from fleet.gcp.naming import Namer
+from tests.test_buildscript import TABLE_KEY_VERSION
 from fleet.stacks import collect
 
 BUCKET = "acme-tee-ops-fleet-images"
@@ -74,7 +75,8 @@ def host(recipe: str = "dstack-os"):
         spec = recipes.build_spec("overlay-a", {"recipe": "tplus-overlay", "guest": {"source": {
             "repository": "https://github.com/tpluslabs/tplus-examples", "commit": "3eb04cad11664a381227d77a469e68bca7e94c30",
             "workspace": "dstack-helios-tdx", "binary": "light_client"}}},
-            {"init_script_sha256": hashlib.sha256(init.encode()).hexdigest()}, init_script=init)
+            {"init_script_sha256": hashlib.sha256(init.encode()).hexdigest(), "table_key_version": TABLE_KEY_VERSION},
+            init_script=init)
     return plan_build_host(spec, SETTINGS, NAMER, project="acme-tee-build")
 
 

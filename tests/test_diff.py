@@ -42,9 +42,14 @@ def known_change(prod_doc):
     return head
 
 
+BAKED_PROD = ROOT / "tests" / "vectors" / "prod-baked-overlay.plan.json"  # prod before signed tables (f8a08f7)
+
+
 def golden_diff_files() -> dict[Path, str]:
     prod_doc = json.loads((ROOT / "tests" / "golden" / "prod.plan.json").read_text())
-    return {GOLDEN_DIFF / "prod-machine-type.md": compare(prod_doc, known_change(prod_doc)).markdown}
+    baked = json.loads(BAKED_PROD.read_text())
+    return {GOLDEN_DIFF / "prod-machine-type.md": compare(prod_doc, known_change(prod_doc)).markdown,
+            GOLDEN_DIFF / "prod-signed-tables.md": compare(baked, prod_doc, ref="f8a08f7").markdown}
 
 
 def test_golden_markdown_for_a_known_change():
@@ -59,32 +64,78 @@ def test_no_change_is_one_line(prod_doc):
     assert report.exit_code == 0 and not report.changed
 
 
-def test_a_whole_group_stopped_in_prod_fails_naming_it(prod_doc):
+def test_a_whole_group_stopped_in_prod_fails_naming_it_and_a_step_that_works(prod_doc):
     report = compare(prod_doc, known_change(prod_doc))
     assert report.exit_code == 1
-    assert report.failures == ["group overlay would take 5 node(s) down at once (overlay-0, overlay-1, overlay-2, "
-                               "overlay-3, overlay-4); maxUnavailable is 1: roll it in waves with imageOverrides"]
+    assert report.failures == [
+        "group overlay would take 5 node(s) down at once (overlay-0, overlay-1, overlay-2, overlay-3, overlay-4); "
+        "maxUnavailable is 1: apply it in 5 wave(s) of targeted updates, one after another once each wave's nodes "
+        "are healthy, in this order: overlay-1, overlay-2, overlay-3, overlay-4, overlay-0 (commands under 'Rollout "
+        "waves'), then the rest with `make up`",
+        "the change takes every member of the overlay down at once (overlay-0, overlay-1, overlay-2, overlay-3, "
+        "overlay-4): its shared secret lives only in running members and would be lost for good; roll it in waves"]
     assert "| `overlay` | 1 | - | overlay-0, overlay-1, overlay-2, overlay-3, overlay-4 | - | - | over the limit |" \
         in report.markdown
+    # each node exactly once, the genesis node last, each wave a targeted update of that node alone
+    waves = report.markdown.split("### Rollout waves", 1)[1].split("###", 1)[0]
+    commands = [line.strip() for line in waves.splitlines() if line.strip().startswith("python -m fleet deploy up")]
+    urn = "urn:pulumi:prod::dstack-fleet::dstack-fleet:nodes:OverlayNode$gcp:compute/instance:Instance::overlay-{}"
+    assert commands == [f"python -m fleet deploy up --stack prod '--pulumi-arg=--target={urn.format(n)}'"
+                        for n in (1, 2, 3, 4, 0)]
+    # what a shell hands the CLI: the URN intact (it holds a `$`)
+    echoed = subprocess.run(["sh", "-c", commands[0].replace("python -m fleet deploy up", "printf '%s\\n'")],
+                            capture_output=True, text=True).stdout.splitlines()
+    assert echoed == ["--stack", "prod", f"--pulumi-arg=--target={urn.format(1)}"]
+    assert "the genesis node `overlay-0` goes last" in waves
+
+
+def stop_apps(prod_doc):
+    head = copy.deepcopy(prod_doc)
+    for r in head["resources"]:
+        if r["type"] == "gcp:compute/instance:Instance" and r["inputs"]["labels"]["group"] == "apps":
+            r["inputs"]["machineType"] = "c3-standard-22"
+    return head
 
 
 def test_the_same_change_outside_prod_is_reported_but_passes(prod_doc):
-    base, head = copy.deepcopy(prod_doc), known_change(prod_doc)
+    base, head = copy.deepcopy(prod_doc), stop_apps(prod_doc)
     base["tier"] = head["tier"] = "dev"
     report = compare(base, head, stack="dev")
     assert report.exit_code == 0 and "over the limit" in report.markdown
+    assert compare(prod_doc, stop_apps(prod_doc)).exit_code == 1
 
 
-def test_adding_a_node_shows_topology(project):
+def test_taking_the_whole_overlay_down_fails_in_every_tier(prod_doc):
+    base, head = copy.deepcopy(prod_doc), known_change(prod_doc)
+    base["tier"] = head["tier"] = "dev"
+    report = compare(base, head, stack="dev")
+    assert report.exit_code == 1 and report.failures == [
+        "the change takes every member of the overlay down at once (overlay-0, overlay-1, overlay-2, overlay-3, "
+        "overlay-4): its shared secret lives only in running members and would be lost for good; roll it in waves"]
+
+
+def test_adding_a_node_shows_topology_and_peers_in_full(project):
     def grow(c):
         c["dstack-fleet:nodes"][0]["count"] = 6
 
     base = doc(build_plan(project.root, "prod"))
     project.mutate("prod", "prod", grow)
     report = compare(base, doc(build_plan(project.root, "prod")))
-    assert "| `overlay-5` | added | `us-central1-c` | `10.30.0.15` |" in report.markdown
-    # baked delivery: the member table changes the image, so the rollout check speaks up
-    assert "**create** `overlay-5`" in report.markdown
+    assert ("| `overlay-5` | added | `us-central1-c` | `10.30.0.15` | `10.30.0.10:5000, 10.30.0.11:5000, "
+            "10.30.0.12:5000, 10.30.0.13:5000, 10.30.0.14:5000` |") in report.markdown
+    assert "| `overlay-0` | changed: peers | `us-central1-a` | `10.30.0.10` | added `10.30.0.15:5000` |" in report.markdown
+    assert "**create** `overlay-5`" in report.markdown and "**replace**" not in report.markdown
+    assert "Running members that keep the older table until their next restart: overlay-0, overlay-1, overlay-2, " \
+           "overlay-3, overlay-4" in report.markdown
+    assert report.exit_code == 0 and report.failures == []
+
+
+def test_peers_removed_and_added_are_listed_in_full():
+    a = {"nodes": {"x-0": {"zone": "z", "address": "10.0.0.10", "peers": [f"10.0.0.{i}:5000" for i in range(11, 40)]}}}
+    b = {"nodes": {"x-0": {"zone": "z", "address": "10.0.0.10",
+                           "peers": [f"10.0.0.{i}:5000" for i in range(12, 40)] + ["10.0.0.99:5000"]}}}
+    (row,) = diff.topology_rows(a, b)
+    assert row.endswith("| added `10.0.0.99:5000`; removed `10.0.0.11:5000` |")  # not cut at 60 characters
 
 
 def test_measurement_and_identity_changes_appear(prod_doc):
@@ -219,3 +270,91 @@ def test_a_base_plan_in_the_old_words_is_not_an_identity_change(prod_doc):
     base["measurements"]["app:mpc-prod"].update(identity="stable", app_id="ab" * 20)
     head["measurements"]["app:mpc-prod"].update(identity="pinned", app_id="ab" * 20, compose_hash="2" * 64)
     assert diff.identity_changes(base["measurements"], head["measurements"]) == []
+
+
+# ---- today's prod overlay moves from the baked image to the one without a member table -----------------------
+
+def _targets(command: str) -> list[str]:
+    import shlex
+
+    return [part.split("=", 2)[2] for part in shlex.split(command) if part.startswith("--pulumi-arg=--target=")]
+
+
+def test_moving_prod_off_the_baked_image_replaces_each_member_once_in_a_stated_order(prod_doc):
+    baked = json.loads(BAKED_PROD.read_text())
+    report = compare(baked, prod_doc, ref="f8a08f7")
+    assert report.exit_code == 1  # five replacements at once: never in one `make up`
+    assert any("in this order: overlay-1, overlay-2, overlay-3, overlay-4, overlay-0" in f for f in report.failures)
+    waves = report.markdown.split("### Rollout waves", 1)[1].split("\n###", 1)[0]
+    # the overlay group's waves (the dstack group's config-disk resets since that commit roll on their own)
+    waves = waves.split("Group `overlay`", 1)[1]
+    named = [line for line in waves.splitlines() if line[:1].isdigit()]
+    assert named == [f"{i}. `overlay-{n}` (replaced):" for i, n in enumerate((1, 2, 3, 4, 0), start=1)]
+    # a step that works: every wave targets its instance and everything that instance newly depends on
+    # (Pulumi refuses a target whose new dependency is not targeted)
+    head = {r["urn"]: r for r in prod_doc["resources"]}
+    created = set(head) - {r["urn"] for r in baked["resources"]}
+    commands = [line.strip() for line in waves.splitlines() if line.strip().startswith("python -m fleet deploy up")]
+    assert len(commands) == 5
+    for n, command in zip((1, 2, 3, 4, 0), commands):
+        targets = set(_targets(command))
+        instance = f"urn:pulumi:prod::dstack-fleet::dstack-fleet:nodes:OverlayNode$gcp:compute/instance:Instance::overlay-{n}"
+        assert instance in targets
+        needed, frontier = set(), [instance]
+        while frontier:
+            r = head[frontier.pop()]
+            deps = set(r.get("dependencies") or []) | {d for v in (r.get("propertyDependencies") or {}).values() for d in v}
+            for d in deps & created - needed:
+                needed.add(d)
+                frontier.append(d)
+        assert needed <= targets, sorted(needed - targets)
+        assert not any(t.endswith(f"Instance::overlay-{m}") for t in targets for m in range(5) if m != n)
+    assert "urn:pulumi:prod::dstack-fleet::dstack-fleet:nodes:OverlayTable$command:local:Command::overlay-table-sign" \
+        in _targets(commands[0])
+
+
+def _make_diff(repo: Path, stack: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", "diff", f"STACK={stack}", "BASE=HEAD", "PY_DEPS=", f"PY={sys.executable}"],
+                          cwd=repo, capture_output=True, text=True)
+
+
+def test_adding_a_node_to_prods_overlay_takes_no_running_node_down_and_make_diff_exits_0(repo):
+    stack = repo / "stacks" / "Pulumi.prod.yaml"
+    stack.write_text(stack.read_text().replace("      count: 5\n", "      count: 6\n", 1))
+    result = _make_diff(repo, "prod")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    out = result.stdout
+    assert "| `overlay` | 1 | - | - | overlay-5 | - | ok |" in out
+    assert "**replace**" not in out and "**update with stop**" not in out
+    assert "\n- **update live** `overlay-table-sign` (command:local:Command)" in out  # the table, re-signed
+    assert not [line for line in out.splitlines() if "apply-table" in line and "overlay-5" not in line]  # no reset
+
+
+def test_adding_a_node_to_a_multi_region_mesh_takes_no_running_node_down(repo):
+    import yaml
+
+    def add_region(count: int) -> str:
+        doc = yaml.safe_load((ROOT / "stacks" / "Pulumi.prod.yaml").read_text())
+        config = doc["config"]
+        config["dstack-fleet:network"]["subnets"]["europe-west4"] = "10.31.0.0/20"
+        config["dstack-fleet:nodes"].append({
+            "name": "overlay-eu", "kind": "overlay", "count": count, "machineType": "c3-standard-8",
+            "zones": ["europe-west4-a", "europe-west4-b"], "dataDiskGb": 200, "addresses": {"offset": 10},
+            "maxUnavailable": 1, "image": "overlay-3eb04ca"})
+        return yaml.safe_dump(doc, sort_keys=False)
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    stack = repo / "stacks" / "Pulumi.prod.yaml"
+    stack.write_text(add_region(2))
+    subprocess.run(git + ["commit", "-qam", "a second region"], cwd=repo, check=True)
+    try:
+        stack.write_text(add_region(3))
+        result = _make_diff(repo, "prod")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+        out = result.stdout
+        assert "| `overlay-eu` | 1 | - | - | overlay-eu-2 | - | ok |" in out
+        assert "| `overlay` | 1 | - | - | - | - | ok |" in out
+        assert "**replace**" not in out and "**update with stop**" not in out
+        assert "| `overlay-0` | changed: peers | `us-central1-a` | `10.30.0.10` | added `10.31.0.12:5000` |" in out
+    finally:
+        subprocess.run(["git", "reset", "-q", "--hard", "HEAD~1"], cwd=repo, check=True)

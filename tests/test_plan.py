@@ -153,7 +153,7 @@ def test_a_reviewer_sees_every_node_within_the_first_80_lines_of_prod(plans):
 
 def test_repeated_components_are_one_line_unless_verbose(plans):
     text, verbose = render_text(plans["prod"]), render_text(plans["prod"], verbose=True)
-    assert "overlay-0  (dstack-fleet:nodes:OverlayNode)  4 resources: address, data, snapshots, overlay-0" in text
+    assert "overlay-0  (dstack-fleet:nodes:OverlayNode)  5 resources: apply-table, address, data, snapshots, overlay-0" in text
     assert "overlay-0-address  (gcp:compute/address:Address)" not in text
     assert "overlay-0-address  (gcp:compute/address:Address)" in verbose
 

@@ -26,7 +26,9 @@ SOURCE_BUILD = {"recipe": "tplus-overlay", "guest": {"source": {
 BINARY_BUILD = {"recipe": "tplus-overlay", "guest": {"binary": {"url": "https://example.org/guest", "sha256": "a" * 64}}}
 DSTACK_BUILD = {"recipe": "dstack-os", "version": "0.6.0.a2"}
 INIT = "#!/bin/sh\necho overlay\n"
-DERIVED = {"init_script_sha256": hashlib.sha256(INIT.encode()).hexdigest()}
+DERIVED = {"init_script_sha256": hashlib.sha256(INIT.encode()).hexdigest(),
+           "table_key_version": ("projects/acme-tee-ops/locations/us-central1/keyRings/fleet-stack-secrets/"
+                                 "cryptoKeys/fleet-overlay-tables/cryptoKeyVersions/1")}
 
 
 # ---- pins ---------------------------------------------------------------------------------------------------
@@ -301,6 +303,8 @@ def test_every_problem_is_reported_at_once():
 def test_tplus_build_needs_the_overlay_init_script_it_was_hashed_with():
     with pytest.raises(BuildInputError, match="bakes the overlay's init script"):
         build_spec("img", SOURCE_BUILD, {})
+    with pytest.raises(BuildInputError, match="table-signing public key"):
+        build_spec("img", SOURCE_BUILD, {"init_script_sha256": DERIVED["init_script_sha256"]}, init_script=INIT)
     with pytest.raises(ValueError, match="does not match its derived sha256"):
         build_spec("img", SOURCE_BUILD, DERIVED, init_script=INIT + "# edited\n")
     spec = build_spec("img", SOURCE_BUILD, DERIVED, init_script=INIT)

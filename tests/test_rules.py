@@ -367,6 +367,17 @@ def _unknown_command() -> None:
     command.local.Command("pull", create=image.self_link.apply(lambda link: f"docker pull example/app:1.0 # {link}"))
 
 
+def _signed_table(extra_unknown: bool) -> Callable[[], None]:
+    """An overlay member whose metadata carries the signed member table from the deploy-time step."""
+    def program() -> None:
+        signed = command.local.Command("overlay-table-sign", create="true").stdout
+        metadata = _metadata(**{"overlay-table": signed, "overlay-table-signature": signed})
+        if extra_unknown:
+            metadata["startup-hint"] = signed
+        instance(metadata=metadata)
+    return program
+
+
 def _secret_env(value_secret: bool) -> Callable[[], None]:
     def program() -> None:
         token = pulumi.Output.secret("s3cr3t-canary") if value_secret else "s3cr3t-canary"
@@ -527,6 +538,10 @@ CASES = [
     Case("peers-metadata-prod", _world(metadata=_metadata(**{"overlay-peers": "10.0.0.2:5000"})),
          {E("unsafe-peer-delivery", NODE)}),
     Case("peers-metadata-dev", _world(metadata=_metadata(**{"overlay-peers": "10.0.0.2:5000"})), set(), tier="dev"),
+    # the signed member table is what prod members get: unknown in a preview, it holds no image reference
+    Case("peers-signed-table-prod", _signed_table(False), set()),
+    Case("peers-signed-table-and-another-unknown", _signed_table(True),
+         {E("pinned-digests", NODE, "could-not-run")}, expect_update=set()),
     # expected-measurements
     Case("measurements-overlay-none", _measurements("overlay", None), set()),
     Case("measurements-dstack-missing", _measurements("dstack", None),

@@ -28,7 +28,7 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     buckets = Buckets(state_name=names.state_bucket, images_name=names.image_bucket, project=project,
                       location=region, labels=labels, opts=after_services)
     keys = SecretsKeys(ring_name=names.key_ring, keys=plan.keys, project=project, location=region, labels=labels,
-                       opts=after_services)
+                       table_key=plan.table_key, opts=after_services)
     registry = Registry(repository_id=names.registry_id, mirror_id=names.mirror_id, project=project, location=region,
                         keep_digests=[c.digest for c in load_lock(root).containers.values()],
                         keep_recent=config.fleet.registry.keep_recent,
@@ -37,7 +37,8 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     identities = Identities(
         accounts=plan.accounts, bindings=plan.bindings,
         buckets={names.state_bucket: buckets.state, names.image_bucket: buckets.images},
-        keys=keys.keys, key_names=plan.keys,
+        keys={**keys.keys, "overlay-tables": keys.table_key},
+        key_names={**plan.keys, "overlay-tables": plan.table_key},
         repositories={names.registry_id: registry.repository, names.mirror_id: registry.mirror,
                       **({names.public_registry_id: registry.public} if registry.public is not None else {})},
         location=region, project=project, opts=after_services)
@@ -57,3 +58,4 @@ def build(config: StackConfig, namer: Namer, root: Path) -> None:
     if plan.public_repository is not None:
         pulumi.export("publicRegistry", names.public_registry_path)
     pulumi.export("imageBucket", f"gs://{names.image_bucket}")
+    pulumi.export("overlayTableKey", names.table_key_version)

@@ -12,6 +12,7 @@ from components.apptargets import create_app_target
 from components.dstacknode import DataDiskImage, DstackNode
 from components.images import GcpImage
 from components.network import Network
+from components.overlaytable import OverlayTable
 from components.snapshots import SnapshotSchedule
 from components.stackconfig import load_lock
 from components.tdxnode import PENDING_IMAGE, OverlayNode
@@ -120,7 +121,8 @@ def deploy_nodes(config: StackConfig, namer: Namer, fleet, apps: list[AppPlan], 
     if any(n.identity.kind == "dstack" for n in fleet.nodes):
         data_image = DataDiskImage(upload=upload, project=config.gcp.project, namer=namer, labels=namer.labels())
     deployed: dict[str, list[pulumi.Resource]] = {}
-    for spec in fleet.nodes:
+    table = overlay_table(fleet)
+    for spec in genesis_first(fleet):
         # a pending image never drops a node: a real update refused above (guard_pending_images)
         if spec.image.creates_image:
             boot_image = images[spec.image.logical_name].self_link
@@ -130,7 +132,7 @@ def deploy_nodes(config: StackConfig, namer: Namer, fleet, apps: list[AppPlan], 
                       boot_image=boot_image,
                       snapshot_policy=schedules[spec.snapshot_policy].policy if spec.snapshot_policy else None)
         if spec.identity.kind == "overlay":
-            OverlayNode(spec, **common)
+            OverlayNode(spec, table=table, **common)
             continue
         os_version = os_versions(config).get(spec.image_key)
         files = fleet_apps.gce_node_files(apps, spec, config.stack, os_version)
@@ -145,6 +147,31 @@ def deploy_nodes(config: StackConfig, namer: Namer, fleet, apps: list[AppPlan], 
             DstackNode(spec, files=files, upload=upload, namer=namer, data_image=data_image.image,
                        nat=network.nats[spec.identity.region], **common))
     return deployed
+
+
+def genesis_first(fleet) -> list:
+    """The nodes in construction order: the overlay's genesis node first, since the table's signing
+    step follows its data disk and every other member's metadata comes from that step. (Order of
+    construction is not part of any URN.)"""
+    genesis = fleet.overlay.genesis if fleet.overlay is not None else None
+    return sorted(fleet.nodes, key=lambda spec: spec.key != genesis)
+
+
+def overlay_table(fleet):
+    """The members' metadata callback: the first overlay node built (the genesis node, unless it
+    waits for its image) creates the signing step. A genesis node that waits for its image while
+    others are created makes its disk appear later, which updates the step: founding closes, and the
+    overlay is then founded only by replacing the step (`pulumi up --replace <its URN>`)."""
+    made: list[OverlayTable] = []
+
+    def metadata(node) -> dict:
+        if not made:
+            genesis = node.data_disk.id if node.spec_key == fleet.overlay.genesis else None
+            made.append(OverlayTable(table_body=fleet.table_body, key_version=fleet.table_key_version,
+                                     genesis_disk=genesis))
+        return made[0].metadata
+
+    return metadata
 
 
 def deploy_app_targets(config: StackConfig, apps: list[AppPlan],
@@ -215,10 +242,6 @@ def export_overlay(fleet) -> None:
     overlay = fleet.overlay
     if overlay is None:
         return
-    if overlay.delivery == "metadata":
-        pulumi.log.warn("overlay peer delivery 'metadata' is UNSAFE: peers come from host-controlled, unmeasured "
-                        "instance metadata and the overlay does not check peer measurements; use 'baked' for "
-                        "anything that matters (prod refuses metadata)")
-    pulumi.export("overlay", {"topology": overlay.topology, "delivery": overlay.delivery,
-                              "interface": overlay.interface, "genesis": overlay.genesis, "port": overlay.port,
-                              "unsafe": overlay.delivery == "metadata"})
+    if overlay.delivery_notice:
+        pulumi.log.warn(overlay.delivery_notice)
+    pulumi.export("overlay", fleet_nodes.overlay_summary(fleet))

@@ -430,19 +430,21 @@ class OverlayConfig(Model):
     peers: dict[NodeKey, list[NodeKey]] = Field(
         default_factory=dict, description="explicit topology: each node's peers by node key.")
     genesis: NodeKey | None = Field(
-        None, description="The one node that founds the overlay (starts without peers, and only while its data "
-        "disk has never recorded a founding). Default: the first node of the first overlay group.")
-    delivery: Literal["baked", "metadata"] = Field(
-        "baked", description="baked: the full member table is in the measured image; metadata: peers come from "
-        "instance metadata at boot, which the host controls (unsafe; refused in prod).")
+        None, description="The one node that founds the overlay (starts without peers, only with the overlay's first "
+        "signed table and only while its data disk has never recorded a founding or a table). Default: the first node "
+        "of the first overlay group.")
+    delivery: Literal["signed", "metadata", "baked"] = Field(
+        "signed", description="signed: the member table reaches each node in instance metadata, signed at deploy "
+        "time with the fleet's Cloud KMS key; the image verifies it before the light client starts. 'metadata' "
+        "and 'baked' are older names of the same mode (the image always requires a valid signature).")
     interface: Literal["argv", "setup"] = Field(
         "setup", description="How the light client takes its peers: argv (`guest <port> [ip:port ...]`, older "
         "builds) or setup (one-time POST /setup on the loopback port, current builds).")
     setup_port: Port = Field(40080, description="Loopback port of the setup endpoint; never opened to the network.")
     execution_rpc: Url | None = Field(
         None,
-        description="Ethereum execution RPC URL for the setup interface. It ends up in the image or metadata, so "
-        "never put an API key in it.")
+        description="Ethereum execution RPC URL for the setup interface. It is part of the signed member table in "
+        "instance metadata, readable by anyone who may view the instances, so a URL carrying an API key is refused.")
 
 
 class BootstrapRef(Model):

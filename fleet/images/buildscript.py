@@ -11,11 +11,13 @@ below only use them as ``"$VARIABLE"``, so no path, URL or label can become a co
 3. gets the guest (a prebuilt binary verified against its sha256 before anything else happens, or a
    ``cargo build`` for the musl target at a pinned commit) and fetches every upstream at its pinned
    commit;
-4. ``tplus-overlay``: installs the guest and the overlay's init script into meta-dstack's
-   ``dstack-sync`` recipe (rewriting ``BINARY`` and ``SRC_URI``, which upstream points at its
-   prebuilt ``mini-server``), performs ``get-modular.sh``'s steps at the pins and ``bitbake``s the
-   image, twice, in two complete trees (``tree-a``, ``tree-b``: their own build directories and shared
-   state, only the source downloads shared), and publishes nothing when the two disks differ;
+4. ``tplus-overlay``: installs the guest, the overlay's init script and the public half of the
+   fleet's table-signing key (fetched from Cloud KMS by its key version, checked to be EC P-256)
+   into meta-dstack's ``dstack-sync`` recipe (rewriting ``BINARY`` and ``SRC_URI``, which upstream
+   points at its prebuilt ``mini-server``, and adding the tools the init script needs as the
+   recipe's runtime dependencies), performs ``get-modular.sh``'s steps at the pins and ``bitbake``s
+   the image, twice, in two complete trees (``tree-a``, ``tree-b``: their own build directories and
+   shared state, only the source downloads shared), and publishes nothing when the two disks differ;
    ``dstack-os``: applies kernel command-line overrides to the UKI recipe and runs the release's own
    ``repro-build.sh`` (build-a, build-b, compare), then compares the published files itself, because
    the release's ``check.sh`` accepts differing images when the rootfs matches and never compares
@@ -66,6 +68,7 @@ from fleet.images import bootinputs, recipes
 from fleet.images.lock import ImageEntry
 from fleet.gcp.naming import Namer, label_value
 from fleet.images.recipes import BuildSpec, GuestBinary, GuestSource
+from fleet.project.bootstrap import key_version_flags
 
 Mode = Literal["remote", "local"]
 
@@ -82,6 +85,7 @@ TPLUS_EXTRA_LAYERS = ("./meta-openembedded/meta-oe/", "./meta-openembedded/meta-
                       "./meta-openembedded/meta-networking", "./meta-openembedded/meta-filesystems/",
                       "meta-virtualization")
 UPSTREAM_BINARY_LINE = 'BINARY = "mini-server"'
+TABLE_KEY_FILE = "table-key.pem"  # in the dstack-sync recipe; installed at recipes.TABLE_KEY_PATH
 UPSTREAM_SRC_URI_LINE = 'SRC_URI += "file://${BINARY}"'
 # Instance metadata values are limited to 256 KiB.
 METADATA_VALUE_LIMIT = 256 * 1024
@@ -212,11 +216,10 @@ def _tplus_values(spec: BuildSpec, guest_location: str | None) -> list[str]:
         _assign("BINARY_LINE", f'BINARY = "{recipes.TPLUS_GUEST_NAME}"'),
         _assign("SRC_URI_LINE", f'SRC_URI += "file://{recipes.TPLUS_GUEST_NAME}"'),
         _assign("LOCAL_CONF_PATCH", "prod-patches/local.conf.patch" if spec.prod else "patches/local.conf.patch"),
-        _assign("IMAGE_INSTALL_LINE", f'IMAGE_INSTALL:append:pn-{recipes.TPLUS_IMAGE} = '
-                                      f'" {" ".join(recipes.TPLUS_IMAGE_PACKAGES)}"'),
         _array("EXTRA_LAYERS", TPLUS_EXTRA_LAYERS),
         _assign("INIT_SCRIPT_SHA256", hashlib.sha256(init).hexdigest()),
         _assign("INIT_SCRIPT_BASE64", base64.b64encode(init).decode("ascii")),
+        *_table_key_values(spec),
     ]
     guest = spec.guest
     if isinstance(guest, GuestBinary):
@@ -232,6 +235,34 @@ def _tplus_values(spec: BuildSpec, guest_location: str | None) -> list[str]:
                   _assign("GUEST_CARGO_BINARY", guest.binary), _assign("GUEST_FEATURES", ",".join(guest.features)),
                   _assign("RUST_TOOLCHAIN", recipes.RUST_TOOLCHAIN), _assign("MUSL_TARGET", recipes.MUSL_TARGET)]
     return lines
+
+
+def _table_key_values(spec: BuildSpec) -> list[str]:
+    """The key version whose public key goes into the image, and the lines the dstack-sync recipe
+    gains: the key file, installed where the init script reads it, and the packages the init script
+    calls (runtime dependencies of dstack-sync, so they land in the initramfs the node runs)."""
+    try:
+        number, where = key_version_flags(spec.table_key_version or "")
+    except ValueError:
+        raise BuildScriptError(f"{spec.config_path}: no table-signing key version for the overlay image") from None
+    directory = recipes.TABLE_KEY_PATH.rsplit("/", 1)[0].replace("/etc", "${sysconfdir}", 1)
+    append = "\n".join([
+        "",
+        "# dstack-fleet: the fleet's table-signing public key and the tools the init script calls",
+        f'SRC_URI += "file://{TABLE_KEY_FILE}"',
+        f'RDEPENDS:${{PN}} += "{" ".join(recipes.TPLUS_IMAGE_PACKAGES)}"',
+        "do_install:append() {",
+        f"    install -d ${{D}}{directory}",
+        f"    install -m 0644 ${{WORKDIR}}/{TABLE_KEY_FILE} ${{D}}{directory}/{TABLE_KEY_FILE}",
+        "}",
+    ])
+    return [
+        _assign("TABLE_KEY_VERSION", spec.table_key_version),
+        _array("TABLE_KEY_WHERE", where),
+        _assign("TABLE_KEY_NUMBER", number),
+        _assign("TABLE_KEY_FILE", TABLE_KEY_FILE),
+        _assign("RECIPE_APPEND", append),
+    ]
 
 
 def _dstack_values(spec: BuildSpec) -> list[str]:
@@ -362,6 +393,7 @@ doc["artifact"] = artifact
 details = {"mode": a["mode"], "upstreams": json.loads(a["upstreams"]), "build_log": a["build_log"]}
 if a["recipe"] == "tplus-overlay":
     details["guest_sha256"] = read("guest.sha256").decode().strip()
+    details["table_key_sha256"] = read("table-key.sha256").decode().strip()
 else:
     listing = read("sha256sum.txt")
     digest = read("digest.txt").decode().strip()
@@ -642,6 +674,18 @@ install_guest() {  # GUEST_FILE: into meta-dstack's dstack-sync recipe, with the
   fi
 }
 
+install_table_key() {  # the public half of the fleet's table-signing key, read from Cloud KMS
+  local recipe_dir="$TREE/srcs/poky/meta-dstack/recipes-core/dstack-sync"
+  log "fetching the public key of $TABLE_KEY_VERSION"
+  gcloud kms keys versions get-public-key "$TABLE_KEY_NUMBER" "${TABLE_KEY_WHERE[@]}" \
+    --output-file "$recipe_dir/$TABLE_KEY_FILE"
+  if ! openssl pkey -pubin -in "$recipe_dir/$TABLE_KEY_FILE" -noout -text 2>/dev/null | grep -q 'NIST CURVE: P-256'; then
+    die "$TABLE_KEY_VERSION did not give an EC P-256 public key; the init script verifies tables with one"
+  fi
+  sha256sum -- "$recipe_dir/$TABLE_KEY_FILE" | cut -d' ' -f1 > "$IMAGE_DIR/table-key.sha256"
+  printf '%s\n' "$RECIPE_APPEND" >> "$recipe_dir/dstack-sync.bb"
+}
+
 setup_layers() {  # flashbots' setup, then get-modular.sh's steps on the pinned checkouts
   local layer
   cd "$TREE"
@@ -664,8 +708,6 @@ setup_layers() {  # flashbots' setup, then get-modular.sh's steps on the pinned 
   patch -N meta-confidential-compute/conf/distro/cvm.conf -i meta-dstack/patches/cvm.conf.patch
   # PROD drops debug-tweaks (get-modular.sh picks prod-patches/local.conf.patch when PROD=true)
   patch -N build/conf/local.conf -i "meta-dstack/$LOCAL_CONF_PATCH"
-  # what the overlay init script calls (core-image-minimal's IMAGE_INSTALL is emptied upstream)
-  printf '%s\n' "$IMAGE_INSTALL_LINE" >> build/conf/local.conf
 }
 
 build_tree() {  # NAME: one complete tree at the pins, patched and built; its disk to $WORK_DIR/NAME.wic
@@ -673,6 +715,7 @@ build_tree() {  # NAME: one complete tree at the pins, patched and built; its di
   TREE="$WORK_DIR/$1"
   fetch_upstreams "$TREE"
   install_guest "$WORK_DIR/guest.bin"
+  install_table_key
   setup_layers
   # the source downloads are checked by their recipes' checksums and may be shared; nothing else is
   printf 'DL_DIR = "%s"\n' "$WORK_DIR/downloads" >> "$TREE/srcs/poky/build/conf/local.conf"

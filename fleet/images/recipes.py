@@ -16,9 +16,9 @@ commit, kept as data in this module with where and when it was read; a new pin i
 of this file, and changes every input hash that uses it.
 
 The input hash covers every input of a build (recipe, recipe revision, pinned upstream commits, the
-guest binary's sha256 or source pin, kernel command-line overrides, files derived from the stack
-such as an overlay's init script), so unchanged inputs never rebuild and identical inputs share one
-artifact: the hash names the artifact's folder, ``gs://<bucket>/<input hash>/``.
+guest binary's sha256 or source pin, kernel command-line overrides, what an overlay image bakes
+besides: its init script and the table-signing key version), so unchanged inputs never rebuild and
+identical inputs share one artifact: the hash names the artifact's folder, ``gs://<bucket>/<input hash>/``.
 
 What cannot be checked without a build host: that the pinned upstreams still build together (a
 Yocto build takes hours and needs the network). Everything around the build (fetching at the pins,
@@ -109,20 +109,26 @@ TPLUS_GUEST_NAME = "guest"
 TPLUS_IMAGE = "core-image-minimal"
 TPLUS_MACHINE = "tdx-gcp"  # set by meta-dstack's patches/local.conf.patch
 MUSL_TARGET = "x86_64-unknown-linux-musl"
-# What the overlay image holds for the init script (fleet/nodes/initscript.py), which
-# tests/test_initscript.py checks tool by tool. The image is poky's core-image-minimal, whose
-# IMAGE_INSTALL meta-confidential-compute empties (flashbots/meta-confidential-compute@41a2a6a1
-# recipes-core/images/core-image-minimal.bbappend: IMAGE_INSTALL = ""; meta-custom-podman adds only
-# podman), so the build appends these packages to core-image-minimal explicitly.
-TPLUS_IMAGE_PACKAGES = ("busybox", "e2fsprogs-mke2fs")
+# What the overlay image holds for its init script (fleet/nodes/initscript.py), which
+# tests/test_initscript.py checks tool by tool. The packages are runtime dependencies of the dstack-sync
+# recipe: the node runs its initramfs (meta-confidential-compute@41a2a6a1: INITRAMFS_IMAGE
+# core-image-tiny-initramfs, the wks has only a /boot partition), whose PACKAGE_INSTALL holds
+# DISTRO_EXTRA_RDEPENDS, where meta-dstack@185fe293 patches/cvm.conf.patch adds dstack-sync. (Appending
+# to core-image-minimal's IMAGE_INSTALL, which meta-confidential-compute empties, would not reach it.)
+# openssl-bin (poky@c5627ab0 openssl_3.2.2.bb, lib_package: /usr/bin/openssl) verifies the signed
+# member table; the pinned busybox has no such tool (and no base64: CONFIG_BASE64 is not set).
+TPLUS_IMAGE_PACKAGES = ("busybox", "e2fsprogs-mke2fs", "openssl-bin")
 # Applets of the pinned busybox: poky's defconfig (flashbots/poky@c5627ab06fc07221237b9a7059ac378ea80578f8
 # meta/recipes-core/busybox/busybox/defconfig: CONFIG_<NAME>=y) plus meta-confidential-compute's
 # fragment.cfg (CONFIG_MDEV=y, so there is no udev and no /dev/disk/by-id/google-* link). mke2fs and
 # mkfs.ext2 are not set there, so mkfs.ext4 comes from e2fsprogs.
-BUSYBOX_APPLETS = ("ash", "awk", "blkid", "cat", "cut", "grep", "head", "ip", "ls", "mdev", "mkdir", "mount",
-                   "readlink", "rm", "sed", "sh", "sleep", "start-stop-daemon", "touch", "tr", "wget")
+BUSYBOX_APPLETS = ("ash", "awk", "blkid", "cat", "cmp", "cp", "cut", "grep", "head", "ip", "ls", "mdev", "mkdir",
+                   "mount", "mv", "readlink", "rm", "sed", "sh", "sleep", "start-stop-daemon", "sync", "touch", "tr",
+                   "wget")
 # OE's e2fsprogs recipe puts mke2fs and its mkfs.ext2/3/4 links in the e2fsprogs-mke2fs package.
-PACKAGE_TOOLS = {"e2fsprogs-mke2fs": ("mke2fs", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4")}
+PACKAGE_TOOLS = {"e2fsprogs-mke2fs": ("mke2fs", "mkfs.ext2", "mkfs.ext3", "mkfs.ext4"), "openssl-bin": ("openssl",)}
+# Where the image keeps the public half of the fleet's table-signing key (fleet/nodes/initscript.py reads it).
+TABLE_KEY_PATH = "/etc/dstack-fleet/table-key.pem"
 
 
 def tplus_image_tools() -> set[str]:
@@ -261,7 +267,7 @@ BUILD_HOST_DEFAULTS = {
             "build-essential", "chrpath", "cpio", "debianutils", "diffstat", "file", "gawk", "gcc",
             "iputils-ping", "libacl1", "locales", "lz4", "patch", "python3-git", "python3-jinja2",
             "python3-pexpect", "python3-pip", "python3-subunit", "socat", "texinfo", "unzip", "wget",
-            "xz-utils", "zstd")),
+            "xz-utils", "zstd", "openssl")),
     "dstack-os": HostDefaults(
         machine_type="n2-standard-32", disk_gb=500, timeout_seconds=10 * 3600,
         packages=_COMMON_PACKAGES + ("docker.io",)),
@@ -546,6 +552,7 @@ class BuildSpec:
     upstreams: tuple[Upstream, ...]
     guest: GuestBinary | GuestSource | None = None
     init_script: str | None = None
+    table_key_version: str | None = None  # the Cloud KMS key version whose public key the image carries
     prod: bool = True
     release: DstackRelease | None = None
     cmdline_overrides: tuple[tuple[str, str], ...] = ()
@@ -565,14 +572,15 @@ class BuildSpec:
         return self.release.kernel_cmdline(self.cmdline_overrides) if self.release else None
 
 
-INIT_SCRIPT_DERIVED = "init_script_sha256"  # the key fleet.nodes.derived_image_inputs uses
+INIT_SCRIPT_DERIVED = "init_script_sha256"  # the keys fleet.nodes.derived_image_inputs uses
+TABLE_KEY_DERIVED = "table_key_version"
 
 
 def build_spec(key: str, inputs: dict[str, Any], derived: dict[str, str] | None = None, *,
                init_script: str | None = None, root: Any = None) -> BuildSpec:
     """Validate one declared build and describe it. ``inputs`` is the ``build`` object as the config
-    holds it (``fleet.images.build_inputs``); ``derived`` what the stack adds (the init script's
-    sha256), and ``init_script`` those bytes for a tplus-overlay build."""
+    holds it (``fleet.images.build_inputs``); ``derived`` what comes from outside it (the init script's
+    sha256 and the table-signing key version), and ``init_script`` those bytes for a tplus-overlay build."""
     problems = validate_build(inputs, key=key, root=root)
     if problems:
         raise BuildInputError(problems)
@@ -582,9 +590,11 @@ def build_spec(key: str, inputs: dict[str, Any], derived: dict[str, str] | None 
     upstreams = pinned_upstreams(recipe, inputs)
     if recipe == "tplus-overlay":
         want = derived.get(INIT_SCRIPT_DERIVED)
-        if init_script is None or want is None:
+        table_key = derived.get(TABLE_KEY_DERIVED)
+        if init_script is None or want is None or table_key is None:
             raise BuildInputError([(f"{CONFIG_ROOT}.{key}.build", "a tplus-overlay image bakes the overlay's init "
-                                    "script: declare dstack-fleet:overlay and the overlay nodes that boot it")])
+                                    "script and the fleet's table-signing public key (fleet.nodes.specs."
+                                    "derived_image_inputs gives both)")])
         if hashlib.sha256(init_script.encode("utf-8")).hexdigest() != want:
             raise ValueError(f"image {key}: the init script given does not match its derived sha256 {want}")
         guest_data = _present(inputs["guest"])
@@ -599,7 +609,8 @@ def build_spec(key: str, inputs: dict[str, Any], derived: dict[str, str] | None 
         meta = next(u for u in upstreams if u.name == "meta-dstack")
         label = f"tplus-overlay: tpluslabs/meta-dstack@{meta.commit[:12]}, {what}, init {want[:12]}"
         return BuildSpec(recipe=recipe, keys=(key,), input_hash=digest, label=label, upstreams=upstreams,
-                         guest=guest, init_script=init_script, prod=inputs.get("prod", True))
+                         guest=guest, init_script=init_script, table_key_version=table_key,
+                         prod=inputs.get("prod", True))
     release = DSTACK_OS_RELEASES[inputs["version"]]
     overrides = tuple(sorted((inputs.get("cmdlineOverrides") or {}).items()))
     label = f"dstack-os {release.version}: Dstack-TEE/meta-dstack {release.upstream.ref} " \

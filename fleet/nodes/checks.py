@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+from urllib.parse import urlsplit
 
 from fleet.config.problems import Problem
 from fleet.config.schema import OverlayConfig, StackConfig
 from fleet.gcp import tdx
-from fleet.nodes.identity import group_block, ordinals, usable_range, zone_names
-from fleet.nodes.topology import Member, OverlayPlan, peer_keys, reachable_from_genesis
+from fleet.gcp.naming import Namer
+from fleet.nodes.identity import group_block, node_identities, ordinals, usable_range, zone_names
+from fleet.nodes.membertable import MAX_VALUE_BYTES, worst_case_bytes
+from fleet.nodes.topology import Member, OverlayPlan, peer_keys, plan_overlay, reachable_from_genesis
+
+# The light client's own listening ports (tplus-examples @3eb04cad light_client.rs: POST /setup on
+# 40080, helios.rs: the API on 3032): the overlay port must differ, and no public rule may open them.
+SETUP_PORT = 40080
+API_PORT = 3032
+_KEY_LIKE = re.compile(r"^[A-Za-z0-9_-]{16,}$")
 
 NS = "dstack-fleet:"
 
@@ -17,6 +27,8 @@ def check_all(config: "StackConfig") -> list[Problem]:
     problems: list[Problem] = []
     for check in (_role, _network, _node_groups, _address_blocks, _images, _overlay):
         problems.extend(check(config))
+    if not problems:  # the table's size needs every address, so only a config that is otherwise sound
+        problems += _table_size(config)
     return problems
 
 
@@ -252,10 +264,17 @@ def _overlay(config: "StackConfig") -> list[Problem]:
                       "asks for it in POST /setup); give the execution RPC URL"))
     if overlay.interface == "setup" and overlay.setup_port == overlay.port:
         out.append(_p(config, "overlay.setupPort", f"equals the overlay port {overlay.port}; choose another port"))
-    if overlay.delivery == "metadata" and config.fleet.tier == "prod":
-        out.append(_p(config, "overlay.delivery", "metadata delivery is refused in prod: instance metadata is "
-                      "host-controlled and unmeasured, and the overlay does not check peer measurements, so the "
-                      "host could introduce a hostile peer; use baked"))
+    elif overlay.port in (SETUP_PORT, API_PORT):
+        out.append(_p(config, "overlay.port", f"{overlay.port} is one of the light client's own ports ({SETUP_PORT} "
+                      f"setup, {API_PORT} API); choose another port"))
+    if overlay.execution_rpc:
+        problem = rpc_key_problem(overlay.execution_rpc)
+        if problem:
+            out.append(_p(config, "overlay.executionRpc", f"{problem}: the member table is instance metadata, "
+                          "readable by anyone who may view the instances, and the plan shows it; use an endpoint "
+                          "that needs no key in its URL (e.g. one that allow-lists the NAT's egress address)"))
+    out += _overlay_ports_stay_closed(config, overlay)
+    out += _overlay_availability(config, keys)
     known = set(keys)
     if overlay.genesis is not None and overlay.genesis not in known:
         out.append(_p(config, "overlay.genesis", f"{overlay.genesis!r} is not an overlay node; nodes: "
@@ -289,3 +308,56 @@ def _overlay(config: "StackConfig") -> list[Problem]:
                 out.append(_p(config, "overlay.peers", f"{', '.join(stranded)} cannot reach the genesis node "
                               f"{genesis!r} through peer links; give them a path to it"))
     return out
+
+
+def rpc_key_problem(url: str) -> str | None:
+    """Why an execution RPC URL looks like it carries a credential (None when it does not)."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        return "carries credentials (user:password@)"
+    if parts.query:
+        return "carries a query string, where providers put API keys"
+    for segment in parts.path.split("/"):
+        if _KEY_LIKE.match(segment) and any(c.isdigit() for c in segment):
+            return f"has a path segment that looks like an API key ({segment[:4]}…, {len(segment)} characters)"
+    return None
+
+
+def _overlay_ports_stay_closed(config: "StackConfig", overlay: OverlayConfig) -> list[Problem]:
+    """The setup port is unauthenticated (first caller wins) and the API port is for what verifies
+    nodes, through IAP only: no public rule may open either to an overlay group."""
+    network = config.fleet.network
+    overlay_groups = {g.name for g in config.fleet.nodes if g.kind == "overlay"}
+    out = []
+    for i, rule in enumerate(network.public_ingress if network else []):
+        if rule.port in (overlay.setup_port, SETUP_PORT, API_PORT) and overlay_groups & set(rule.groups):
+            what = "the light client's API (reached through IAP only)" if rule.port == API_PORT else \
+                "the light client's unauthenticated setup endpoint (first caller wins)"
+            out.append(_p(config, f"network.publicIngress[{i}].port", f"{rule.port} is {what} on overlay groups "
+                          f"{', '.join(sorted(overlay_groups & set(rule.groups)))}; remove the rule"))
+    return out
+
+
+def _overlay_availability(config: "StackConfig", keys: list[str]) -> list[Problem]:
+    """A group allowed to take every member of the overlay down at once would lose its shared secret."""
+    if len(keys) < 2:
+        return []
+    out = []
+    for i, group in enumerate(config.fleet.nodes):
+        if group.kind == "overlay" and group.max_unavailable >= len(keys):
+            out.append(_p(config, f"nodes[{i}].maxUnavailable", f"{group.max_unavailable} would let a change take "
+                          f"every one of the overlay's {len(keys)} members down at once, and the shared secret "
+                          f"with them; set at most {len(keys) - 1}"))
+    return out
+
+
+def _table_size(config: "StackConfig") -> list[Problem]:
+    if config.fleet.network is None:
+        return []
+    plan = plan_overlay(config, node_identities(config, Namer(config.fleet.name_prefix, config.stack,
+                                                                config.gcp.project)))
+    size = worst_case_bytes(plan) if plan else 0
+    if size > MAX_VALUE_BYTES:
+        return [_p(config, "overlay", f"the signed member table would be {size} bytes; one instance metadata value "
+                   f"holds at most {MAX_VALUE_BYTES} (GCE): fewer members, or a topology with fewer explicit peers")]
+    return []

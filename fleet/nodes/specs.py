@@ -12,13 +12,16 @@ import hashlib
 from dataclasses import dataclass, field
 
 from fleet.project import accounts
+from fleet.project.bootstrap import names_for
 from fleet.config.schema import NodeGroup, StackConfig
 from fleet.nodes.identity import NodeIdentity, node_identities
+from fleet.images.recipes import INIT_SCRIPT_DERIVED, TABLE_KEY_DERIVED
 from fleet.images.versions import ImageVersion
-from fleet.nodes.initscript import node_metadata, render
+from fleet.nodes import membertable
+from fleet.nodes.initscript import SCRIPT, SCRIPT_SHA256
 from fleet.gcp.naming import Namer
 from fleet.nodes.network import Ingress, group_tag
-from fleet.nodes.topology import OverlayPlan, plan_overlay
+from fleet.nodes.topology import OverlayPlan, inbound, plan_overlay
 
 LOGGING_SCOPES = (
     "https://www.googleapis.com/auth/logging.write",
@@ -76,6 +79,7 @@ class NodeSpec:
     max_unavailable: int
     peers: tuple[str, ...] = ()
     delivery: str | None = None
+    restart_key: str | None = None  # overlay settings a running node acts on only at a restart (reset)
 
     @property
     def key(self) -> str:
@@ -106,6 +110,8 @@ class Fleet:
     overlay: OverlayPlan | None
     init_script: str | None
     ingress: list[Ingress] = field(default_factory=list)
+    table_body: str | None = None  # the overlay member table as the plan knows it (fleet.nodes.membertable)
+    table_key_version: str | None = None  # the Cloud KMS key version that signs it
 
     def by_group(self) -> dict[str, list[NodeSpec]]:
         out: dict[str, list[NodeSpec]] = {}
@@ -119,6 +125,25 @@ def overlay_tag(namer: Namer) -> str:
     return namer.name("overlay-members")
 
 
+def overlay_node_tag(namer: Namer, key: str) -> str:
+    """A member's own tag, the target of the firewall rule that admits its inbound peers (every
+    topology but mesh, whose edges are all pairs)."""
+    return namer.name("ovl", key)
+
+
+# The light client's HTTP API (`GET /attest`, `GET /block`, `POST /call`): tpluslabs/tplus-examples
+# @3eb04cad dstack-helios-tdx/light-client/src/helios.rs serves it on 0.0.0.0:3032.
+LIGHT_CLIENT_API_PORT = 3032
+# What verifies nodes reaches that port through IAP TCP forwarding
+# (`gcloud compute start-iap-tunnel NODE 3032 ...`), whose connections come from this range
+# (cloud.google.com/iap/docs/using-tcp-forwarding#create-firewall-rule). Nothing else may reach it.
+IAP_TCP_FORWARDING_RANGE = "35.235.240.0/20"
+# Firewall rules are kept well inside GCP's per-rule limits (assumed >= 256 source ranges and >= 64
+# target tags; the limits page could not be read: a stated assumption in the README).
+MAX_SOURCE_RANGES = 256
+MAX_TARGET_TAGS = 64
+
+
 def snapshot_policy_name(namer: Namer, region: str) -> str:
     return namer.name(region, "snapshots")
 
@@ -127,31 +152,75 @@ def snapshots_enabled(config: StackConfig) -> bool:
     return config.fleet.snapshots if config.fleet.snapshots is not None else config.is_prod
 
 
-# The overlay plan and init script of the config last asked for: one pass asks several times (image
-# inputs, node specs), and rendering a large mesh's table is not free.
+# The overlay plan of the config last asked for: one pass asks several times (image inputs, node
+# specs), and planning a large mesh is not free.
 _last_overlay: list = []
 
 
-def overlay_init_script(config: StackConfig, namer: Namer) -> tuple[OverlayPlan | None, str | None]:
+def overlay_init_script(config: StackConfig, namer: Namer) -> tuple[OverlayPlan | None, str]:
+    """The overlay plan and the init script an overlay image bakes (the same for every stack)."""
     if _last_overlay and _last_overlay[0] is config and _last_overlay[1] == namer:
         return _last_overlay[2]
     plan = plan_overlay(config, node_identities(config, namer))
-    result = plan, (render(plan) if plan else None)
+    result = plan, SCRIPT
     _last_overlay[:] = [config, namer, result]
     return result
 
 
 def derived_image_inputs(config: StackConfig, namer: Namer) -> dict[str, dict[str, str]]:
-    """Inputs of image builds that come from the stack itself: an overlay image bakes the init
-    script (with the member table in ``baked`` delivery), so its bytes are part of the input hash."""
-    _, script = overlay_init_script(config, namer)
+    """Inputs of image builds that come from outside the build's own config: an overlay image bakes
+    the init script (the same bytes for every stack) and the public half of the fleet's table-signing
+    key (named by its Cloud KMS key version, whose key never changes). Nothing here depends on the
+    members, the port or the environment, so dev, staging and prod name the same image."""
     out: dict[str, dict[str, str]] = {}
-    if script is None:
-        return out
-    digest = hashlib.sha256(script.encode("utf-8")).hexdigest()
+    key_version = names_for(config).table_key_version
     for key, source in config.fleet.images.items():
         if source.build is not None and source.build.recipe == "tplus-overlay":
-            out[key] = {"init_script_sha256": digest}
+            out[key] = {INIT_SCRIPT_DERIVED: SCRIPT_SHA256, TABLE_KEY_DERIVED: key_version}
+    return out
+
+
+def restart_key(plan: OverlayPlan) -> str:
+    """What a running member acts on only at its next start: a change of any of these resets the
+    members, in waves (membership is not here: a running node accepts joining peers as it is)."""
+    text = "|".join(str(v) for v in (plan.port, plan.protocol, plan.interface, plan.topology, plan.setup_port,
+                                     plan.execution_rpc or ""))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def overlay_ingress(plan: OverlayPlan, namer: Namer) -> list[Ingress]:
+    """The overlay port along the topology's edges (a member admits exactly the members that dial
+    it), and the light client's API only from what verifies nodes; the setup port never."""
+    tag = overlay_tag(namer)
+    out = [Ingress(
+        key="overlay-api-iap",
+        description=(f"The light client's API (tcp/{LIGHT_CLIENT_API_PORT}: /attest, /block) only through IAP TCP "
+                     "forwarding, the path fleet verify takes; the setup port is never opened."),
+        protocol="tcp", ports=(LIGHT_CLIENT_API_PORT,), target_tags=(tag,), source_ranges=(IAP_TCP_FORWARDING_RANGE,))]
+    if plan.topology == "mesh":
+        out.append(Ingress(
+            key="overlay-peers",
+            description=f"Overlay traffic ({plan.protocol}/{plan.port}) between overlay nodes only.",  # mesh: all pairs
+            protocol=plan.protocol, ports=(plan.port,), target_tags=(tag,), source_tags=(tag,)))
+        return out
+    sources = inbound(plan)
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for m in plan.members:
+        if sources[m.key]:
+            groups.setdefault(sources[m.key], []).append(m.key)
+    for dialers, targets in groups.items():
+        ranges = [f"{plan.address_of(k)}/32" for k in dialers]
+        for t in range(0, len(targets), MAX_TARGET_TAGS):
+            chunk = targets[t:t + MAX_TARGET_TAGS]
+            for r in range(0, len(ranges), MAX_SOURCE_RANGES):
+                suffix = "".join(f"-{i}" for i in (t // MAX_TARGET_TAGS, r // MAX_SOURCE_RANGES) if i)
+                out.append(Ingress(
+                    key=f"overlay-peers-{chunk[0]}{suffix}",
+                    description=(f"Overlay traffic ({plan.protocol}/{plan.port}) to {', '.join(chunk)} from the "
+                                 f"members that dial {'it' if len(chunk) == 1 else 'them'} ({plan.topology})."),
+                    protocol=plan.protocol, ports=(plan.port,),
+                    target_tags=tuple(overlay_node_tag(namer, k) for k in chunk),
+                    source_ranges=tuple(ranges[r:r + MAX_SOURCE_RANGES])))
     return out
 
 
@@ -165,14 +234,15 @@ def plan_fleet(config: StackConfig, namer: Namer, images: dict[str, ImageVersion
     for identity in identities:
         group: NodeGroup = groups[identity.group]
         key = group.image_overrides.get(identity.ordinal, group.image)
-        metadata = dict(BASE_METADATA)
+        metadata = dict(BASE_METADATA)  # an overlay member also gets the signed table (components/overlaytable.py)
         peers: tuple[str, ...] = ()
+        tags = (group_tag(namer, identity.group),)
         if identity.kind == "overlay" and overlay is not None:
             peers = tuple(overlay.peer_endpoints(identity.key))
-            if overlay.delivery == "metadata":
-                metadata.update(node_metadata(overlay, identity.key))
+            tags += (overlay_tag(namer),)
+            if overlay.topology != "mesh":
+                tags += (overlay_node_tag(namer, identity.key),)
         scopes = LOGGING_SCOPES + ((REGISTRY_READ_SCOPE,) if identity.kind == "dstack" else ())
-        tags = (group_tag(namer, identity.group),) + ((overlay_tag(namer),) if identity.kind == "overlay" else ())
         nodes.append(NodeSpec(
             identity=identity,
             machine_type=group.machine_type,
@@ -196,12 +266,36 @@ def plan_fleet(config: StackConfig, namer: Namer, images: dict[str, ImageVersion
             max_unavailable=group.max_unavailable,
             peers=peers,
             delivery=overlay.delivery if identity.kind == "overlay" and overlay else None,
+            restart_key=restart_key(overlay) if identity.kind == "overlay" and overlay else None,
         ))
-    ingress = []
-    if overlay is not None:
-        tag = overlay_tag(namer)
-        ingress.append(Ingress(
-            key="overlay-peers",
-            description=f"Overlay traffic ({overlay.protocol}/{overlay.port}) between overlay nodes only.",
-            protocol=overlay.protocol, ports=(overlay.port,), target_tags=(tag,), source_tags=(tag,)))
-    return Fleet(nodes=nodes, overlay=overlay, init_script=script, ingress=ingress)
+    if overlay is None:
+        return Fleet(nodes=nodes, overlay=None, init_script=None)
+    return Fleet(nodes=nodes, overlay=overlay, init_script=script, ingress=overlay_ingress(overlay, namer),
+                 table_body=membertable.body(overlay), table_key_version=names_for(config).table_key_version)
+
+
+def overlay_summary(fleet: Fleet) -> dict[str, object]:
+    """The plan's ``overlay`` output: how the overlay is wired, what its table is, and what the light
+    client itself does and does not check (tpluslabs/tplus-examples @3eb04cad dstack-helios-tdx)."""
+    plan = fleet.overlay
+    assert plan is not None and fleet.table_body is not None
+    return {
+        "topology": plan.topology, "delivery": plan.delivery, "interface": plan.interface,
+        "genesis": plan.genesis, "port": plan.port, "members": len(plan.members),
+        "table": {
+            "bodySha256": membertable.sha256_text(fleet.table_body),
+            "keyVersion": fleet.table_key_version,
+            "metadata": [membertable.METADATA_TABLE, membertable.METADATA_SIGNATURE],
+            "worstCaseBytes": membertable.worst_case_bytes(plan),
+            "limitBytes": membertable.MAX_VALUE_BYTES,
+        },
+        "verifyPath": (f"tcp/{LIGHT_CLIENT_API_PORT} (/attest) through IAP TCP forwarding from "
+                       f"{IAP_TCP_FORWARDING_RANGE} only: gcloud compute start-iap-tunnel NODE {LIGHT_CLIENT_API_PORT}"),
+        "lightClientChecks": ("a joining peer's quote signature only (mocks/src/lib.rs verify_quote: measurements "
+                              "are a TODO upstream), then it shares the secret with it; POST /setup on port "
+                              f"{plan.setup_port} is unauthenticated (first caller wins): the init script sends "
+                              "it on loopback at boot and no firewall rule opens it"),
+        "restarts": ("running members read the table at their next start; a membership change needs none, a "
+                     "port, interface, topology or execution RPC change resets them in waves"),
+        "allDown": "every member down at once loses the shared secret for good; the rollout check refuses it",
+    }

@@ -5,9 +5,11 @@ are addresses, which the core allocates from config, so no peer list depends on 
 resource's output and the graph has no cycles.
 
 Exactly one node founds the overlay: the *genesis* node starts without peers, which makes it mint
-the shared secret. It does so only while its data disk has never recorded a founding; on every
-later boot (restart, replacement with the same disk) it starts with peers like everyone else, so a
-restart never splits the network. Every other node always starts with peers.
+the shared secret. It does so only with the overlay's first signed member table (``founding open``,
+see ``fleet.nodes.membertable``) and only while its data disk has never recorded a founding or an
+accepted table; on every later boot (restart, replacement with the same disk, a new disk after the
+table moved on) it starts with peers like everyone else, so a restart never splits the network.
+Every other node always starts with peers.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ class Member:
     address: str
 
 
+# The one delivery there is: a signed member table in instance metadata. The older names are
+# accepted in stack files and mean the same (the image always requires a valid signature).
+DELIVERY = "signed"
+DELIVERY_ALIASES = {
+    "baked": "overlay.delivery 'baked' now means 'signed': the member table is no longer in the image; it "
+             "reaches each node in instance metadata, signed with the fleet's KMS key (set delivery: signed)",
+    "metadata": "overlay.delivery 'metadata' now means 'signed': the member table in instance metadata is signed "
+                "with the fleet's KMS key and verified before the light client starts (set delivery: signed)",
+}
+
+
 @dataclass(frozen=True)
 class OverlayPlan:
     port: int
@@ -37,6 +50,14 @@ class OverlayPlan:
     genesis: str
     members: tuple[Member, ...]
     peers: dict[str, tuple[str, ...]]  # node key -> peer node keys
+    stack: str = ""
+    project: str = ""  # the GCP project every member runs in (the node checks it; hosts cannot change it)
+    requested_delivery: str = DELIVERY  # as the stack file spells it
+
+    @property
+    def delivery_notice(self) -> str | None:
+        """A one-line notice when the stack file uses an older name of the delivery."""
+        return DELIVERY_ALIASES.get(self.requested_delivery)
 
     @cached_property
     def _addresses(self) -> dict[str, str]:
@@ -88,14 +109,30 @@ def plan_overlay(config: StackConfig, identities: list[NodeIdentity]) -> Overlay
         port=overlay.port,
         protocol=overlay.protocol,
         topology=overlay.topology,
-        delivery=overlay.delivery,
+        delivery=DELIVERY,
         interface=overlay.interface,
         setup_port=overlay.setup_port,
         execution_rpc=overlay.execution_rpc,
         genesis=genesis,
         members=tuple(Member(m.key, m.address) for m in members),
         peers=peer_keys(overlay.topology, keys, genesis, overlay.peers),
+        stack=config.stack,
+        project=config.gcp.project,
+        requested_delivery=overlay.delivery,
     )
+
+
+def inbound(plan: OverlayPlan) -> dict[str, tuple[str, ...]]:
+    """Who dials whom: each member's peers connect to it (the light client dials exactly its
+    configured peers and accepts every incoming connection), so a member must accept the overlay
+    port from every member that lists it. Keys in member order."""
+    sources: dict[str, list[str]] = {m.key: [] for m in plan.members}
+    for m in plan.members:
+        for p in plan.peers[m.key]:
+            if m.key not in sources[p]:
+                sources[p].append(m.key)
+    order = {m.key: i for i, m in enumerate(plan.members)}
+    return {k: tuple(sorted(v, key=order.__getitem__)) for k, v in sources.items()}
 
 
 def reachable_from_genesis(plan: OverlayPlan) -> set[str]:

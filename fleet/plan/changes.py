@@ -10,6 +10,7 @@ worst case. The classification is an estimate for reviews and rollout checks; th
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -188,8 +189,10 @@ def classify(old: dict | None, new: dict | None) -> ResourceChange:
             paths += [p for p in unknown_paths(value, key) if p not in paths]
     # A dstack guest reads its configuration disk once per boot: swapping it is applied by a reset.
     reboots_on_disks = new["type"] == INSTANCE_TYPE and (new.get("inputs", {}).get("labels") or {}).get("kind") == "dstack"
+    # pulumi-command 1.2.1: with an `update` script, any input change (triggers included) runs it in place
+    updates_in_place = new["type"] == COMMAND_TYPE and bool(new.get("inputs", {}).get("update"))
     for path in paths:
-        action = action_for(new["type"], path)
+        action = LIVE if updates_in_place else action_for(new["type"], path)
         if shrinks(new["type"], path, old.get("inputs", {}), new.get("inputs", {})):
             action = REPLACE
         if reboots_on_disks and strip_indexes(path).startswith("attachedDisks"):
@@ -214,7 +217,9 @@ def diff(old_resources: Iterable[dict], new_resources: Iterable[dict]) -> list[R
 
 NODE_TYPES = ("dstack-fleet:nodes:OverlayNode", "dstack-fleet:nodes:DstackNode")
 INSTANCE_TYPE = "gcp:compute/instance:Instance"
+COMMAND_TYPE = "command:local:Command"
 DATA_TYPES = ("gcp:compute/disk:Disk", "gcp:compute/address:Address")
+RESET_MARK = "gcloud compute instances reset "  # a node's own step whose update resets the node
 
 
 @dataclass
@@ -226,6 +231,10 @@ class GroupRollout:
     created: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     data_at_risk: list[str] = field(default_factory=list)  # data disks / addresses replaced or deleted
+    reset: list[str] = field(default_factory=list)  # of the stopped: nodes a step resets (reads its config at boot)
+    targets: dict[str, list[str]] = field(default_factory=dict)  # node -> URNs a targeted update of it needs
+    images: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # node -> image key before, after
+    stack: str = ""
 
     @property
     def unavailable(self) -> int:
@@ -248,11 +257,38 @@ def _node_of(resource: dict, by_urn: dict[str, dict]) -> dict | None:
     return None
 
 
-def rollout(old_resources: list[dict], new_resources: list[dict]) -> dict[str, GroupRollout]:
-    """Per node group: which nodes a change replaces, stops, creates or removes."""
+def _needs(urn: str, new_by: dict[str, dict], created: set[str]) -> list[str]:
+    """``urn`` and every resource it depends on (transitively) that the change creates: what a
+    targeted update of it must name, since Pulumi refuses a target whose new dependency is not one."""
+    out, frontier = [urn], [urn]
+    while frontier:
+        resource = new_by.get(frontier.pop())
+        if resource is None:
+            continue
+        deps = set(resource.get("dependencies") or [])
+        for more in (resource.get("propertyDependencies") or {}).values():
+            deps.update(more)
+        parent = resource.get("parent")
+        if parent:
+            deps.add(parent)
+        for dep in sorted(deps):
+            if dep in created and dep not in out:
+                out.append(dep)
+                frontier.append(dep)
+    return out
+
+
+def rollout(old_resources: list[dict], new_resources: list[dict], old_outputs: dict | None = None,
+            new_outputs: dict | None = None) -> dict[str, GroupRollout]:
+    """Per node group: which nodes a change replaces, stops, creates or removes, and what a targeted
+    update of each taken-down node must name (for waves)."""
     old_by = {r["urn"]: r for r in old_resources}
     new_by = {r["urn"]: r for r in new_resources}
     groups: dict[str, GroupRollout] = {}
+    all_changes = diff(old_resources, new_resources)
+    created = {c.urn for c in all_changes if c.action == "create"}
+    old_nodes = (old_outputs or {}).get("nodes") or {}
+    new_nodes = (new_outputs or {}).get("nodes") or {}
 
     def group_of(node: dict) -> GroupRollout:
         inputs = node.get("inputs", {})
@@ -262,7 +298,7 @@ def rollout(old_resources: list[dict], new_resources: list[dict]) -> dict[str, G
             rollout.max_unavailable = int(new_by[node["urn"]]["inputs"].get("maxUnavailable", 1))
         return rollout
 
-    for change in diff(old_resources, new_resources):
+    for change in all_changes:
         resource = new_by.get(change.urn) or old_by.get(change.urn)
         if resource["type"] in NODE_TYPES:
             g = group_of(resource)
@@ -276,10 +312,18 @@ def rollout(old_resources: list[dict], new_resources: list[dict]) -> dict[str, G
             continue
         g = group_of(node)
         key = node["name"]
-        if resource["type"] == INSTANCE_TYPE and change.action in (REPLACE, STOP):
+        g.stack = g.stack or change.urn.split("::", 1)[0].removeprefix("urn:pulumi:")
+        resets = (resource["type"] == COMMAND_TYPE and change.action == LIVE
+                  and RESET_MARK in str(resource.get("inputs", {}).get("update", "")))
+        if (resource["type"] == INSTANCE_TYPE and change.action in (REPLACE, STOP)) or resets:
             target = g.replaced if change.action == REPLACE else g.stopped
             if key not in target:
                 target.append(key)
+            if resets and key not in g.reset:
+                g.reset.append(key)
+            needed = g.targets.setdefault(key, [])
+            needed += [u for u in _needs(change.urn, new_by, created) if u not in needed and u != node["urn"]]
+            g.images[key] = ((old_nodes.get(key) or {}).get("image"), (new_nodes.get(key) or {}).get("image"))
         # configuration disks are versions made to be replaced; only data disks and addresses hold state
         versioned = "dstack-fleet:nodes:ConfigDisk$" in change.urn
         if resource["type"] in DATA_TYPES and not versioned and change.action in (REPLACE, "delete") \
@@ -293,7 +337,60 @@ def rollout(old_resources: list[dict], new_resources: list[dict]) -> dict[str, G
     return dict(sorted(groups.items()))
 
 
-def over_limit(groups: dict[str, GroupRollout]) -> list[str]:
+def _ordinal(key: str) -> int:
+    tail = key.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def waves(g: GroupRollout, last: str | None = None) -> list[list[str]]:
+    """The nodes a change takes down, at most ``maxUnavailable`` per wave, by ordinal, with ``last``
+    (the overlay's genesis node, which keeps the founding mark) in the last wave."""
+    nodes = sorted(g.replaced + g.stopped, key=lambda k: (k == last, _ordinal(k), k))
+    size = max(1, g.max_unavailable)
+    return [nodes[i:i + size] for i in range(0, len(nodes), size)]
+
+
+def wave_command(g: GroupRollout, nodes: list[str]) -> str:
+    """A targeted update of exactly these nodes (and what they newly depend on), with the policy pack."""
+    urns: list[str] = []
+    for key in nodes:
+        urns += [u for u in g.targets.get(key, []) if u not in urns]
+    # quoted: a URN holds `$` (parent type chains), which a shell would expand
+    return " ".join(["python -m fleet deploy up --stack", shlex.quote(g.stack or "STACK")]
+                    + [shlex.quote(f"--pulumi-arg=--target={u}") for u in urns])
+
+
+def rollout_hint(g: GroupRollout, declared_images: set[str] | None = None, last: str | None = None) -> str:
+    """A step that works for this change: pin the waiting nodes to the image key they run now when
+    that key is still declared; otherwise apply the change as targeted updates, wave by wave."""
+    plan = waves(g, last)
+    keep = plan[0]
+    befores = {before for key, (before, after) in g.images.items() if before != after}
+    if (g.replaced and not g.stopped and len(befores) == 1 and None not in befores
+            and all(g.images.get(k, (None, None))[0] != g.images.get(k, (None, None))[1] for k in g.replaced)
+            and declared_images is not None and next(iter(befores)) in declared_images):
+        old = next(iter(befores))
+        wait = [k for k in g.replaced if k not in keep]
+        pins = ", ".join(f"{_ordinal(k)}: {old}" for k in sorted(wait, key=_ordinal))
+        return (f"keep the others on {old!r} for now: set group {g.group}'s imageOverrides to {{{pins}}}, then "
+                f"shrink it by at most {g.max_unavailable} node(s) per change")
+    order = ", ".join("+".join(w) for w in plan)
+    return (f"apply it in {len(plan)} wave(s) of targeted updates, one after another once each wave's nodes are "
+            f"healthy, in this order: {order} (commands under 'Rollout waves'), then the rest with `make up`")
+
+
+def over_limit(groups: dict[str, GroupRollout], declared_images: set[str] | None = None,
+               last: str | None = None) -> list[str]:
     return [f"group {g.group} would take {g.unavailable} node(s) down at once ({', '.join(g.replaced + g.stopped)}); "
-            f"maxUnavailable is {g.max_unavailable}: roll it in waves with imageOverrides"
+            f"maxUnavailable is {g.max_unavailable}: {rollout_hint(g, declared_images, last)}"
             for g in groups.values() if g.over_limit]
+
+
+def whole_overlay_down(groups: dict[str, GroupRollout], members: list[str]) -> str | None:
+    """A change that takes every member of an overlay of two or more down at once: its shared
+    secret exists only in the running members, so it would be gone for good."""
+    down = {k for g in groups.values() for k in g.replaced + g.stopped}
+    if len(members) >= 2 and set(members) <= down:
+        return (f"the change takes every member of the overlay down at once ({', '.join(sorted(members, key=_ordinal))}): "
+                "its shared secret lives only in running members and would be lost for good; roll it in waves")
+    return None

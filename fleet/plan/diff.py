@@ -183,8 +183,28 @@ def app_upgrades(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _full(values: list[str]) -> str:
+    """A list in full (a reviewer must see which peer changed), escaped for a table cell."""
+    return "`" + (", ".join(values) if values else "(none)").replace("|", "\\|") + "`"
+
+
+def _peers_cell(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    before, after = (a or {}).get("peers"), (b or {}).get("peers")
+    if a is None:
+        return _full(list(after or []))
+    if b is None:
+        return "(removed)"
+    if before == after:
+        return _full(list(after or []))
+    added = [p for p in after or [] if p not in (before or [])]
+    removed = [p for p in before or [] if p not in (after or [])]
+    parts = ([f"added {_full(added)}"] if added else []) + ([f"removed {_full(removed)}"] if removed else [])
+    return "; ".join(parts) or f"reordered: {_full(list(after or []))}"
+
+
 def topology_rows(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """One row per node whose placement or peers change (added, removed or rewired)."""
+    """One row per node whose placement or peers change (added, removed or rewired); peers added and
+    removed are listed in full."""
     before, after = old.get("nodes") or {}, new.get("nodes") or {}
     rows = []
     for key in sorted(set(before) | set(after), key=lambda k: (k.rsplit("-", 1)[0], int(k.rsplit("-", 1)[1]))):
@@ -204,10 +224,57 @@ def topology_rows(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 return f"{_cell(a.get(name), 60)} → {_cell(b.get(name), 60)}"
             return _cell(shown.get(name, "-"), 60)
 
-        rows.append(f"| `{key}` | {change} | {field('zone')} | {field('address')} | {field('peers')} |")
+        rows.append(f"| `{key}` | {change} | {field('zone')} | {field('address')} | {_peers_cell(a, b)} |")
     for k, a, b in changed_values(old.get("overlay"), new.get("overlay")):
         rows.append(f"| overlay | `{k}` changed | | | {_cell(a)} → {_cell(b)} |")
     return rows
+
+
+def table_notes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """When the signed member table changes: where it goes, and which running members keep the
+    older table until their next start."""
+    a = ((old.get("overlay") or {}).get("table") or {}).get("bodySha256")
+    b = ((new.get("overlay") or {}).get("table") or {}).get("bodySha256")
+    if not b or a == b:
+        return []
+    before, after = old.get("nodes") or {}, new.get("nodes") or {}
+    running = sorted((k for k, v in after.items() if v.get("kind") == "overlay" and k in before),
+                     key=lambda k: (k.rsplit("-", 1)[0], int(k.rsplit("-", 1)[1])))
+    new_members = sorted(k for k, v in after.items() if v.get("kind") == "overlay" and k not in before)
+    what = f"changes (body sha256 `{a[:16]}` → `{b[:16]}`)" if a else f"is new (body sha256 `{b[:16]}`)"
+    lines = [f"The signed member table {what}. It is signed at deploy and written into every member's instance "
+             "metadata in place: no member is replaced, stopped or reset by it."]
+    if running:
+        lines.append(f"Running members that keep the older table until their next restart: {', '.join(running)} "
+                     "(a running member accepts joining peers it was not started with).")
+    if new_members:
+        lines.append(f"New members start with the new table: {', '.join(new_members)}.")
+    return ["", *lines]
+
+
+def rollout_waves(rollout: dict[str, changes.GroupRollout], genesis: str | None, forced: bool) -> list[str]:
+    """For each group a change takes over its limit (or that would take the whole overlay down):
+    every node it takes down, each exactly once, wave by wave, with the targeted update of each wave."""
+    out: list[str] = []
+    for g in rollout.values():
+        if not (g.over_limit or (forced and g.unavailable)):
+            continue
+        if not out:
+            out = ["### Rollout waves", ""]
+        plan = changes.waves(g, genesis)
+        down = {k: ("replaced" if k in g.replaced else "reset" if k in g.reset else "stopped")
+                for k in g.replaced + g.stopped}
+        out.append(f"Group `{g.group}`: {len(down)} node(s), each taken down exactly once, at most "
+                   f"{max(1, g.max_unavailable)} per wave" + (f"; the genesis node `{genesis}` goes last"
+                                                              if genesis in down else "") + ":")
+        out.append("")
+        for i, wave in enumerate(plan, start=1):
+            out.append(f"{i}. {', '.join(f'`{k}` ({down[k]})' for k in wave)}:")
+            out += ["", "   ```sh", f"   {changes.wave_command(g, wave)}", "   ```", ""]
+        out.append("Start the next wave only when the nodes of the last one are healthy (an overlay member: it "
+                   "holds the shared secret again). `make up` applies what remains.")
+        out.append("")
+    return out
 
 
 def _mermaid(changed: list[changes.ResourceChange], head: dict[str, dict], base: dict[str, dict]) -> list[str]:
@@ -235,10 +302,18 @@ def compare(stack: str, base_ref: str, base: PlanResult, head: dict[str, Any]) -
     tier = safety.strictest_tier(base_doc, head)
     failures: list[str] = []
 
-    rollout = changes.rollout(base_doc["resources"], head["resources"])
-    for message in changes.over_limit(rollout):
-        if tier == "prod":
-            failures.append(message)
+    base_outputs, head_outputs = base_doc.get("outputs") or {}, head.get("outputs") or {}
+    rollout = changes.rollout(base_doc["resources"], head["resources"], base_outputs, head_outputs)
+    genesis = (head_outputs.get("overlay") or {}).get("genesis")
+    declared = set(head_outputs.get("images") or {})
+    over = changes.over_limit(rollout, declared, genesis)
+    if tier == "prod":
+        failures += over
+    members = [k for k, v in (head_outputs.get("nodes") or {}).items()
+               if v.get("kind") == "overlay" and k in (base_outputs.get("nodes") or {})]
+    all_down = changes.whole_overlay_down(rollout, members)
+    if all_down:
+        failures.append(all_down)
     failures += safety.weakenings(base_doc, head)
     old_measurements, new_measurements = base_doc.get("measurements", {}), head.get("measurements", {})
     identities = identity_changes(old_measurements, new_measurements)
@@ -284,6 +359,9 @@ def compare(stack: str, base_ref: str, base: PlanResult, head: dict[str, Any]) -
     if risky:
         lines += ["", "**Data at risk** (data disks or addresses replaced or deleted): " + ", ".join(risky)]
     lines.append("")
+    wave_lines = rollout_waves(rollout, genesis, all_down is not None)
+    if wave_lines:
+        lines += wave_lines
 
     upgrades = app_upgrades(base_doc.get("outputs", {}).get("apps") or {}, head.get("outputs", {}).get("apps") or {})
     if upgrades:
@@ -302,10 +380,13 @@ def compare(stack: str, base_ref: str, base: PlanResult, head: dict[str, Any]) -
         lines += ["### Expected measurements", "", "| measurement | before | after |", "|---|---|---|"]
         lines += [f"| `{k}` | {_cell(a)} | {_cell(b)} |" for k, a, b in measurement_changes]
         lines.append("")
-    topology = topology_rows(base_doc.get("outputs", {}), head.get("outputs", {}))
-    if topology:
-        lines += ["### Topology", "", "| node | change | zone | address | peers |", "|---|---|---|---|---|"]
-        lines += topology
+    topology = topology_rows(base_outputs, head_outputs)
+    notes = table_notes(base_outputs, head_outputs)
+    if topology or notes:
+        lines += ["### Topology", ""]
+        if topology:
+            lines += ["| node | change | zone | address | peers |", "|---|---|---|---|---|"] + topology
+        lines += notes
         lines.append("")
     other_outputs = [(k, a, b) for k, a, b in output_changes if not k.startswith(("nodes", "overlay"))]
     if other_outputs:

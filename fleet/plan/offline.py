@@ -19,6 +19,7 @@ import pulumi
 
 from fleet.apps import phala
 from fleet.images import buildscript, dockerbuild, mkosibuild
+from fleet.nodes import membertable
 
 COMPUTE = "https://www.googleapis.com/compute/v1"
 FAKE_PROJECT_NUMBER = "123456789012"
@@ -189,6 +190,9 @@ COMMAND_STEPS: dict[str, Callable[[Context], str]] = {
     "mkosi-build": mkosibuild.offline_step_stdout,
     # A container built with Docker prints its lock entry the same way (fleet/images/dockerbuild.py).
     "docker-build": dockerbuild.offline_step_stdout,
+    # The overlay member table's signing step prints the signed table and its signature; the stand-in
+    # is that output for the table on its stdin, serial 1, with a fake signature (fleet/nodes/membertable.py).
+    "overlay-table-sign": membertable.offline_step_stdout,
 }
 
 

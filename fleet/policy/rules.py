@@ -69,6 +69,9 @@ REQUIRED_IMAGE_FEATURES = ("GVNIC", "TDX_CAPABLE", "UEFI_COMPATIBLE")
 CLOUD_PLATFORM_SCOPES = ("https://www.googleapis.com/auth/cloud-platform", "cloud-platform")
 WORLD_RANGES = ("0.0.0.0/0", "::/0")
 PEER_METADATA_KEYS = ("overlay-genesis", "overlay-peers", "overlay-setup", "overlay-setup-founding")
+# The signed overlay member table and its signature (fleet.nodes.membertable): signed at deploy, so
+# unknown in a preview, and strictly parsed by the node (no keyword can carry an image reference).
+SIGNED_TABLE_KEYS = (("metadata", "overlay-table"), ("metadata", "overlay-table-signature"))
 _DEFAULT_COMPUTE_ACCOUNT = re.compile(r"[0-9]+-compute@developer\.gserviceaccount\.com")
 _IMAGE_LINK = re.compile(
     r"(?:https://(?:www|compute)\.googleapis\.com/compute/(?:v1|beta)/)?"
@@ -445,6 +448,8 @@ def check_pinned_digests(view: ResourceView, context: RuleContext) -> Iterator[F
         if path in direct:
             continue
         if value is UNKNOWN:
+            if view.type == INSTANCE and tuple(path[:2]) in SIGNED_TABLE_KEYS:
+                continue
             if not unknown_reported and any(path[:len(b)] == b for b in bearing):
                 unknown_reported = True
                 yield _could_not_run(view, path, ", so image references in it cannot be checked")
@@ -914,8 +919,8 @@ def check_unsafe_peer_delivery(view: ResourceView, context: RuleContext) -> Iter
         yield _could_not_run(view, ("metadata",))
         return
     if isinstance(metadata, Mapping) and any(k in metadata for k in PEER_METADATA_KEYS):
-        yield _violation(view, "overlay peers are delivered through instance metadata, which the host controls and "
-                               "nothing measures; prod bakes the member table into the image (overlay.delivery: baked)")
+        yield _violation(view, "overlay peers are delivered through unsigned instance metadata, which the host "
+                               "controls; prod delivers only the signed member table (overlay-table)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1122,9 +1127,10 @@ RULES: tuple[Rule, ...] = (
         scope="resource", check=check_no_plaintext_secrets, offline_only=True),
     Rule(
         name="unsafe-peer-delivery",
-        description="Prod refuses overlay peers delivered through instance metadata (host-controlled and "
-                    "unmeasured).",
-        remediation="Use overlay.delivery: baked.",
+        description="Prod refuses overlay peers delivered through unsigned instance metadata (host-controlled "
+                    "and unmeasured); the signed member table is what prod nodes get.",
+        remediation="Deploy with this version's overlay (delivery: signed), which writes only overlay-table and "
+                    "its signature.",
         applies_to="gcp:compute/instance:Instance (prod)",
         scope="resource", check=check_unsafe_peer_delivery, config_keys=("tier",)),
     Rule(

@@ -24,6 +24,7 @@ the images identity only its branch of this repository, even if the condition we
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from pathlib import Path
@@ -97,6 +98,20 @@ class Names:
         return f"gcpkms://{self.key_id(stack)}"
 
     @property
+    def table_key(self) -> str:
+        """The fleet's asymmetric signing key for overlay member tables (one for every stack, so one
+        overlay image, which carries its public half, serves them all)."""
+        return gcp_name(self.prefix, "overlay-tables")
+
+    @property
+    def table_key_version(self) -> str:
+        """Version 1 of it: Cloud KMS never reuses a key or version name, so this name stands for one
+        public key for good (an image build fetches it; deploys sign with it)."""
+        return (f"projects/{self.project}/locations/{self.region}/keyRings/{self.key_ring}/cryptoKeys/"
+                f"{self.table_key}/cryptoKeyVersions/1")
+
+
+    @property
     def pool_id(self) -> str:
         return gcp_name(self.prefix, "github", max_length=32)
 
@@ -139,6 +154,21 @@ class Names:
 
     def builder_account_id(self) -> str:
         return gcp_name(self.prefix, "builder", max_length=MAX_SERVICE_ACCOUNT_ID)
+
+
+# A Cloud KMS key version's resource name, as gcloud's --project/--location/--keyring/--key/--version want it.
+KEY_VERSION_RE = re.compile(
+    r"^projects/(?P<project>[a-z][a-z0-9-]{4,28}[a-z0-9])/locations/(?P<location>[a-z0-9-]+)/keyRings/"
+    r"(?P<ring>[A-Za-z0-9_-]{1,63})/cryptoKeys/(?P<key>[A-Za-z0-9_-]{1,63})/cryptoKeyVersions/(?P<version>[0-9]+)$")
+
+
+def key_version_flags(name: str) -> tuple[str, list[str]]:
+    """(version number, the gcloud flags naming its key) of a key version resource name."""
+    match = KEY_VERSION_RE.match(name)
+    if not match:
+        raise ValueError(f"{name!r} is not a Cloud KMS key version resource name")
+    return match["version"], ["--project", match["project"], "--location", match["location"],
+                              "--keyring", match["ring"], "--key", match["key"]]
 
 
 def names_for(config: StackConfig) -> Names:
@@ -189,6 +219,7 @@ class BootstrapPlan:
     accounts: list[Account]
     bindings: list[Binding]
     keys: dict[str, str]  # stack -> crypto key name
+    table_key: str  # the overlay member tables' signing key
     attribute_mapping: dict[str, str]
     attribute_condition: str
     environments: dict[str, str]  # env stack -> project
@@ -388,6 +419,7 @@ def plan_bootstrap(config: StackConfig, tiers: dict[str, str | None] | None = No
     labels.update({project: f"project-{env}" for env, project in envs.items()})
     labels[images_project] = "project-images"
     labels.update({names.key(stack): f"key-{stack}" for stack in [*envs, "images"]})
+    labels[names.table_key] = "key-overlay-tables"
     labels.update({a.email: f"sa-{a.key}" for a in accts})
 
     def add(b: tuple) -> None:
@@ -458,6 +490,12 @@ def plan_bootstrap(config: StackConfig, tiers: dict[str, str | None] | None = No
         public = names.public_registry_id
         add(("repository", public, "roles/artifactregistry.writer", images))
         add(("repository", public, "roles/artifactregistry.reader", "allUsers"))
+    # overlay member tables: each deploy identity signs its environment's tables with the fleet key
+    # (cloudkms.signerVerifier: sign, and read the public key to check the signature), build hosts
+    # read its public half into the overlay image
+    for env in envs:
+        add(("crypto_key", names.table_key, "roles/cloudkms.signerVerifier", sa(f"ci-deploy-{env}")))
+    add(("crypto_key", names.table_key, "roles/cloudkms.publicKeyViewer", builder))
 
     keys = {stack: names.key(stack) for stack in [*envs, "images"]}
     return BootstrapPlan(
@@ -466,6 +504,7 @@ def plan_bootstrap(config: StackConfig, tiers: dict[str, str | None] | None = No
         accounts=accts,
         bindings=bindings,
         keys=keys,
+        table_key=names.table_key,
         attribute_mapping=dict(ATTRIBUTE_MAPPING),
         attribute_condition=attribute_condition(fleet.github, list(envs)),
         environments=envs,
