@@ -16,7 +16,7 @@ PLAN_JSON ?=
 PASS   ?= preview
 BASE   ?= HEAD
 
-.PHONY: help venv test test-fast test-random plan golden readme preview up lock collect gc lock-deps diff bench clean
+.PHONY: help venv test test-fast test-random plan golden readme preview up rollout lock collect gc lock-deps diff bench clean
 
 # FLEET_ROOT plans another checkout's stacks with this code (tests use it on temporary copies).
 ROOT_ARG = $(if $(FLEET_ROOT),--root $(FLEET_ROOT))
@@ -102,8 +102,16 @@ readme: $(PY_DEPS)  ## rewrite the README's generated sections
 preview: $(PY_DEPS)  ## pulumi preview with the policy pack: STACK=dev
 	$(PY) -m fleet $(ROOT_ARG) deploy preview --stack $(STACK)
 
-up: $(PY_DEPS)  ## pulumi up with the policy pack: STACK=dev
-	$(PY) -m fleet $(ROOT_ARG) deploy up --stack $(STACK)
+# ACK names a refusal to override: group:<group> (over maxUnavailable), identity:app:<app> (prod identity).
+ACK_ARG = $(if $(ACK),--ack '$(ACK)')
+
+up: $(PY_DEPS)  ## pulumi up after the live preview passed the rollout rules: STACK=dev [ACK=...]
+	$(PY) -m fleet $(ROOT_ARG) deploy up --stack $(STACK) $(ACK_ARG)
+
+# A change in waves: a targeted up per wave, a health wait, an attestation gate (VERIFY_PLAN=f: a plan
+# JSON to verify against instead of planning the checkout). Exit 0 done, 1 stopped at a failing wave.
+rollout: $(PY_DEPS)  ## pulumi up in attestation-gated waves: STACK=prod [ACK=...]
+	$(PY) -m fleet $(ROOT_ARG) rollout --stack $(STACK) $(ACK_ARG) $(if $(VERIFY_PLAN),--plan $(VERIFY_PLAN))
 
 # Run one image build on this machine: make build-local STACK=dev IMAGE=<key> OUT=dist/
 build-local: $(PY_DEPS)  ## one image build on this machine: STACK=dev IMAGE=key OUT=dist/

@@ -3,7 +3,8 @@ the checks each domain owns, in a fixed order, so every problem of a stack file 
 
 * nodes: role, network, node groups, address blocks, image use, overlay (``fleet.nodes.checks``);
 * images: recipe inputs and mkosi declarations, checked by the recipes themselves (``fleet.images``);
-* apps: files and settings of dstack apps (``fleet.apps.plans``), when the repository is known.
+* apps: files and settings of dstack apps (``fleet.apps.plans``), when the repository is known;
+* rollout: the URL templates `make rollout` reads nodes with (``fleet.stacks.rollout``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fleet.images.recipes import validate_build
 from fleet.images.versions import build_inputs
 from fleet.nodes.checks import check_all
 from fleet.stacks.expectations import verify_problems
+from fleet.stacks.rollout import rollout_problems
 
 
 def load(
@@ -36,6 +38,7 @@ def load(
     problems = check_all(config)
     problems += build_problems(config, source, root)
     problems += verify_problems(config)
+    problems += rollout_problems(config)
     if root is not None:
         problems += app_problems(config, root)
     if problems:
