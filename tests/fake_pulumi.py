@@ -268,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     document = json.loads((home / "preview.json").read_text()) if (home / "preview.json").exists() else {}
     now = live(document, applied) if document else {}
     if args[:1] == ["preview"]:
-        if "--json" in args:
+        if "FAKE_PULUMI_PREVIEW_TEXT" in os.environ:  # what a CLI that is not the pinned one might print
+            print(os.environ["FAKE_PULUMI_PREVIEW_TEXT"])
+        elif "--json" in args:
             print(json.dumps(shown(now, args), indent=4))
         code = int(os.environ.get("FAKE_PULUMI_PREVIEW_EXIT", "0"))
         return code

@@ -20,6 +20,8 @@ with open(log, "a") as f:
     f.write(json.dumps({{"argv": sys.argv[1:], "backend": os.environ.get("PULUMI_BACKEND_URL")}}) + "\\n")
 if sys.argv[1:] == ["version"]:
     print("v" + os.environ.get("FAKE_PULUMI_VERSION", "{version}"))
+if "preview" in sys.argv and "--json" in sys.argv:  # make up's live check: a preview that changes nothing
+    print(json.dumps({{"steps": [], "duration": 1}}))
 """
 
 

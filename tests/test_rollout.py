@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,338 @@ def test_rollout_settings_name_real_groups_and_known_placeholders(project):
     assert any(l.endswith("dstack-fleet:rollout.groups.overlay.infoUrl: group overlay is kind overlay: it takes "
                           "attestUrl") for l in lines)
     assert any("dstack-fleet:rollout.groups.apps.quoteUrl: unknown placeholder {addr}" in l for l in lines)
+
+
+# ---- make up: the live preview first ----------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """The fake CLI's directory; ``install`` it with a document."""
+    return tmp_path / "fake"
+
+
+def test_make_up_refuses_three_nodes_of_a_max_unavailable_1_group_without_calling_up(project, cli):
+    deployed, planned = plans(project, nothing, two_versions)
+    env = {**install(cli, ROOT, PreviewBuilder(planned, deployed).document()), **BACKEND}
+    result = make("up", project.root, env)
+    assert result.returncode != 0
+    assert "error: make up prod refused: group overlay would have 3 node(s) down at once" in result.stderr
+    assert "acknowledge with ACK=group:overlay" in result.stderr and "make rollout STACK=prod" in result.stderr
+    assert calls(cli, "up") == []
+    (preview,) = calls(cli, "preview")
+    assert {"--json", "--refresh", "--show-sames", "--show-replacement-steps"} <= set(preview["argv"])
+    assert preview["backend"] == BACKEND["PULUMI_BACKEND_URL"]
+    # named, the same change is applied
+    result = make("up", project.root, env, "ACK=group:overlay")
+    assert result.returncode == 0, result.stderr
+    (up,) = calls(cli, "up")
+    assert up["targets"] == [] and "--yes" in up["argv"]
+    assert "acknowledged: group overlay would have 3 node(s) down" in result.stdout
+
+
+def test_make_up_applies_a_change_within_the_rules(project, cli):
+    def one(config):
+        two_versions(config)
+        config["dstack-fleet:nodes"][0]["imageOverrides"] = {i: "overlay-3eb04ca" for i in range(1, 5)}
+    deployed, planned = plans(project, nothing, one)
+    env = {**install(cli, ROOT, PreviewBuilder(planned, deployed).document()), **BACKEND}
+    result = fleet(project.root, "deploy", "up", "--stack", "prod", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "group overlay (overlay, maxUnavailable 1): 1 of 5 node(s) disrupted" in result.stdout
+    assert [c["command"] for c in calls(cli)][-2:] == [["preview"], ["up"]]
+
+
+def test_a_failing_or_unreadable_preview_applies_nothing(project, cli):
+    deployed, planned = plans(project, nothing, nothing)
+    document = PreviewBuilder(planned, deployed).document()
+    document["diagnostics"] = [{"urn": "", "message": "mandatory policy violation: tdx-only", "severity": "error"}]
+    env = {**install(cli, ROOT, document), **BACKEND, "FAKE_PULUMI_PREVIEW_EXIT": "255"}
+    result = fleet(project.root, "deploy", "up", "--stack", "prod", env=env)
+    assert result.returncode == 255
+    assert "the live preview failed (exit 255): mandatory policy violation: tdx-only; nothing was applied" in result.stderr
+    env.pop("FAKE_PULUMI_PREVIEW_EXIT")
+    env["FAKE_PULUMI_PREVIEW_TEXT"] = "Previewing update (prod):"
+    result = fleet(project.root, "deploy", "up", "--stack", "prod", env=env)
+    assert result.returncode == 2 and "printed no JSON document" in result.stderr
+    assert calls(cli, "up") == []
+
+
+def test_a_prod_identity_change_needs_its_acknowledgement_on_make_up(project, cli):
+    def public_logs(config):
+        config["dstack-fleet:apps"][0]["settings"]["publicLogs"] = False
+    deployed, planned = plans(project, nothing, public_logs)
+    env = {**install(cli, ROOT, PreviewBuilder(planned, deployed).document()), **BACKEND}
+    result = fleet(project.root, "deploy", "up", "--stack", "prod", "--ack", "group:apps", env=env)
+    assert result.returncode == 1
+    assert "app:mpc-prod would get a new identity" in result.stderr and "ACK=identity:app:mpc-prod" in result.stderr
+    result = fleet(project.root, "deploy", "up", "--stack", "prod", "--ack", "group:apps",
+                   "--ack", "identity:app:mpc-prod", env=env)
+    assert result.returncode == 0, result.stderr
+    assert len(calls(cli, "up")) == 1
+
+
+# ---- make rollout -----------------------------------------------------------------------------------
+
+
+class Attestations:
+    """The nodes' endpoints: /<node>/info and /<node>/quote answer what ``served`` holds, and every
+    request is logged next to the fake CLI's calls, so their order can be checked."""
+
+    def __init__(self, log: Path):
+        self.served: dict[str, bytes] = {}
+        self.log = log
+
+    def __enter__(self):
+        served, log = self.served, self.log
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                body = served.get(self.path)
+                with open(log, "a") as f:
+                    f.write(json.dumps({"who": "node", "path": self.path, "time": time.time()}) + "\n")
+                self.send_response(200 if body is not None else 404)
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+    def serve(self, node: str, info: bytes = TCB_INFO, quote: bytes = QUOTE) -> None:
+        self.served[f"/{node}/info"], self.served[f"/{node}/quote"] = info, quote
+
+
+def tampered_quote() -> bytes:
+    forged = json.loads(QUOTE)
+    forged[100] ^= 1  # inside the TD report the quoting enclave signed
+    return json.dumps(forged).encode()
+
+
+def quote_set_expectation() -> dict:
+    from .test_verify_step import quote_set_expectation as expected
+
+    return expected()
+
+
+def three_apps(url: str):
+    def change(config):
+        config["dstack-fleet:nodes"][1]["count"] = 3
+        config["dstack-fleet:rollout"] = {"groups": {"apps": {"infoUrl": url + "/{key}/info",
+                                                              "quoteUrl": url + "/{key}/quote"}},
+                                          "healthTimeoutSeconds": 5, "pollSeconds": 1}
+    return change
+
+
+def next_os(url: str):
+    def change(config):
+        three_apps(url)(config)
+        image = copy.deepcopy(config["dstack-fleet:images"]["dstack-0-6-0-a2"])
+        image["build"]["cmdlineOverrides"] = {"dstack.storage_fs": "ext4"}
+        config["dstack-fleet:images"]["dstack-next"] = image
+        config["dstack-fleet:nodes"][1]["image"] = "dstack-next"
+    return change
+
+
+@pytest.fixture
+def os_upgrade(project, cli, tmp_path):
+    """prod with a three-node apps group moving to a new dstack OS image, the fake CLI, the nodes'
+    endpoints, a PCCS and a plan whose expectation for the app is the NEAR vector's."""
+    with Attestations(cli.parent / "nodes.jsonl") as nodes, serve(QUOTE_SET / "collateral.json") as (pccs, asked):
+        deployed, planned = plans(project, three_apps(nodes.url), next_os(nodes.url))
+        # the app the vector attests, deployed and planned alike (its identity does not change) but for
+        # the OS image hash a KMS allows: the vector's is new
+        deployed["measurements"]["app:mpc-prod"] = {**quote_set_expectation(), "os_image_hash": "11" * 32}
+        planned["measurements"]["app:mpc-prod"] = {**quote_set_expectation(),
+                                                   "os_image_hash": json.loads(TCB_INFO)["os_image_hash"]}
+        plan_file = tmp_path / "plan.json"
+        plan_file.write_text(json.dumps(planned))
+        env = {**install(cli, ROOT, PreviewBuilder(planned, deployed).document()), **BACKEND,
+               "FLEET_PCCS_URL": pccs, "FLEET_VERIFY_AT": INSIDE_WINDOW, "FLEET_EVIDENCE_DIR": str(tmp_path / "ev")}
+        yield nodes, env, plan_file, asked
+
+
+def timeline(cli: Path) -> list[str]:
+    """The fake CLI's ups and the nodes' requests in the order they happened: "up apps-0", "/apps-0/quote"."""
+    entries = []
+    for path in (cli / "calls.jsonl", cli.parent / "nodes.jsonl"):
+        entries += [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    out = []
+    for entry in sorted(entries, key=lambda e: e["time"]):
+        if entry["who"] == "node":
+            out.append(entry["path"])
+        elif entry["command"] == ["up"]:
+            nodes = sorted({previews.urn_name(u) for u in entry["targets"]} & {"apps-0", "apps-1", "apps-2"})
+            out.append("up " + (",".join(nodes) if entry["targets"] else "(all)"))
+    return out
+
+
+def test_make_rollout_applies_three_waves_each_after_the_previous_verified(project, cli, os_upgrade, tmp_path):
+    nodes, env, plan_file, asked = os_upgrade
+    for node in ("apps-0", "apps-1", "apps-2"):
+        nodes.serve(node)
+    result = make("rollout", project.root, env, f"VERIFY_PLAN={plan_file}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    targeted = [c for c in calls(cli, "up") if c["targets"]]
+    assert len(targeted) == 3
+    for index, up in enumerate(targeted):
+        names = {previews.urn_name(u) for u in up["targets"]}
+        assert f"apps-{index}" in names and f"apps-{index}-apply-config" in names
+        assert not {n for n in names if n.startswith(tuple(f"apps-{i}" for i in range(3) if i != index))}
+        assert "--target-dependents" not in up["argv"] and "--yes" in up["argv"]
+    assert sum(":GcpImage" in u for u in targeted[0]["targets"]) == 3  # the new OS image, with the first wave
+    assert not any(":GcpImage" in u for u in targeted[1]["targets"] + targeted[2]["targets"])
+    # each wave's up comes after the previous wave's node was read and verified
+    assert timeline(cli) == ["up apps-0", "/apps-0/info", "/apps-0/quote", "/apps-0/info", "/apps-0/quote",
+                             "up apps-1", "/apps-1/info", "/apps-1/quote", "/apps-1/info", "/apps-1/quote",
+                             "up apps-2", "/apps-2/info", "/apps-2/quote", "/apps-2/info", "/apps-2/quote"]
+    for index in range(3):
+        assert f"apps-{index} app:mpc-prod: verify: all" in result.stdout
+    assert any(p.endswith("/tcb") for p in asked)  # collateral fetched at each gate, kept as evidence
+    kept = sorted((tmp_path / "ev").glob("rollout-prod-*/wave-*/app-mpc-prod/*/collateral.json"))
+    assert [p.parts[-4] for p in kept] == ["wave-1", "wave-2", "wave-3"]
+    assert "rollout of prod done: 3 wave(s)" in result.stdout
+    # the allow-list: the new value before the first wave, the old one out after the last
+    out = result.stdout
+    add = out.index("DstackKms.addOsImageHash \"0x" + json.loads(TCB_INFO)["os_image_hash"])
+    remove = out.index("DstackKms.removeOsImageHash \"0x" + "11" * 32)
+    assert add < out.index("wave 1: apps: apps-0") < out.index("wave 3: apps: apps-2") < remove
+
+
+def test_a_tampered_attestation_stops_the_rollout_after_the_first_wave(project, cli, os_upgrade):
+    nodes, env, plan_file, _ = os_upgrade
+    nodes.serve("apps-0", quote=tampered_quote())
+    for node in ("apps-1", "apps-2"):
+        nodes.serve(node)
+    result = fleet(project.root, "rollout", "--stack", "prod", "--plan", str(plan_file), env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert [previews.urn_name(u) for u in calls(cli, "up")[0]["targets"] if u.endswith("::apps-0")] == ["apps-0", "apps-0"]
+    assert len(calls(cli, "up")) == 1  # waves 2 and 3 untouched, nothing applied after
+    assert "apps-0 app:mpc-prod: verify: 1 check(s) failed: quote signature" in result.stdout
+    assert "    quote signature: MISMATCH" in result.stdout
+    err = result.stderr
+    assert "rollout stopped at wave 1 (apps: apps-0): apps-0 failed its attestation gate" in err
+    assert "wave 1 (apps: apps-0): applied, not verified" in err and "untouched: apps-1, apps-2" in err
+    assert "To resume once the cause is fixed: make rollout STACK=prod" in err and "To roll back: revert" in err
+    assert "/apps-1/" not in "".join(timeline(cli))
+
+    # resumed as it is: the node that failed is verified again before any wave, and stops it again
+    result = fleet(project.root, "rollout", "--stack", "prod", "--plan", str(plan_file), env=env)
+    assert result.returncode == 1 and len(calls(cli, "up")) == 1
+    assert "rollout stopped before the first wave: apps-0 does not verify against the plan" in result.stderr
+    assert "untouched: apps-1, apps-2" in result.stderr
+
+    # fixed (the node now runs what the plan says): the rollout continues where it stopped
+    nodes.serve("apps-0")
+    result = fleet(project.root, "rollout", "--stack", "prod", "--plan", str(plan_file), env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "before the first wave: verifying the nodes this change leaves as they are (apps-0)" in result.stdout
+    assert "wave 1: apps: apps-1" in result.stdout and "wave 2: apps: apps-2" in result.stdout
+    assert [sorted({previews.urn_name(u) for u in c["targets"]} & {"apps-0", "apps-1", "apps-2"})
+            for c in calls(cli, "up")] == [["apps-0"], ["apps-1"], ["apps-2"]]
+
+
+def test_a_node_that_never_answers_stops_its_wave_at_the_health_wait(project, cli, os_upgrade):
+    nodes, env, plan_file, _ = os_upgrade
+    result = fleet(project.root, "rollout", "--stack", "prod", "--plan", str(plan_file), env=env)
+    assert result.returncode == 1
+    assert "rollout stopped at wave 1 (apps: apps-0): health: apps-0 not healthy after 5s" in result.stderr
+    assert len(calls(cli, "up")) == 1
+
+
+def test_a_dstack_group_without_a_quote_url_is_refused_before_anything_runs(project, cli):
+    deployed, planned = plans(project, nothing, lambda c: c["dstack-fleet:apps"][0]["settings"].update(publicLogs=False))
+    env = {**install(cli, ROOT, PreviewBuilder(planned, deployed).document()), **BACKEND}
+    result = fleet(project.root, "rollout", "--stack", "prod", "--ack", "identity:app:mpc-prod", env=env)
+    assert result.returncode == 2
+    assert "error: dstack-fleet:rollout.groups.apps.quoteUrl: required to roll group apps" in result.stderr
+    assert calls(cli, "up") == []
+
+
+def test_rollout_refuses_an_unacknowledged_prod_identity_change(project, cli):
+    deployed, planned = plans(project, nothing, lambda c: c["dstack-fleet:apps"][0]["settings"].update(publicLogs=False))
+    env = {**install(cli, ROOT, PreviewBuilder(planned, deployed).document()), **BACKEND}
+    result = fleet(project.root, "rollout", "--stack", "prod", env=env)
+    assert result.returncode == 1 and "make rollout prod refused: app:mpc-prod would get a new identity" in result.stderr
+    assert calls(cli, "up") == []
+
+
+# ---- the overlay gate -------------------------------------------------------------------------------
+
+SHARED = "02" + "ab" * 32
+OTHER = "03" + "cd" * 32
+
+
+def attest(pubkey: str, quote: str = "00") -> bytes:
+    """The light client's answer: a JSON string holding the JSON object (helios.rs get_attestation_handler)."""
+    return json.dumps(json.dumps({"quote": quote, "pubkey": pubkey})).encode()
+
+
+def overlay_gate(project, answers: dict[str, bytes], tmp_path) -> rollout.Gate:
+    project.mutate("prod", "prod", lambda c: c.update({"dstack-fleet:rollout": {"healthTimeoutSeconds": 2,
+                                                                                  "pollSeconds": 1}}))
+    lock_all(project, "prod")
+    _, config = load_config(project.root, "prod")
+    plan = plan_of(project)
+
+    def fetch(url: str) -> bytes:
+        address = url.split("//")[1].split(":")[0]
+        key = next(k for k, n in plan["outputs"]["nodes"].items() if n["address"] == address)
+        if key not in answers:
+            raise OSError("connection refused")
+        return answers[key]
+
+    assert plan["outputs"]["nodes"]["overlay-0"]["address"] == "10.30.0.10"  # http://{address}:3032/attest
+    return rollout.Gate(root=project.root, config=config, plan=plan, evidence=tmp_path / "ev",
+                        env={"PATH": "/usr/bin:/bin"}, fetcher=fetch, sleep=lambda s: None)
+
+
+def test_an_overlay_node_is_healthy_only_once_it_holds_the_overlays_secret(project, tmp_path):
+    answers = {"overlay-1": attest(SHARED), "overlay-2": attest(SHARED)}
+    gate = overlay_gate(project, answers, tmp_path)
+    assert gate.read_overlay_key(["overlay-1", "overlay-2", "overlay-3"]) == SHARED
+    # not answering yet: the light client serves /attest only after it received the secret
+    assert "not healthy after 2s" in gate.health("overlay-0", "overlay")
+    answers["overlay-0"] = attest(OTHER)
+    reason = gate.health("overlay-0", "overlay")
+    assert "overlay-0 holds a different secret" in reason and "founded a new overlay" in reason
+    answers["overlay-0"] = attest(SHARED)
+    assert gate.health("overlay-0", "overlay") is None
+
+
+def test_the_overlays_members_must_agree_and_answer(project, tmp_path):
+    gate = overlay_gate(project, {"overlay-1": attest(SHARED), "overlay-2": attest(OTHER)}, tmp_path)
+    with pytest.raises(rollout.Stopped, match="report different shared keys"):
+        gate.read_overlay_key(["overlay-1", "overlay-2"])
+    gate = overlay_gate(project, {}, tmp_path)
+    with pytest.raises(rollout.Stopped, match="no member of the overlay outside this wave answers on /attest"):
+        gate.read_overlay_key(["overlay-1"])
+
+
+def test_an_overlay_quote_must_be_bound_to_the_shared_key(project, tmp_path):
+    quote = bytes(json.loads(QUOTE)).hex()
+    gate = overlay_gate(project, {"overlay-0": attest(SHARED, quote)}, tmp_path)
+    gate.overlay_key = SHARED
+    with serve(QUOTE_SET / "collateral.json") as (pccs, _):
+        gate.env.update(FLEET_PCCS_URL=pccs, FLEET_VERIFY_AT=INSIDE_WINDOW)
+        result = gate.verify("overlay-0", "overlay", tmp_path / "ev" / "wave-1")
+    assert not result.ok
+    # the genuine quote of another TD does not carry SHA-256("register" || hex(pubkey))
+    expected = __import__("hashlib").sha256(b"register" + SHARED.encode()).hexdigest()
+    assert rollout.report_data(SHARED) == expected
+    (kept,) = (tmp_path / "ev" / "wave-1" / "node-overlay-0").iterdir()
+    table = (kept / "result.txt").read_text()
+    assert "MISMATCH: the quote was not made for this report data" in next(
+        l for l in table.splitlines() if l.startswith("quote report_data"))
+    assert "    quote report_data: MISMATCH: the quote was not made for this report data" in result.lines
+    assert next(l for l in table.splitlines() if l.startswith("quote signature")).rstrip().endswith("ok")
+    assert sorted(p.name for p in kept.iterdir()) == ["attest.json", "collateral.json", "plan.json", "quote.txt",
+                                                      "result.txt"]
+    assert any(l.strip().endswith("  collateral.json") for l in result.lines)  # its sha256, in the output

@@ -80,6 +80,12 @@ def parse_attest(body: bytes) -> dict[str, str]:
     return {"quote": document["quote"], "pubkey": pubkey}
 
 
+def mismatches(table: str) -> list[str]:
+    """The failing rows of a ``fleet verify`` table, as ``check: MISMATCH: why``."""
+    return [f"    {line.split('  ')[0]}: {line[line.index('MISMATCH'):]}" for line in table.splitlines()
+            if "  MISMATCH" in line]
+
+
 # ---- the real CLI ----------------------------------------------------------------------------------
 
 @dataclass
@@ -246,8 +252,7 @@ class Gate:
                       (result.stderr.strip().splitlines() or ["no output"])[-1:]
             lines.append(f"{key} {target}: {verdict[0]}")
             ok = ok and result.returncode == 0
-            if result.returncode != 0:
-                lines += [f"    {ln}" for ln in result.stdout.splitlines() if ln.rstrip().endswith("FAILED")]
+            lines += mismatches(result.stdout)
         return GateResult(ok, lines)
 
     def _verify_overlay(self, key: str, where: Path) -> GateResult:
@@ -284,7 +289,7 @@ class Gate:
                   (result.stderr.strip().splitlines() or ["no output"])[-1:]
         return GateResult(result.returncode == 0,
                           [f"{key} {target}: {verdict[0]} (holds the overlay's secret {answer['pubkey'][:16]}…)",
-                           f"    evidence kept in {evidence}:", *sums])
+                           *mismatches(result.stdout), f"    evidence kept in {evidence}:", *sums])
 
 
 # ---- the rollout -----------------------------------------------------------------------------------
