@@ -134,6 +134,29 @@ def test_nodes_already_down_count_toward_the_limit(project):
     assert previews.check(analysis(deployed, planned, builder), tier="prod", identities=[], waves=False) == []
 
 
+def test_a_refresh_that_finds_a_node_down_is_its_status_not_a_change(project):
+    """The digest shows a refresh that saw a difference as an ``update`` of outputs
+    (pkg/backend/display/json.go ShowPreviewDigest), before the program's own step."""
+    deployed, planned = plans(project, nothing, nothing)
+    builder = PreviewBuilder(planned, deployed)
+    urn = builder.urn("overlay-3", INSTANCE)
+    builder.down(urn, "TERMINATED")
+    document = builder.document()
+    for index, entry in enumerate(document["steps"]):
+        if entry["urn"] == urn and entry["op"] == "refresh":
+            document["steps"][index] = {**entry, "op": "update", "diffReasons": ["currentStatus"],
+                                        "detailedDiff": {"currentStatus": {"kind": "update", "inputDiff": False}}}
+    for entry in document["steps"]:
+        if entry["urn"] == urn and entry["op"] == "same":
+            entry["oldState"]["outputs"]["currentStatus"] = "TERMINATED"
+    found = previews.analyze(previews.parse(json.dumps(document)), previews.fleet_view(planned), [])
+    node = found.nodes["overlay-3"]
+    assert node.down and node.status == "TERMINATED" and not node.effects
+    assert found.preview.changed_urns() == []
+    assert previews.summary_lines(found)[0] == ("group overlay (overlay, maxUnavailable 1): 0 of 5 node(s) disrupted, "
+                                                "1 down now (overlay-3 TERMINATED)")
+
+
 def test_no_change_takes_every_overlay_member_down_not_even_acknowledged(project):
     def overlay_of_two(config):
         config["dstack-fleet:nodes"][0].update(count=2, maxUnavailable=2)

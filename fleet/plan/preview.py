@@ -78,11 +78,26 @@ class Step:
         return state.get("type") or urn_type(self.urn)
 
     @property
+    def drift(self) -> bool:
+        """An ``update`` that only a refresh found: none of its paths is an input of the resource (the
+        digest shows a refresh that saw a difference as an update of outputs such as
+        ``currentStatus``). The program changes inputs; this changes nothing."""
+        if self.op != "update":
+            return False
+        paths = list(self.detailed_diff) or list(self.diff_reasons)
+        inputs = {k for state in self.states() for k in (state.get("inputs") or {})}
+        return bool(paths) and not any(_top(p) in inputs for p in paths)
+
+    @property
     def changes(self) -> bool:
-        return self.op not in PASSIVE_OPS
+        return self.op not in PASSIVE_OPS and not self.drift
 
     def states(self) -> list[dict[str, Any]]:
         return [s for s in (self.old, self.new) if s]
+
+
+def _top(path: str) -> str:
+    return re.split(r"[.\[]", path, maxsplit=1)[0]
 
 
 def dependencies(state: Mapping[str, Any], *, parent: bool = True) -> set[str]:
@@ -143,14 +158,16 @@ class Preview:
 
     def instance_status(self, urn: str) -> str | None:
         """The instance's status as the cloud reports it now: a refresh step's new state, else the
-        old state the preview diffed against."""
-        found = None
-        for step in self.by_urn.get(urn, ()):
-            if step.op == "refresh" and step.new:
-                return (step.new.get("outputs") or {}).get("currentStatus")
-            if step.old and found is None:
-                found = (step.old.get("outputs") or {}).get("currentStatus")
-        return found
+        old state of the last step (with ``--refresh`` the program's step diffs against the
+        refreshed state; a refresh that saw a difference precedes it as an update)."""
+        steps = self.by_urn.get(urn, [])
+        for step in steps:
+            if step.op == "refresh" and step.new and "currentStatus" in (step.new.get("outputs") or {}):
+                return step.new["outputs"]["currentStatus"]
+        for step in reversed(steps):
+            if step.old and step.op != "refresh":
+                return (step.old.get("outputs") or {}).get("currentStatus")
+        return None
 
     def existed(self, urn: str) -> bool:
         return any(s.old for s in self.by_urn.get(urn, ()))
@@ -378,14 +395,14 @@ def analyze(preview: Preview, view: Mapping[str, NodeInfo], group_order: Iterabl
                 if step.op in REPLACEMENT_OPS:
                     _effect(node, "replace", [p for p, d in step.detailed_diff.items()
                                               if str(d.get("kind", "")).endswith("-replace")] or step.replace_reasons)
-                elif step.op == "update":
+                elif step.op == "update" and not step.drift:
                     _effect(node, *_update_effects(step, kind))
                 elif step.op == "delete":
                     _effect(node, "delete", [])
                 elif step.op in ("create", "import"):
                     _effect(node, "create", [])
         elif type_ == "command:local:Command" and urn_name(urn).endswith(RESET_SUFFIX):
-            if any(step.op == "update" or step.op in REPLACEMENT_OPS for step in preview.by_urn[urn]):
+            if any(step.changes and (step.op == "update" or step.op in REPLACEMENT_OPS) for step in preview.by_urn[urn]):
                 _effect(node, "reset", ["new configuration disk: gcloud compute instances reset"])
     order = list(dict.fromkeys([*group_order, *sorted({n.info.group for n in nodes.values()})]))
     groups: dict[str, Group] = {}
