@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import http.server
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -372,14 +373,15 @@ class Attestations:
 
     def __init__(self, log: Path):
         self.served: dict[str, bytes] = {}
+        self.answer = lambda path: self.served.get(path)
         self.log = log
 
     def __enter__(self):
-        served, log = self.served, self.log
+        log, attestations = self.log, self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
-                body = served.get(self.path)
+                body = attestations.answer(self.path)
                 with open(log, "a") as f:
                     f.write(json.dumps({"who": "node", "path": self.path, "time": time.time()}) + "\n")
                 self.send_response(200 if body is not None else 404)
@@ -460,7 +462,7 @@ def timeline(cli: Path) -> list[str]:
         if entry["who"] == "node":
             out.append(entry["path"])
         elif entry["command"] == ["up"]:
-            nodes = sorted({previews.urn_name(u) for u in entry["targets"]} & {"apps-0", "apps-1", "apps-2"})
+            nodes = sorted({n for n in map(previews.urn_name, entry["targets"]) if re.fullmatch(r"[a-z]+-\d+", n)})
             out.append("up " + (",".join(nodes) if entry["targets"] else "(all)"))
     return out
 
@@ -627,3 +629,54 @@ def test_an_overlay_quote_must_be_bound_to_the_shared_key(project, tmp_path):
     assert sorted(p.name for p in kept.iterdir()) == ["attest.json", "collateral.json", "plan.json", "quote.txt",
                                                       "result.txt"]
     assert any(l.strip().endswith("  collateral.json") for l in result.lines)  # its sha256, in the output
+
+
+def test_an_overlay_rolls_one_node_at_a_time_each_holding_the_shared_secret(project, cli, tmp_path, monkeypatch,
+                                                                            capsys):
+    """The overlay's orchestration: the shared key read from the members outside each wave before its
+    up, the new node healthy only with that key. (A real quote over the key is not available offline,
+    so this gate's verification is a recorder; tests above run fleet verify on the overlay path.)"""
+    with Attestations(cli.parent / "nodes.jsonl") as nodes:
+        def endpoints(config):
+            config["dstack-fleet:rollout"] = {"groups": {"overlay": {"attestUrl": nodes.url + "/{key}/attest"}},
+                                              "healthTimeoutSeconds": 2, "pollSeconds": 1}
+
+        def rolled(config):
+            endpoints(config)
+            two_versions(config)
+        deployed, planned = plans(project, endpoints, rolled)
+        env = install(cli, ROOT, PreviewBuilder(planned, deployed).document())
+        urns = {k: PreviewBuilder(planned).urn(k, INSTANCE) for k in planned["outputs"]["nodes"]}
+
+        def answer(path: str):
+            key = path.split("/")[1]
+            applied = json.loads((cli / "applied.json").read_text()) if (cli / "applied.json").exists() else []
+            # overlay-1 comes back from its replacement with a secret of its own
+            return attest(OTHER if key == "overlay-1" and urns[key] in applied else SHARED)
+        nodes.answer = answer
+        for name, value in {**env, **BACKEND}.items():
+            monkeypatch.setenv(name, value)
+        verified = []
+
+        class Recorder(rollout.Gate):
+            def verify(self, key, kind, where):
+                verified.append(key)
+                return rollout.GateResult(True, [f"{key}: recorded"])
+
+        code = rollout.run(project.root, "prod", [], gate_factory=Recorder)
+    assert code == 1
+    # before anything: the members the change leaves alone; then overlay-0's wave, verified
+    assert verified == ["overlay-3", "overlay-4", "overlay-0"]
+    ups = [sorted({previews.urn_name(u) for u in c["targets"]} & set(urns)) for c in calls(cli, "up")]
+    assert ups == [["overlay-0"], ["overlay-1"]]
+    out, err = capsys.readouterr()
+    assert timeline(cli) == [
+        "/overlay-3/attest",  # the key, from a member left alone
+        "/overlay-1/attest", "/overlay-2/attest", "/overlay-3/attest", "/overlay-4/attest",  # wave 1's reference
+        "up overlay-0", "/overlay-0/attest",  # healthy: answers with the shared key
+        "/overlay-0/attest", "/overlay-2/attest", "/overlay-3/attest", "/overlay-4/attest",  # wave 2's reference
+        "up overlay-1", "/overlay-1/attest"]
+    assert "overlay-0: healthy and holds the overlay's shared secret" in out
+    assert ("rollout stopped at wave 2 (overlay: overlay-1): health: overlay-1 holds a different secret "
+            "(public key 03cdcdcdcdcdcdcd…, the overlay's is 02ababababababab…): it founded a new overlay") in err
+    assert "untouched: overlay-2" in err
