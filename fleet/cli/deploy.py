@@ -133,12 +133,13 @@ def run(root: Path, command: str, stack: str, extra: list[str] | None = None,
     env = dict(os.environ)
     calls = invocations(root, command, stack, env, extra)
     if command == "up":
-        # Rollout safety (fleet/cli/preflight.py): the real CLI's preview is checked first, and
+        # Rollout safety (fleet/cli/preflight.py): an env stack's live preview is checked first, and
         # nothing is applied when a rule refuses it.
         from fleet.cli import preflight
 
-        preview = invocations(root, "preview", stack, env, (extra or []) + preflight.PREVIEW_FLAGS)[-1]
-        return preflight.checked_up(root, stack, calls, preview, acknowledgements or [])
+        if preflight.applies(root, stack):
+            preview = invocations(root, "preview", stack, env, (extra or []) + preflight.PREVIEW_FLAGS)[-1]
+            return preflight.checked_up(root, stack, calls, preview, acknowledgements or [])
     for call in calls:
         result = subprocess.run(call.argv, env=call.env, check=False)
         if result.returncode != 0:

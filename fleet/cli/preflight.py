@@ -45,6 +45,11 @@ class CheckFailed(Exception):
         self.code = code
 
 
+def applies(root: Path, stack: str) -> bool:
+    """Only env stacks have nodes and apps; the bootstrap and images stacks are applied as they are."""
+    return load_config(root, stack)[1].fleet.role == "env"
+
+
 def run_preview(call: Call) -> previews.Preview:
     """Run the preview invocation and read its JSON; a failing CLI or unreadable output is a
     ``CheckFailed`` that keeps the CLI's exit code and its error lines."""
