@@ -311,7 +311,7 @@ class Progress:
         if self.current is not None:
             lines.append(f"  wave {number} ({self.current.label()}): applied, not verified")
         lines.append(f"  untouched: {', '.join(self.remaining) or 'nothing'}")
-        if self.evidence is not None:
+        if self.evidence is not None and self.evidence.exists():
             lines.append(f"  evidence: {self.evidence}")
         lines += [f"To resume once the cause is fixed: make rollout STACK={self.stack} (the waves are derived again "
                   "from the live preview; every node already changed is verified again before the next wave).",

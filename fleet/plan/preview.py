@@ -633,6 +633,7 @@ def summary_lines(analysis: Analysis) -> list[str]:
     outside = analysis.outside()
     if outside:
         lines.append(f"{len(outside)} other change(s): " + ", ".join(
-            f"{urn_name(u)} ({'/'.join(sorted(analysis.preview.ops(u) - set(PASSIVE_OPS)))})" for u in outside[:8])
+            f"{urn_type(u).rsplit(':', 1)[-1]} {urn_name(u)} ({'/'.join(sorted(analysis.preview.ops(u) - set(PASSIVE_OPS)))})"
+            for u in outside[:8])
             + (f", +{len(outside) - 8}" if len(outside) > 8 else ""))
     return lines or ["no change to any node"]
