@@ -85,6 +85,8 @@ def test_a_preview_that_is_not_the_cli_document_is_refused_in_one_line():
 
 
 def test_nodes_are_counted_by_urn_not_by_step(project):
+    # --show-replacement-steps adds create-replacement and delete-replaced to a replacement
+    # (pulumi/pulumi 1b5949891b pkg/backend/display/display.go shouldShow); one node, one count
     deployed, planned = plans(project, nothing, two_versions)
     document = PreviewBuilder(planned, deployed).document()
     replaced = [s for s in document["steps"] if s["urn"].endswith("::overlay-0") and s["op"] != "refresh"
@@ -116,6 +118,8 @@ def test_over_max_unavailable_is_refused_and_an_acknowledgement_names_it(project
 
 
 def test_nodes_already_down_count_toward_the_limit(project):
+    # the refreshed instance's currentStatus (pulumi-gcp 10.2.0 pulumi_gcp/compute/instance.py current_status:
+    # PROVISIONING, STAGING, RUNNING, STOPPING, SUSPENDING, SUSPENDED, REPAIRING, TERMINATED)
     def one(config):
         two_versions(config)
         config["dstack-fleet:nodes"][0]["imageOverrides"] = {1: "overlay-3eb04ca", 2: "overlay-3eb04ca",
@@ -206,6 +210,9 @@ def test_acknowledgements_are_names_or_an_error():
 
 
 def test_a_wave_targets_its_node_the_new_image_and_nothing_of_another_node(project):
+    # Explicit targets, not --target-dependents: the engine would follow the new image to every instance
+    # booting it (pulumi/pulumi 1b5949891b pkg/resource/deploy/step_generator.go isTargetedForUpdate), and a
+    # targeted instance needing an untargeted create fails the update ("untargeted create", same file)
     deployed, planned = plans(project, nothing, two_versions)
     found = analysis(deployed, planned)
     assert previews.next_wave(found) == ["overlay-0"]
@@ -256,6 +263,8 @@ def test_a_wave_refuses_to_split_nodes_that_depend_on_each_other(project):
 
 
 def test_allow_list_values_are_added_before_and_removed_after_in_exact_form(project):
+    # near/mpc b0b6b7167e89 crates/contract/src/api/tee_measurements.rs (vote_code_hash has no removal);
+    # Dstack-TEE/dstack 312dc605 kms/auth-eth/contracts/DstackApp.sol addComposeHash/removeComposeHash
     def new_mpc(config):
         config["dstack-fleet:containers"]["mpc-node"]["external"]["digest"] = "sha256:" + "ab" * 32
     deployed, planned = plans(project, nothing, new_mpc)
@@ -588,6 +597,8 @@ def overlay_gate(project, answers: dict[str, bytes], tmp_path) -> rollout.Gate:
 
 
 def test_an_overlay_node_is_healthy_only_once_it_holds_the_overlays_secret(project, tmp_path):
+    # tplus-examples 3eb04cad dstack-helios-tdx/light-client/src/helios.rs: the API on port 3032 starts
+    # after the secret arrives; /attest's pubkey is the shared secret's public key
     answers = {"overlay-1": attest(SHARED), "overlay-2": attest(SHARED)}
     gate = overlay_gate(project, answers, tmp_path)
     assert gate.read_overlay_key(["overlay-1", "overlay-2", "overlay-3"]) == SHARED
@@ -610,6 +621,8 @@ def test_the_overlays_members_must_agree_and_answer(project, tmp_path):
 
 
 def test_an_overlay_quote_must_be_bound_to_the_shared_key(project, tmp_path):
+    # tplus-examples 3eb04cad dstack-helios-tdx/mocks/src/lib.rs test_verify_quote: report_data is
+    # SHA-256("register" || hex(pubkey)) zero-padded to 64 bytes
     quote = bytes(json.loads(QUOTE)).hex()
     gate = overlay_gate(project, {"overlay-0": attest(SHARED, quote)}, tmp_path)
     gate.overlay_key = SHARED

@@ -33,8 +33,6 @@ from fleet.attest import measure
 from fleet.plan import changes
 from fleet.plan.diff import identity_changes
 
-# pulumi/pulumi sdk/go/common/resource/plugin/rpc.go UnknownStringValue: an unknown value in a state
-UNKNOWN_VALUE = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
 REPLACEMENT_OPS = ("replace", "create-replacement", "delete-replaced")
 # ops that change nothing in the cloud (pkg/resource/deploy/step.go StepOps)
 PASSIVE_OPS = ("same", "refresh", "read", "read-replacement", "discard", "discard-replaced")
@@ -71,11 +69,6 @@ class Step:
     diff_reasons: tuple[str, ...] = ()
     replace_reasons: tuple[str, ...] = ()
     detailed_diff: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-    @property
-    def type(self) -> str:
-        state = self.new or self.old or {}
-        return state.get("type") or urn_type(self.urn)
 
     @property
     def drift(self) -> bool:
