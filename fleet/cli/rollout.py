@@ -292,26 +292,143 @@ class Gate:
                            *mismatches(result.stdout), f"    evidence kept in {evidence}:", *sums])
 
 
-# ---- the rollout -----------------------------------------------------------------------------------
+# ---- the rollout ----------------------------------------------------------------------------------
+
+class Stop(Exception):
+    """The rollout stops here: ``where`` it stopped and why."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(reason)
+        self.where = where
+
 
 @dataclass
-class Progress:
+class Rollout:
+    root: Path
     stack: str
+    acks: set[str]
+    plan: dict[str, Any]
+    cli: Cli
+    gate: Gate
+    evidence: Path
     done: list[previews.Wave] = field(default_factory=list)
     current: previews.Wave | None = None
     remaining: list[str] = field(default_factory=list)
-    evidence: Path | None = None
 
-    def stop_lines(self, reason: str, number: int) -> list[str]:
-        where = f"wave {number}" + (f" ({self.current.label()})" if self.current else "") if number else \
-            "before the first wave"
-        lines = [f"rollout stopped {'at ' if number else ''}{where}: {reason}"]
+    def assess(self, preview: previews.Preview | None = None, *, waves: bool = True,
+               where: str = "") -> preflight.Assessment:
+        """The live preview (again), under the rules; a refusal stops the rollout."""
+        try:
+            found = preflight.assess(self.root, self.stack, preview or self.cli.preview(), self.acks, waves=waves,
+                                     plan=self.plan)
+        except (preflight.CheckFailed, deploy.DeployRefused) as exc:
+            raise Stop(where, str(exc)) from None
+        if found.refused:
+            self.remaining = _remaining(found.analysis)
+            raise Stop(where, "; ".join(str(f) for f in found.refused))
+        return found
+
+    def verify_settled(self, analysis: previews.Analysis) -> None:
+        """Nodes of the groups being rolled that the change leaves as they are (done by an earlier run,
+        or not part of it) verify before anything changes: a resumed rollout never goes past a node
+        that failed its gate."""
+        settled = [n for g in _rolled_groups(analysis) for n in g.nodes if n.exists and not n.disrupted
+                   and not n.down and not n.removed and n.key in self.gate.planned()]
+        if not settled:
+            return
+        print("before the first wave: verifying the nodes this change leaves as they are ("
+              + ", ".join(n.key for n in settled) + ")")
+        self.remaining = _remaining(analysis)
+        for node in settled:
+            try:
+                if node.info.kind == "overlay" and self.gate.overlay_key is None:
+                    self.gate.read_overlay_key([node.key])
+            except Stopped as exc:
+                raise Stop("before the first wave", str(exc)) from None
+            result = self.gate.verify(node.key, node.info.kind, self.evidence / "wave-0")
+            for line in result.lines:
+                print(f"  {line}")
+            if not result.ok:
+                raise Stop("before the first wave", f"{node.key} does not verify against the plan; fix it or roll "
+                           "it back before continuing")
+
+    def wave(self, analysis: previews.Analysis, keys: list[str]) -> None:
+        """One wave: its targeted up, the health wait and the gate of each of its nodes."""
+        number = len(self.done) + 1
+        where = f"wave {number}"
+        self.remaining = _remaining(analysis)
+        try:
+            wave = previews.wave_targets(analysis, keys)
+        except previews.WaveError as exc:
+            raise Stop(where, str(exc)) from None
+        kind = analysis.nodes[keys[0]].info.kind
+        print(f"wave {number}: {wave.label()} ({len(wave.targets)} resources targeted"
+              + (f"; with {len(wave.extras)} change(s) outside the nodes" if wave.extras else "") + ")")
+        if kind == "overlay":
+            others = [m.key for m in analysis.overlay_members()
+                      if m.key not in keys and not m.down and not m.removed and m.key in self.gate.planned()]
+            try:
+                print(f"  overlay shared key (read from {', '.join(others)}): {self.gate.read_overlay_key(others)}")
+            except Stopped as exc:
+                raise Stop(f"{where} ({wave.label()}), before its up", str(exc)) from None
+        self.current, self.remaining = wave, _remaining(analysis, keys)
+        where = f"{where} ({wave.label()})"
+        code = self.cli.up(wave.targets)
+        if code != 0:
+            raise Stop(where, f"pulumi up of the wave failed (exit {code})")
+        for key in keys:
+            reason = self.gate.health(key, kind)
+            if reason is not None:
+                raise Stop(where, f"health: {reason}")
+            print(f"  {key}: healthy" + (" and holds the overlay's shared secret" if kind == "overlay" else ""))
+            result = self.gate.verify(key, kind, self.evidence / f"wave-{number}")
+            for line in result.lines:
+                print(f"  {line}")
+            if not result.ok:
+                raise Stop(where, f"{key} failed its attestation gate")
+        self.done.append(wave)
+        self.current = None
+
+    def waves(self, analysis: previews.Analysis) -> previews.Analysis:
+        """Waves until no node is left to roll, each derived from the live preview."""
+        applied: set[str] = set()
+        while True:
+            keys = previews.next_wave(analysis)
+            left = _remaining(analysis)
+            if not keys:
+                if left:
+                    self.remaining = left
+                    raise Stop(f"wave {len(self.done) + 1}", f"no wave fits: {', '.join(left)} would exceed "
+                               "maxUnavailable or leave the overlay without a member holding its secret")
+                return analysis
+            repeated = sorted(set(keys) & applied)
+            if repeated:
+                self.remaining = left
+                raise Stop(f"wave {len(self.done) + 1}", f"{', '.join(repeated)} still show(s) the change after "
+                           "its wave was applied")
+            self.wave(analysis, keys)
+            applied.update(keys)
+            analysis = self.assess(where=f"wave {len(self.done) + 1}").analysis
+
+    def finish(self, analysis: previews.Analysis) -> None:
+        """What is left lands in one up, checked like `make up`: deletions of the old versions, changes
+        outside the nodes."""
+        final = self.assess(analysis.preview if not self.done else None, waves=False, where="after the last wave")
+        changed = final.analysis.preview.changed_urns()
+        if changed:
+            print(f"after the last wave: applying the rest ({len(changed)} change(s))")
+            code = self.cli.up(None)
+            if code != 0:
+                raise Stop("after the last wave", f"pulumi up of the remaining changes failed (exit {code})")
+
+    def stop_lines(self, stop: Stop) -> list[str]:
+        lines = [f"rollout stopped {'at ' if stop.where.startswith('wave') else ''}{stop.where}: {stop}"]
         for index, wave in enumerate(self.done, 1):
             lines.append(f"  wave {index} ({wave.label()}): applied and verified")
         if self.current is not None:
-            lines.append(f"  wave {number} ({self.current.label()}): applied, not verified")
+            lines.append(f"  wave {len(self.done) + 1} ({self.current.label()}): applied, not verified")
         lines.append(f"  untouched: {', '.join(self.remaining) or 'nothing'}")
-        if self.evidence is not None and self.evidence.exists():
+        if self.evidence.exists():
             lines.append(f"  evidence: {self.evidence}")
         lines += [f"To resume once the cause is fixed: make rollout STACK={self.stack} (the waves are derived again "
                   "from the live preview; every node already changed is verified again before the next wave).",
@@ -321,8 +438,8 @@ class Progress:
         return lines
 
 
-def _remaining(analysis: previews.Analysis, skip: list[str]) -> list[str]:
-    return [n.key for g in analysis.groups.values() for n in g.disrupted if n.key not in skip]
+def _remaining(analysis: previews.Analysis, skip: list[str] | None = None) -> list[str]:
+    return [n.key for g in analysis.groups.values() for n in g.disrupted if n.key not in (skip or [])]
 
 
 def _rolled_groups(analysis: previews.Analysis) -> list[previews.Group]:
@@ -343,141 +460,39 @@ def run(root: Path, stack: str, ack_values: list[str], plan_path: Path | None = 
     env = dict(os.environ)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     evidence = Path(env.get("FLEET_EVIDENCE_DIR") or root / ".fleet-evidence").resolve() / f"rollout-{stack}-{stamp}"
-    progress = Progress(stack, evidence=evidence)
     cli = Cli(root, stack, env)
     try:
         plan = preflight.load_plan(root, stack, plan_path)
-        assessment = preflight.assess(root, stack, cli.preview(), acks, waves=True, plan=plan)
+        first = preflight.assess(root, stack, cli.preview(), acks, waves=True, plan=plan)
     except (preflight.CheckFailed, deploy.DeployRefused) as exc:
         print(f"error: {exc}; nothing was applied", file=sys.stderr)
         return getattr(exc, "code", EXIT_INPUT)
-    for line in assessment.lines():
+    for line in first.lines():
         print(line)
-    if assessment.refused:
-        for line in preflight.refusal_lines(assessment, stack, "make rollout"):
+    if first.refused:
+        for line in preflight.refusal_lines(first, stack, "make rollout"):
             print(line, file=sys.stderr)
         return EXIT_STOPPED
-    if env.get("FLEET_VERIFY_AT"):
-        print(f"note: FLEET_VERIFY_AT={env['FLEET_VERIFY_AT']}: attestations are checked as of that time, not now")
-    allow = assessment.allow
     gate = gate_factory(root=root, config=config, plan=plan, evidence=evidence, env=env)
-    rolled = _rolled_groups(assessment.analysis)
-    trouble = gate.problems(rolled)
+    trouble = gate.problems(_rolled_groups(first.analysis))
     if trouble:
         for line in trouble:
             print(f"error: {line}; nothing was applied", file=sys.stderr)
         return EXIT_INPUT
-    for line in allow.before_lines():
+    if env.get("FLEET_VERIFY_AT"):
+        print(f"note: FLEET_VERIFY_AT={env['FLEET_VERIFY_AT']}: attestations are checked as of that time, not now")
+    for line in first.allow.before_lines():
         print(line)
-
-    # Nodes of the groups being rolled that the change leaves as they are (done by an earlier run, or
-    # not part of it) must verify before anything changes: a resumed rollout never goes past a node
-    # that failed its gate.
-    settled = [n for g in rolled for n in g.nodes if n.exists and not n.disrupted and not n.down
-               and not n.removed and n.key in gate.planned()]
-    if settled:
-        print("before the first wave: verifying the nodes this change leaves as they are ("
-              + ", ".join(n.key for n in settled) + ")")
-        where = evidence / "wave-0"
-        for node in settled:
-            if node.info.kind == "overlay" and gate.overlay_key is None:
-                try:
-                    gate.read_overlay_key([node.key])
-                except Stopped as exc:
-                    progress.remaining = _remaining(assessment.analysis, [])
-                    return _stop(progress, str(exc), 0)
-            result = gate.verify(node.key, node.info.kind, where)
-            for line in result.lines:
-                print(f"  {line}")
-            if not result.ok:
-                progress.remaining = _remaining(assessment.analysis, [])
-                return _stop(progress, f"{node.key} does not verify against the plan; fix it or roll it back "
-                             "before continuing", 0)
-
-    applied: set[str] = set()
-    number = 0
-    analysis = assessment.analysis
-    while True:
-        if number > 0:
-            try:
-                assessment = preflight.assess(root, stack, cli.preview(), acks, waves=True, plan=plan)
-            except (preflight.CheckFailed, deploy.DeployRefused) as exc:
-                return _stop(progress, str(exc), number + 1)
-            analysis = assessment.analysis
-            if assessment.refused:
-                progress.remaining = _remaining(analysis, [])
-                return _stop(progress, "; ".join(str(f) for f in assessment.refused), number + 1)
-        keys = previews.next_wave(analysis)
-        if not keys:
-            left = _remaining(analysis, [])
-            if left:
-                progress.remaining = left
-                return _stop(progress, f"no wave fits: {', '.join(left)} would exceed maxUnavailable or leave the "
-                             "overlay without a member holding its secret", number + 1)
-            break
-        repeated = sorted(set(keys) & applied)
-        if repeated:
-            progress.remaining = _remaining(analysis, [])
-            return _stop(progress, f"{', '.join(repeated)} still show(s) the change after their wave was applied",
-                         number + 1)
-        try:
-            wave = previews.wave_targets(analysis, keys)
-        except previews.WaveError as exc:
-            progress.remaining = _remaining(analysis, [])
-            return _stop(progress, str(exc), number + 1)
-        number += 1
-        progress.current, progress.remaining = wave, _remaining(analysis, keys)
-        kind = analysis.nodes[keys[0]].info.kind
-        print(f"wave {number}: {wave.label()} ({len(wave.targets)} resources targeted"
-              + (f"; with {len(wave.extras)} change(s) outside the nodes" if wave.extras else "") + ")")
-        if kind == "overlay":
-            others = [m.key for m in analysis.overlay_members()
-                      if m.key not in keys and not m.down and not m.removed and m.key in gate.planned()]
-            try:
-                key = gate.read_overlay_key(others)
-                print(f"  overlay shared key (read from {', '.join(others)}): {key}")
-            except Stopped as exc:
-                progress.current = None
-                progress.remaining = _remaining(analysis, [])
-                return _stop(progress, str(exc), number)
-        code = cli.up(wave.targets)
-        applied.update(keys)
-        if code != 0:
-            return _stop(progress, f"pulumi up of the wave failed (exit {code})", number)
-        where = evidence / f"wave-{number}"
-        for key in keys:
-            reason = gate.health(key, kind)
-            if reason is not None:
-                return _stop(progress, f"health: {reason}", number)
-            print(f"  {key}: healthy" + (" and holds the overlay's shared secret" if kind == "overlay" else ""))
-            result = gate.verify(key, kind, where)
-            for line in result.lines:
-                print(f"  {line}")
-            if not result.ok:
-                return _stop(progress, f"{key} failed its attestation gate", number)
-        progress.done.append(wave)
-        progress.current = None
-
-    # What is left lands in one up: deletions of the old versions, changes outside the nodes.
+    rollout = Rollout(root, stack, acks, plan, cli, gate, evidence)
     try:
-        last = cli.preview() if number else analysis.preview
-        final = preflight.assess(root, stack, last, acks, waves=False, plan=plan)
-    except (preflight.CheckFailed, deploy.DeployRefused) as exc:
-        return _stop(progress, str(exc), number + 1)
-    if final.refused:
-        return _stop(progress, "; ".join(str(f) for f in final.refused), number + 1)
-    if final.analysis.preview.changed_urns():
-        print(f"after the last wave: applying the rest ({len(final.analysis.preview.changed_urns())} change(s))")
-        code = cli.up(None)
-        if code != 0:
-            return _stop(progress, f"pulumi up of the remaining changes failed (exit {code})", number + 1)
-    for line in allow.after_lines():
+        rollout.verify_settled(first.analysis)
+        rollout.finish(rollout.waves(first.analysis))
+    except Stop as stop:
+        for line in rollout.stop_lines(stop):
+            print(line, file=sys.stderr)
+        return EXIT_STOPPED
+    for line in first.allow.after_lines():
         print(line)
-    print(f"rollout of {stack} done: {len(progress.done)} wave(s)" + (f"; evidence in {evidence}" if progress.done else ""))
+    print(f"rollout of {stack} done: {len(rollout.done)} wave(s)"
+          + (f"; evidence in {evidence}" if evidence.exists() else ""))
     return EXIT_DONE
-
-
-def _stop(progress: Progress, reason: str, number: int) -> int:
-    for line in progress.stop_lines(reason, number):
-        print(line, file=sys.stderr)
-    return EXIT_STOPPED
