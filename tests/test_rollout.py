@@ -493,7 +493,8 @@ def test_make_rollout_applies_three_waves_each_after_the_previous_verified(proje
     assert sum(":GcpImage" in u for u in targeted[0]["targets"]) == 3  # the new OS image, with the first wave
     assert not any(":GcpImage" in u for u in targeted[1]["targets"] + targeted[2]["targets"])
     # each wave's up comes after the previous wave's node was read and verified
-    assert timeline(cli) == ["up apps-0", "/apps-0/info", "/apps-0/quote", "/apps-0/info", "/apps-0/quote",
+    assert timeline(cli) == ["/apps-0/info",  # reachable from here, before anything changes
+                             "up apps-0", "/apps-0/info", "/apps-0/quote", "/apps-0/info", "/apps-0/quote",
                              "up apps-1", "/apps-1/info", "/apps-1/quote", "/apps-1/info", "/apps-1/quote",
                              "up apps-2", "/apps-2/info", "/apps-2/quote", "/apps-2/info", "/apps-2/quote"]
     for index in range(3):
@@ -541,12 +542,26 @@ def test_a_tampered_attestation_stops_the_rollout_after_the_first_wave(project, 
             for c in calls(cli, "up")] == [["apps-0"], ["apps-1"], ["apps-2"]]
 
 
-def test_a_node_that_never_answers_stops_its_wave_at_the_health_wait(project, cli, os_upgrade):
+def test_a_node_that_never_comes_back_stops_its_wave_at_the_health_wait(project, cli, os_upgrade):
     nodes, env, plan_file, _ = os_upgrade
+    for node in ("apps-0", "apps-1", "apps-2"):
+        nodes.serve(node)
+    served = nodes.answer
+    nodes.answer = lambda path: None if path.startswith("/apps-0/") and calls(cli, "up") else served(path)
     result = fleet(project.root, "rollout", "--stack", "prod", "--plan", str(plan_file), env=env)
     assert result.returncode == 1
     assert "rollout stopped at wave 1 (apps: apps-0): health: apps-0 not healthy after 5s" in result.stderr
+    assert "untouched: apps-1, apps-2" in result.stderr
     assert len(calls(cli, "up")) == 1
+
+
+def test_nodes_that_cannot_be_reached_from_here_are_not_rolled(project, cli, os_upgrade):
+    """Where the nodes do not answer (a runner outside their network), nothing starts."""
+    nodes, env, plan_file, _ = os_upgrade
+    result = fleet(project.root, "rollout", "--stack", "prod", "--plan", str(plan_file), env=env)
+    assert result.returncode == 1
+    assert "error: no node of group apps answers from here" in result.stderr and "nothing was applied" in result.stderr
+    assert calls(cli, "up") == []
 
 
 def test_a_dstack_group_without_a_quote_url_is_refused_before_anything_runs(project, cli):

@@ -167,6 +167,29 @@ class Gate:
                            "GetQuote response of the node's app (the guest agent serves none on its public port)")
         return out
 
+    def unreachable(self, groups: list[previews.Group]) -> list[str]:
+        """Groups none of whose running nodes answers from here: their waves could never be verified,
+        so the rollout does not start them (an overlay's members are read before each wave anyway)."""
+        out = []
+        for group in groups:
+            if group.kind != "dstack":
+                continue
+            running = [n.key for n in group.nodes if n.exists and not n.down and n.key in self.planned()]
+            urls = [self.endpoints(k).info_url or "" for k in running]
+            errors = []
+            for url in urls:
+                try:
+                    self.fetcher(url)
+                    break
+                except (OSError, ValueError) as exc:
+                    errors.append(f"{url}: {exc}")
+            else:
+                if urls:
+                    out.append(f"no node of group {group.name} answers from here ({'; '.join(errors[:2])}), so no "
+                               "wave of it could be verified: run the rollout where the nodes are reachable, or set "
+                               f"dstack-fleet:rollout.groups.{group.name}.infoUrl")
+        return out
+
     def planned(self) -> set[str]:
         return set((self.plan.get("outputs") or {}).get("nodes") or {})
 
@@ -479,6 +502,11 @@ def run(root: Path, stack: str, ack_values: list[str], plan_path: Path | None = 
         for line in trouble:
             print(f"error: {line}; nothing was applied", file=sys.stderr)
         return EXIT_INPUT
+    unreachable = gate.unreachable(_rolled_groups(first.analysis))
+    if unreachable:
+        for line in unreachable:
+            print(f"error: {line}; nothing was applied", file=sys.stderr)
+        return EXIT_STOPPED
     if env.get("FLEET_VERIFY_AT"):
         print(f"note: FLEET_VERIFY_AT={env['FLEET_VERIFY_AT']}: attestations are checked as of that time, not now")
     for line in first.allow.before_lines():
