@@ -37,6 +37,8 @@ elif "export" in argv:
     sys.exit(int(os.environ.get("FAKE_EXPORT_RC", "0")))
 elif "select" in argv:
     sys.exit(int(os.environ.get("FAKE_SELECT_RC", "0")))
+elif "preview" in argv and "--json" in argv:  # make up's live check: a preview that changes nothing
+    print(json.dumps({{"steps": [], "duration": 1}}))
 """
 KMS = "gcpkms://projects/acme-tee-ops/locations/us-central1/keyRings/fleet-stack-secrets/cryptoKeys/fleet-{}"
 ENCRYPTED_KEY = "CiQAh0fake0encrypted0data0key0written0by0pulumi0stack0init"
@@ -244,8 +246,11 @@ def test_up_prod_with_a_shared_backend_and_locked_images(fake_pulumi, project):
     result = fleet_deploy(project, "up", "prod", env)
     assert result.returncode == 0, result.stderr
     recorded = calls(log)
-    assert [c["argv"][2:4] for c in recorded[1:]] == [["stack", "select"], ["stack", "export"], ["up", "--stack"]]
+    # Every up is first previewed (as JSON) so the rollout rules judge the exact steps it would take.
+    assert [c["argv"][2:4] for c in recorded[1:]] == [
+        ["stack", "select"], ["stack", "export"], ["preview", "--stack"], ["up", "--stack"]]
     assert recorded[2]["argv"][2:] == ["stack", "export", "--stack", "prod"]
+    assert "--json" in recorded[3]["argv"] and "--policy-pack" in recorded[3]["argv"]
     up = recorded[-1]
     assert up["argv"][2:8] == ["up", "--stack", "prod", "--diff", "--non-interactive", "--yes"]
     assert up["argv"][8:11] == ["--policy-pack", str(ROOT / "policies"), "--policy-pack-config"]

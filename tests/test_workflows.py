@@ -305,7 +305,7 @@ def test_deploy_jobs_provide_an_authenticated_gcloud_before_up():
     for stack, job in workflow("deploy")["jobs"].items():
         names = [action(s) or s.get("run") for s in steps(job)]
         assert (names.index("google-github-actions/auth") < names.index("google-github-actions/setup-gcloud")
-                < names.index('make up STACK="$STACK"')), stack
+                < names.index('make "$DEPLOY" STACK="$STACK" ACK="$ACK"')), stack
         assert only_step(job, "google-github-actions/setup-gcloud")["with"] == {"version": ">= 363.0.0"}
 
 
@@ -359,8 +359,31 @@ def test_deploy_goes_dev_then_staging_then_prod():
         assert job["env"]["STACK"] == stack and job["env"]["FLEET_UP_YES"] == "1"
         assert job["env"]["PULUMI_BACKEND_URL"] == "${{ vars.PULUMI_BACKEND_URL }}"
         runs = [s["run"] for s in steps(job) if "run" in s]
-        assert runs[-2:] == ['make up STACK="$STACK"', 'make gc STACK="$STACK" GC_APPLY=1']
+        assert runs[-2:] == ['make "$DEPLOY" STACK="$STACK" ACK="$ACK"', 'make gc STACK="$STACK" GC_APPLY=1']
         assert only_step(job, "pulumi/actions")["with"] == {"pulumi-version-file": ".pulumi-version"}
+
+
+def test_deploy_rolls_staging_and_prod_in_gated_waves_and_keeps_the_evidence():
+    document = workflow("deploy")
+    jobs = document["jobs"]
+    # dev in one checked up; staging and prod in waves, each gated on fleet verify (make rollout)
+    assert {stack: job["env"]["DEPLOY"] for stack, job in jobs.items()} == {
+        "dev": "up", "staging": "rollout", "prod": "rollout"}
+    for target in ("up", "rollout"):
+        dry = subprocess.run(["make", "-n", target, "STACK=prod", "ACK=group:overlay", "PY_DEPS="],
+                             capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+        verb = ["deploy", "up"] if target == "up" else ["rollout"]
+        at = dry.index("fleet") + 1
+        assert dry[at:at + len(verb) + 4] == [*verb, "--stack", "prod", "--ack", "'group:overlay'"]
+    # an acknowledgement is an operator's input of a manual run, reaching the script through env only
+    assert document["on"]["workflow_dispatch"]["inputs"]["ack"]["type"] == "string"
+    for stack, job in jobs.items():
+        assert job["env"]["ACK"] == "${{ inputs.ack }}"
+        (evidence,) = [s for s in steps(job) if action(s) == "actions/upload-artifact"]
+        assert evidence["if"] == "always()" and evidence["with"]["path"] == ".fleet-evidence/"
+        names = [s.get("name", "") for s in steps(job)]
+        assert names.index(evidence["name"]) == names.index("pulumi up (dev) or rollout in waves (staging, prod)") + 1
+    assert jobs["prod"]["timeout-minutes"] >= 240 and jobs["staging"]["timeout-minutes"] >= 240
 
 
 def test_images_starts_builds_on_push_and_collects_them_on_a_schedule():
@@ -408,7 +431,7 @@ def test_deploy_installs_the_pinned_phala_cli_and_checks_it():
     install = next(r for r in runs if "npm ci" in r)
     assert "npm ci --prefix tools/phala --ignore-scripts" in install
     assert runs.index(install) < runs.index(".venv/bin/python -m fleet toolchain phala") < runs.index(
-        'make up STACK="$STACK"')
+        'make "$DEPLOY" STACK="$STACK" ACK="$ACK"')
 
 
 def test_the_comment_poster_installs_nothing():

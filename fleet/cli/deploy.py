@@ -263,8 +263,23 @@ def stack_export(exe: str, d: Deployment, run_env: dict[str, str]) -> dict[str, 
     return document
 
 
-def run(root: Path, command: str, stack: str, extra: list[str] | None = None) -> int:
-    env = dict(os.environ)
+@dataclass
+class Invocation:
+    """One call of the real CLI: what to run and with which environment."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+
+def _command_call(d: Deployment, command: str, select: Invocation, extra: list[str], workdir: Path) -> Invocation:
+    deployment = Deployment(root=d.root, command=command, stack=d.stack, env=d.env, stack_file=d.stack_file,
+                            config=d.config, lock=d.lock, extra=list(extra))
+    base = select.argv[:3]  # the CLI and --cwd ROOT
+    return Invocation(base + command_args(deployment, policy_pack_args(d.config, workdir)), select.env)
+
+
+def _checked_calls(root: Path, command: str, stack: str, env: dict[str, str], extra: list[str] | None,
+                   workdir: Path) -> tuple[Deployment, list[Invocation]]:
     d = prepare(root, command, stack, env, extra)
     pack_config_for(d.config)  # ConfigError first: an unknown rule in dstack-fleet:policy.enforcement
     for check in BEFORE_CLI:
@@ -273,17 +288,42 @@ def run(root: Path, command: str, stack: str, extra: list[str] | None = None) ->
     run_env = dict(env)
     run_env["PULUMI_BACKEND_URL"] = backend_url(root, stack, d.role, d.tier, env)
     run_env.setdefault("PULUMI_SKIP_UPDATE_CHECK", "true")
-    base = [exe, "--cwd", str(root)]
+    select = Invocation([exe, "--cwd", str(root)] + select_args(d), run_env)
+    return d, [select, _command_call(d, command, select, d.extra, workdir)]
+
+
+def invocations(root: Path, command: str, stack: str, env: dict[str, str], extra: list[str] | None = None, *,
+                workdir: Path) -> list[Invocation]:
+    """The CLI calls of ``make preview``/``make up`` (``stack select``, then the command) after every
+    check before the CLI passed; the policy config they read is written into ``workdir``, which the
+    caller keeps private and alive while it runs them (``make rollout`` runs one per wave)."""
+    if command not in ("preview", "up"):
+        raise ValueError(command)
+    return _checked_calls(root, command, stack, env, extra, workdir)[1]
+
+
+def run(root: Path, command: str, stack: str, extra: list[str] | None = None,
+        acknowledgements: list[str] | None = None) -> int:
+    env = dict(os.environ)
+    acks = acknowledgements or []
     with tempfile.TemporaryDirectory(prefix="dstack-fleet-deploy-") as workdir:  # mkdtemp: mode 0700
-        policy = policy_pack_args(d.config, Path(workdir))
-        selected = subprocess.run(base + select_args(d), env=run_env, check=False)
+        d, calls = _checked_calls(root, command, stack, env, extra, Path(workdir))
+        select, run_command = calls
+        selected = subprocess.run(select.argv, env=select.env, check=False)
         if selected.returncode != 0:
             return selected.returncode
         if command == "up":
-            export = stack_export(exe, d, run_env)
+            export = stack_export(select.argv[0], d, select.env)
             for state_check in ON_STATE:
                 state_check(d, export)
-        return subprocess.run(base + command_args(d, policy), env=run_env, check=False).returncode
+            # Rollout safety (fleet/cli/preflight.py): an env stack's live preview is checked first, and
+            # nothing is applied when a rule refuses it.
+            from fleet.cli import preflight
+
+            if preflight.applies(root, stack):
+                preview = _command_call(d, "preview", select, (extra or []) + preflight.PREVIEW_FLAGS, Path(workdir))
+                return preflight.checked_up(root, stack, [run_command], preview, acks)
+        return subprocess.run(run_command.argv, env=run_command.env, check=False).returncode
 
 
 __all__ = ["BEFORE_CLI", "ConfigError", "DeployRefused", "Deployment", "ON_STATE", "prepare", "run"]

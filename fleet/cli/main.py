@@ -117,7 +117,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from fleet.cli.deploy import DeployRefused, run
 
     try:
-        return run(_root(args), args.action, args.stack, args.pulumi_args)
+        return run(_root(args), args.action, args.stack, args.pulumi_args, args.ack)
     except DeployRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -134,6 +134,12 @@ def cmd_policy_config(args: argparse.Namespace) -> int:
     _, config = load_config(_root(args), args.stack)  # ConfigError: exit 2 with one line per problem
     sys.stdout.write(json.dumps(pack_config_for(config), indent=2, sort_keys=True) + "\n")
     return EXIT_OK
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from fleet.cli import rollout
+
+    return rollout.run(_root(args), args.stack, args.ack, Path(args.plan) if args.plan else None)
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -410,7 +416,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     deploy.add_argument("--stack", required=True)
     deploy.add_argument("--pulumi-arg", dest="pulumi_args", action="append", default=[],
                         help="an extra argument for pulumi (repeatable)")
+    deploy.add_argument("--ack", action="append", default=[], metavar="SUBJECT",
+                        help="up: apply a change a rule refuses, naming it: group:<group> (more than maxUnavailable "
+                             "nodes down at once) or identity:app:<app> (a prod app's new identity); repeatable")
     deploy.set_defaults(func=cmd_deploy)
+
+    roll = sub.add_parser("rollout", help="apply a change in waves: a targeted up per wave, a health wait and an "
+                                          "attestation gate (fleet verify against the plan) before the next")
+    roll.add_argument("--stack", required=True)
+    roll.add_argument("--ack", action="append", default=[], metavar="SUBJECT",
+                      help="identity:app:<app>: let a prod app take a new identity (repeatable)")
+    roll.add_argument("--plan", metavar="PLAN.json",
+                      help="verify against this plan JSON (e.g. the one reviewed) instead of planning the checkout")
+    roll.set_defaults(func=cmd_rollout)
     return parser
 
 

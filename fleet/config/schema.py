@@ -487,6 +487,36 @@ class GcConfig(Model):
                                 "first finds that nothing names it (it is marked then, and deleted only later).")
 
 
+# Placeholders a rollout URL template may use; each is the node's value from the plan's `nodes` output.
+ROLLOUT_URL_FIELDS = ("address", "name", "zone", "group", "ordinal", "key")
+RolloutUrl = Annotated[str, _pattern(r"https?://[^\s'\"]+", "an http(s) URL template")]
+
+
+class RolloutEndpoints(Model):
+    """Where `make rollout` reads one node of a group: URL templates with {address}, {name}, {zone},
+    {group}, {ordinal} or {key} of the node. They must be reachable from where the rollout runs."""
+
+    attest_url: RolloutUrl | None = Field(
+        None, description="overlay group: the light client's GET /attest (default http://{address}:3032/attest), "
+        "served once the node holds the overlay's shared secret.")
+    info_url: RolloutUrl | None = Field(
+        None, description="dstack group: the guest agent's Info response with tcb_info (default "
+        "http://{address}:8090/prpc/Info?json).")
+    quote_url: RolloutUrl | None = Field(
+        None, description="dstack group: a GetQuote response of the node's app (no default: the guest agent "
+        "does not serve quotes on its public port; the app must).")
+
+
+class RolloutConfig(Model):
+    """`make rollout`: how long a wave may take to become healthy and where its nodes are read."""
+
+    groups: dict[ShortName, RolloutEndpoints] = Field(
+        default_factory=dict, description="Per node group: the URLs the health wait and the attestation gate read.")
+    health_timeout_seconds: int = Field(1800, ge=1, description="How long a wave's nodes may take to answer "
+                                        "(and an overlay node to hold the secret) before the rollout stops.")
+    poll_seconds: int = Field(15, ge=1, description="Seconds between health probes.")
+
+
 class RegistryConfig(Model):
     cleanup_untagged_after_days: int = Field(30, ge=1, description="Delete untagged versions older than this, "
                                              "except digests the lock file names and the newest ones.")
@@ -831,6 +861,8 @@ class FleetConfig(Model):
         default_factory=list, description="images stack: the env stacks whose declared images and containers it "
         "builds (their stack files are read from this repository).")
     build_host: BuildHostConfig | None = Field(None, description="images stack: build host settings.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="env stacks: `make rollout` "
+                                   "settings (health wait, where each node's attestation is read).")
     gc: GcConfig = Field(default_factory=GcConfig, description="images and env stacks: garbage collection of "
                          "what no stack and no lock entry names any more (`make gc`).")
     adopt: dict[Annotated[str, _pattern(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", "a logical resource name")],

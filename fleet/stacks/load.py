@@ -6,6 +6,7 @@ the checks each domain owns, in a fixed order, so every problem of a stack file 
 * apps: files and settings of dstack apps (``fleet.apps.plans``), when the repository is known;
 * inputs: values the program hands to a domain's parser, run through that parser first, and the
   repository files builds read (``fleet.stacks.inputs``).
+* rollout: the URL templates `make rollout` reads nodes with (``fleet.stacks.rollout``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fleet.nodes.checks import check_all
 from fleet.project.bootstrap import bootstrap_problems
 from fleet.stacks import inputs
 from fleet.stacks.expectations import verify_problems
+from fleet.stacks.rollout import rollout_problems
 
 
 def load(
@@ -40,6 +42,7 @@ def load(
     problems = check_all(config)
     problems += build_problems(config, source, root)
     problems += verify_problems(config)
+    problems += rollout_problems(config)
     if root is not None:
         problems += app_problems(config, root)
     problems += inputs.problems(config, root)
