@@ -26,6 +26,7 @@ IAM_TYPES = {
 # Reviewed table: which roles each identity may hold (anything else fails this test).
 ALLOWED_ROLES = {
     "ci-preview": {"roles/compute.viewer", "roles/cloudkms.cryptoKeyDecrypter", "roles/storage.objectViewer"},
+    "ci-drift": {"roles/compute.viewer", "roles/cloudkms.cryptoKeyDecrypter", "roles/storage.objectViewer"},
     "ci-deploy": {"roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
                   "roles/compute.storageAdmin", "roles/iam.serviceAccountUser", "roles/storage.objectViewer",
                   "roles/storage.objectAdmin", "roles/cloudkms.cryptoKeyEncrypterDecrypter",
@@ -52,7 +53,7 @@ def iam(plan):
 
 
 def principal_kind(name: str) -> str:
-    for prefix in ("ci-preview", "ci-deploy", "ci-images", "builder", "compute-agent", "allUsers"):
+    for prefix in ("ci-preview", "ci-drift", "ci-deploy", "ci-images", "builder", "compute-agent", "allUsers"):
         if name.startswith(prefix):
             return prefix
     return "node-dstack" if "-dstack-" in name else "node-overlay"
@@ -119,6 +120,7 @@ def test_federation_pins_repository_and_owner_ids(plan):
         f"wif-repo_env-{repository_id}-dev": f"{POOL}/attribute.repo_env/{repository_id}/dev",
         f"wif-repo_env-{repository_id}-staging": f"{POOL}/attribute.repo_env/{repository_id}/staging",
         f"wif-repo_env-{repository_id}-prod": f"{POOL}/attribute.repo_env/{repository_id}/prod",
+        f"wif-repo_env-{repository_id}-drift": f"{POOL}/attribute.repo_env/{repository_id}/drift",
         f"wif-repo_ref-{repository_id}-refs-heads-main": f"{POOL}/attribute.repo_ref/{repository_id}/refs/heads/main",
     }
     mapping = provider.inputs["attributeMapping"]
@@ -143,6 +145,38 @@ def test_the_preview_identity_decrypts_no_prod_secret(plan):
                    for role in preview_roles), preview_roles
 
 
+def test_the_drift_identity_decrypts_every_env_stack_and_writes_nothing(plan):
+    """The daily drift check previews prod too, so its identity holds prod's key to decrypt (the
+    preview identity never does); it is bound to the drift check's GitHub environment alone, which
+    the attribute condition admits."""
+    _, config = load_config(ROOT, "bootstrap")
+    bp = plan_bootstrap(config, env_tiers(ROOT, config))
+    mine = [b for b in bp.bindings if b.who == "ci-drift"]
+    assert {(b.target, b.role) for b in mine if b.scope == "crypto_key"} == {
+        (bp.names.key(env), "roles/cloudkms.cryptoKeyDecrypter") for env in bp.environments}
+    assert {b.target for b in mine if b.scope == "project"} == set(bp.environments.values())
+    assert {b.role for b in mine} == {"roles/compute.viewer", "roles/cloudkms.cryptoKeyDecrypter",
+                                      "roles/storage.objectViewer"}
+    assert all(b.condition is None for b in mine)
+    condition = next(r for r in plan.resources if r.type.endswith(":WorkloadIdentityPoolProvider")).inputs[
+        "attributeCondition"]
+    assert "assertion.environment in ['dev', 'staging', 'prod', 'drift']" in condition
+    wif = [r for r in plan.update_run.resources if r.name.startswith("wif-")
+           and r.inputs["member"].endswith("/drift")]
+    assert len(wif) == 1
+
+
+@pytest.mark.parametrize("name", ["prod", "PROD"])
+def test_a_drift_environment_named_like_a_deploy_environment_is_refused(project, name):
+    project.mutate("bootstrap", "clash", lambda c: c["dstack-fleet:github"].update({"driftEnvironment": name}))
+    with pytest.raises(ConfigError) as info:
+        load_config(project.root, "clash")
+    assert [line for line in info.value.lines() if "driftEnvironment" in line] == [
+        f"stacks/Pulumi.clash.yaml: dstack-fleet:github.driftEnvironment: {name!r} is also a deploy environment; the "
+        "drift check needs a GitHub environment of its own (its identity reads every environment's secrets): name "
+        "another"]
+
+
 def test_an_environment_whose_stack_file_is_missing_counts_as_prod(project):
     from fleet.project.bootstrap import previews_decrypt
 
@@ -159,7 +193,8 @@ HOSTILE_ENVIRONMENTS = ["prod' || true || '", "prod']||true||['", "pr od", "prod
 
 @pytest.mark.parametrize("key, value", [("branches", [b]) for b in HOSTILE_BRANCHES]
                          + [("imagesBranch", b) for b in HOSTILE_BRANCHES]
-                         + [("environments", ["dev", "staging", "prod", e]) for e in HOSTILE_ENVIRONMENTS])
+                         + [("environments", ["dev", "staging", "prod", e]) for e in HOSTILE_ENVIRONMENTS]
+                         + [("driftEnvironment", e) for e in HOSTILE_ENVIRONMENTS])
 def test_hostile_names_never_reach_the_condition(project, key, value):
     project.mutate("bootstrap", "hostile", lambda c: c["dstack-fleet:github"].update({key: value}))
     with pytest.raises(ConfigError) as info:
@@ -175,10 +210,12 @@ def test_the_condition_refuses_rather_than_escapes_even_past_the_schema():
 
     from fleet.project.bootstrap import UnsafeName, attribute_condition
 
-    base = dict(repository_id="812345678", owner_id="98765432", branches=["main"], environments=["prod"])
+    base = dict(repository_id="812345678", owner_id="98765432", branches=["main"], environments=["prod"],
+                drift_environment="drift")
     assert "'refs/heads/main'" in attribute_condition(SimpleNamespace(**base), [])
     for change in ({"branches": ["x'])||true||('"]}, {"environments": ["prod' || true || '"]},
-                   {"repository_id": "1' || true || '"}, {"branches": ["a\\"]}):
+                   {"repository_id": "1' || true || '"}, {"branches": ["a\\"]},
+                   {"drift_environment": "drift' || true || '"}):
         with pytest.raises(UnsafeName):
             attribute_condition(SimpleNamespace(**{**base, **change}), [])
 
@@ -202,9 +239,11 @@ def test_no_accepted_name_changes_the_shape_of_the_condition(branches, environme
 
     branches = [b for b in branches if grammar.ci_branch_problem(b) is None] or ["main"]
     reference = attribute_condition(SimpleNamespace(repository_id="1", owner_id="2", branches=["main"] * len(branches),
-                                                    environments=["prod"] * len(environments)), [])
+                                                    environments=["prod"] * len(environments),
+                                                    drift_environment="prod"), [])
     condition = attribute_condition(SimpleNamespace(repository_id="1", owner_id="2", branches=branches,
-                                                    environments=environments), [])
+                                                    environments=environments, drift_environment=environments[0]),
+                                    [])
     assert _structure(condition) == _structure(reference)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fleet.stacks.load import load_config
+
 from .conftest import ROOT
 
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -221,7 +223,7 @@ def test_no_workflow_uses_stored_secrets_or_a_passphrase():
 
 
 def test_google_auth_is_federated_with_the_right_identity():
-    expected = {"preview": "GCP_PREVIEW_SERVICE_ACCOUNT", "drift": "GCP_PREVIEW_SERVICE_ACCOUNT",
+    expected = {"preview": "GCP_PREVIEW_SERVICE_ACCOUNT", "drift": "GCP_DRIFT_SERVICE_ACCOUNT",
                 "deploy": "GCP_DEPLOY_SERVICE_ACCOUNT", "images": "GCP_DEPLOY_SERVICE_ACCOUNT"}
     seen = set()
     for path in FILES:
@@ -237,7 +239,7 @@ def test_google_auth_is_federated_with_the_right_identity():
                     "service_account": f"${{{{ vars.{expected[path.stem]} }}}}", **extra,
                 }
                 assert job["permissions"].get("id-token") == "write"
-                if expected[path.stem] == "GCP_DEPLOY_SERVICE_ACCOUNT":
+                if expected[path.stem] in ("GCP_DEPLOY_SERVICE_ACCOUNT", "GCP_DRIFT_SERVICE_ACCOUNT"):
                     # the variable is set per GitHub environment, and the environment scopes the token
                     assert job.get("environment"), f"{path.name}: {job_id}"
     assert seen == set(expected)
@@ -487,7 +489,12 @@ def test_drift_refreshes_each_env_stack_and_expects_no_changes():
     assert document["on"]["schedule"] and "workflow_dispatch" in document["on"]
     job = document["jobs"]["drift"]
     assert job["strategy"]["matrix"]["stack"] == ENV_STACKS and job["strategy"]["fail-fast"] is False
-    assert "environment" not in job  # an unattended read-only check must not wait for approval
+    # Its own GitHub environment (the bootstrap stack's github.driftEnvironment default), the only
+    # one the drift identity accepts: it decrypts prod, which the pull-request preview identity never
+    # may. The environment has no required reviewers (an unattended check must not wait for
+    # approval), only the main-branch deployment rule.
+    _, bootstrap = load_config(ROOT, "bootstrap")
+    assert job["environment"] == bootstrap.fleet.github.drift_environment == "drift"
     runs = [s["run"] for s in steps(job) if "run" in s]
     assert runs[0] == "make venv"
     assert runs[-1].startswith(

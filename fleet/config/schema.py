@@ -471,6 +471,9 @@ class GithubConfig(Model):
                                                   "allowed to authenticate (each deploy identity accepts only its "
                                                   "own).")
     images_branch: CiBranch = Field("main", description="Branch whose workflow may run the images stack.")
+    drift_environment: GithubEnvironment = Field(
+        "drift", description="GitHub environment of the daily drift check (deployment branch: main only); only "
+        "it may act as the drift identity, which reads every env stack's secrets but changes nothing.")
 
     @model_validator(mode="after")
     def _unique_environments(self) -> "GithubConfig":

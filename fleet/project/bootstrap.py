@@ -259,6 +259,12 @@ def deploy_environments(github, environments: list[str]) -> list[str]:
     return list(github.environments or environments)
 
 
+def federated_environments(github, environments: list[str]) -> list[str]:
+    """Every GitHub environment whose jobs may authenticate: the deploy environments and the drift
+    check's own."""
+    return [*deploy_environments(github, environments), github.drift_environment]
+
+
 def attribute_condition(github, environments: list[str]) -> str:
     """Only this repository (by immutable ids, which survive renames and cannot be re-registered by
     someone else) from its allowed branches, GitHub environments, or its own pull requests. Every
@@ -266,7 +272,7 @@ def attribute_condition(github, environments: list[str]) -> str:
     repository_id, owner_id = _ids(github)
     branches = ", ".join(_literal(f"refs/heads/{b}", grammar.ci_branch_problem(b)) for b in github.branches)
     environments_list = ", ".join(_literal(e, grammar.github_environment_problem(e))
-                                  for e in deploy_environments(github, environments))
+                                  for e in federated_environments(github, environments))
     return (
         f"assertion.repository_id == '{repository_id}' && "
         f"assertion.repository_owner_id == '{owner_id}' && "
@@ -369,6 +375,10 @@ def federation_problems(config: StackConfig) -> list[Problem]:
         return [Problem(config.source, f"{at}.branches", f"the attribute condition would be {len(condition)} characters; "
                         f"GCP takes at most {MAX_CONDITION}: list fewer or shorter branches and environments")]
     out = []
+    if github.drift_environment.lower() in {e.lower() for e in [*config.fleet.environments, *github.environments]}:
+        out.append(Problem(config.source, f"{at}.driftEnvironment", f"{github.drift_environment!r} is also a deploy "
+                           "environment; the drift check needs a GitHub environment of its own (its identity reads "
+                           "every environment's secrets): name another"))
     for env in config.fleet.environments:
         if github.environments and env not in github.environments:
             out.append(Problem(config.source, f"{at}.environments", f"does not list {env!r}: its deploy identity "
@@ -395,6 +405,9 @@ def plan_bootstrap(config: StackConfig, tiers: dict[str, str | None] | None = No
     accts = [
         Account("ci-preview", names.ci_account_id("preview"), config.gcp.project, "CI preview (read-only)",
                 "Runs pulumi preview for pull requests of the pinned repository; reads only."),
+        Account("ci-drift", names.ci_account_id("drift"), config.gcp.project, "CI drift check (read-only)",
+                "Runs the daily pulumi preview --refresh of every env stack from its GitHub environment; reads "
+                "and decrypts only."),
         Account("ci-images", names.ci_account_id("images"), config.gcp.project, "CI images",
                 "Runs the images stack from the main branch."),
         Account("builder", names.builder_account_id(), images_project, "Image build host",
@@ -438,6 +451,15 @@ def plan_bootstrap(config: StackConfig, tiers: dict[str, str | None] | None = No
             add(("crypto_key", names.key(env), "roles/cloudkms.cryptoKeyDecrypter", sa("ci-preview")))
     add(("bucket", state, "roles/storage.objectViewer", sa("ci-preview")))
     add(("bucket", image_bucket, "roles/storage.objectViewer", sa("ci-preview")))
+    # drift: what preview reads, in every environment, and every env stack's key to decrypt (prod's
+    # too, which the preview identity never holds); only the drift check's GitHub environment, whose
+    # deployment branch is main, can act as it
+    for env, project in envs.items():
+        for role in PREVIEW_PROJECT_ROLES:
+            add(("project", project, role, sa("ci-drift")))
+        add(("crypto_key", names.key(env), "roles/cloudkms.cryptoKeyDecrypter", sa("ci-drift")))
+    add(("bucket", state, "roles/storage.objectViewer", sa("ci-drift")))
+    add(("bucket", image_bucket, "roles/storage.objectViewer", sa("ci-drift")))
     # deploy per environment: only its project, its node identities, its state objects and its key
     for env, project in envs.items():
         member = sa(f"ci-deploy-{env}")
@@ -522,5 +544,7 @@ def impersonation(plan: BootstrapPlan, github) -> list[tuple[str, str, str]]:
     for env in plan.environments:
         _literal(env, grammar.github_environment_problem(env))
         out.append((f"ci-deploy-{env}", REPO_ENV, f"{repository_id}/{env}"))
+    _literal(github.drift_environment, grammar.github_environment_problem(github.drift_environment))
+    out.append(("ci-drift", REPO_ENV, f"{repository_id}/{github.drift_environment}"))
     out.append(("ci-images", REPO_REF, f"{repository_id}/refs/heads/{github.images_branch}"))
     return out
