@@ -11,6 +11,12 @@ program itself failed.
 * ``--ccel``: the CC event log, replayed to RTMR0-2 and compared with the quote, each event shown.
 * ``--tpm-event-log``: the vTPM log, replayed; PCR0 against the GCE firmware table and PCR2's UKI
   event against the image's UKI hash. Without a TPM quote it is "replayed, not authenticated".
+* ``--tpm-attestation``: the vTPM's quote as ``gotpm attest --key gceAK --format binarypb`` writes
+  it (a go-tpm-tools Attestation; its event log is used when ``--tpm-event-log`` is not given). Its
+  AK certificate must chain to Google's vTPM CA at ``--at`` (default now), the SHA-256 quote must be
+  signed by that AK, cover the PCR values given and carry ``--tpm-nonce`` when one is given, and the
+  log must replay to the quoted PCRs; then the lane says "authenticated (AK chains to Google vTPM
+  root ...)", else it names the failing check.
 * ``--plan``/``--target``: every register the plan predicts (MRTD per firmware, RTMR0-3) and every
   RTMR3 event; a target with nothing planned to compare fails.
 """
@@ -455,6 +461,8 @@ def verify_attestation(
     ccel_log: tcg.EventLog | None = None,
     tpm_log: tcg.EventLog | None = None,
     uki_hash: str | None = None,
+    tpm_evidence: vtpm.Evidence | None = None,
+    tpm_nonce: bytes | None = None,
 ) -> list[Check]:
     """Every check, in the order printed. Raises ``InputError`` for an unparsable quote."""
     checks: list[Check] = []
@@ -478,7 +486,9 @@ def verify_attestation(
     if tpm_log is not None:
         planned_uki = expectation.get("uki_hash") if expectation else None
         expected_uki = uki_hash or (planned_uki if isinstance(planned_uki, str) and _plan_value(planned_uki) else None)
-        checks += vtpm.checks(tpm_log, uki_hash=expected_uki, quote_mrtd=quoted["mrtd"] if quoted else None)
+        moment = datetime.fromtimestamp(at, timezone.utc) if at is not None else datetime.now(timezone.utc)
+        checks += vtpm.checks(tpm_log, uki_hash=expected_uki, quote_mrtd=quoted["mrtd"] if quoted else None,
+                              evidence=tpm_evidence, nonce=tpm_nonce, at=moment)
     if expectation is not None:
         plan_checks: list[Check] = []
         if tcb is not None and replay is not None and expectation.get("kind") != "dstack-node":
@@ -503,7 +513,8 @@ def quote_section(quote: bytes) -> list[str]:
     return [f"  {name:<13} {value}" for name, value in quotes.summary(quotes.parse(quote))]
 
 
-def render_sections(*, quote: bytes | None, ccel_log: tcg.EventLog | None, tpm_log: tcg.EventLog | None) -> str:
+def render_sections(*, quote: bytes | None, ccel_log: tcg.EventLog | None, tpm_log: tcg.EventLog | None,
+                    tpm_evidence: vtpm.Evidence | None = None) -> str:
     """What the evidence says, printed above the checks: the quote's registers and report data,
     and every event of the event logs in readable form."""
     parts = []
@@ -516,6 +527,8 @@ def render_sections(*, quote: bytes | None, ccel_log: tcg.EventLog | None, tpm_l
         lines = [f"  PCR{e.register:<2} #{e.number:<3} {e.describe()}  {e.digests.get('sha256', b'').hex()[:16]}"
                  for e in tpm_log.events]
         parts.append("vTPM event log (PCR, event, SHA-256 prefix):\n" + "\n".join(lines))
+    if tpm_evidence is not None:
+        parts.append("vTPM quote (SHA-256 bank):\n" + "\n".join(vtpm.summary(tpm_evidence)))
     return "".join(part + "\n\n" for part in parts)
 
 
@@ -542,14 +555,19 @@ def render_table(checks: Sequence[Check]) -> str:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if not (args.tcb_info or args.quote or args.ccel or args.tpm_event_log):
-        raise InputError("nothing to verify: give --quote, --tcb-info, --ccel or --tpm-event-log")
+    if not (args.tcb_info or args.quote or args.ccel or args.tpm_event_log or args.tpm_attestation):
+        raise InputError("nothing to verify: give --quote, --tcb-info, --ccel, --tpm-event-log or --tpm-attestation")
     if args.collateral and not args.quote:
         raise InputError("--collateral needs --quote (the quote it verifies)")
     if args.pccs_url and not (args.quote and args.collateral):
         raise InputError("--pccs-url needs --quote and --collateral (the file the fetched collateral is kept in)")
-    if args.at and not args.collateral:
-        raise InputError("--at needs --collateral (it sets the time collateral is checked at)")
+    if args.at and not (args.collateral or args.tpm_attestation):
+        raise InputError("--at needs --collateral or --tpm-attestation (it sets the time collateral and "
+                         "certificates are checked at)")
+    if args.tpm_nonce is not None and not args.tpm_attestation:
+        raise InputError("--tpm-nonce needs --tpm-attestation (the quote that must carry it)")
+    if args.tpm_nonce is not None and not (_HEX.fullmatch(args.tpm_nonce) and len(args.tpm_nonce) <= 128):
+        raise InputError("--tpm-nonce is not hex of at most 64 bytes (the nonce given to `gotpm attest --nonce`)")
     if bool(args.plan) != bool(args.target):
         raise InputError("--plan and --target go together: name the plan JSON and the node or app in it")
     if args.report_data is not None and not (_HEX.fullmatch(args.report_data) and len(args.report_data) <= 128):
@@ -574,6 +592,18 @@ def _collateral(args: argparse.Namespace, quote: bytes | None) -> dcap_qvl.Quote
     return read_collateral(args.collateral)
 
 
+def _tpm_log(args: argparse.Namespace, evidence: vtpm.Evidence | None) -> tcg.EventLog | None:
+    """``--tpm-event-log``, else the event log inside ``--tpm-attestation``."""
+    if args.tpm_event_log:
+        return vtpm.read(args.tpm_event_log)
+    if evidence is None:
+        return None
+    if not evidence.attestation.event_log:
+        raise InputError(f"{evidence.source}: the attestation has no event log; pass the vTPM's log with "
+                         "--tpm-event-log")
+    return vtpm.parse(evidence.attestation.event_log, f"{evidence.source}: event_log")
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``verify`` subcommand."""
     try:
@@ -586,14 +616,16 @@ def run(args: argparse.Namespace) -> int:
         collateral = _collateral(args, quote)
         at = parse_time(args.at) if args.at else None
         ccel_log = ccel.read(args.ccel) if args.ccel else None
-        tpm_log = vtpm.read(args.tpm_event_log) if args.tpm_event_log else None
+        tpm_evidence = vtpm.read_attestation(args.tpm_attestation) if args.tpm_attestation else None
+        tpm_log = _tpm_log(args, tpm_evidence)
         expectation = read_expectation(args.plan, args.target) if args.plan else None
         checks = verify_attestation(
             tcb, quote=quote, collateral=collateral, at=at, expectation=expectation,
             report_data=args.report_data, accepted_tcb_statuses=accepted, ccel_log=ccel_log, tpm_log=tpm_log,
-            uki_hash=args.uki_hash.lower() if args.uki_hash else None,
+            uki_hash=args.uki_hash.lower() if args.uki_hash else None, tpm_evidence=tpm_evidence,
+            tpm_nonce=bytes.fromhex(args.tpm_nonce) if args.tpm_nonce is not None else None,
         )
-        sections = render_sections(quote=quote, ccel_log=ccel_log, tpm_log=tpm_log)
+        sections = render_sections(quote=quote, ccel_log=ccel_log, tpm_log=tpm_log, tpm_evidence=tpm_evidence)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -621,6 +653,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the CC event log as Linux exposes it (/sys/firmware/acpi/tables/data/CCEL)")
     parser.add_argument("--tpm-event-log", metavar="FILE",
                         help="the vTPM's TCG2 log (/sys/kernel/security/tpm0/binary_bios_measurements)")
+    parser.add_argument("--tpm-attestation", metavar="FILE",
+                        help="the vTPM's quote, AK and AK certificate as `gotpm attest --key gceAK --format binarypb` "
+                             "writes them (a go-tpm-tools Attestation; its event log stands in for --tpm-event-log)")
+    parser.add_argument("--tpm-nonce", metavar="HEX",
+                        help="the nonce the TPM quote must carry (what was passed to `gotpm attest --nonce`)")
     parser.add_argument("--uki-hash", metavar="HEX",
                         help="the UKI's Authenticode SHA-256 the vTPM log must show (default: the plan's uki_hash)")
     parser.add_argument("--plan", metavar="PLAN.json", help="a plan JSON from `python -m fleet plan --json`")
