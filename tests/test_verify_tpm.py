@@ -495,6 +495,8 @@ def _retype(data: bytes) -> bytes:
          "the attestation has no event log; pass the vTPM's log with --tpm-event-log"),
         (lambda p: ["--tpm-event-log", str(TPM_LOG), "--tpm-nonce", "9009"], "--tpm-nonce needs --tpm-attestation"),
         (lambda p: ["--tpm-attestation", str(NONCE9009), "--tpm-nonce", "xyz"], "--tpm-nonce is not hex"),
+        (lambda p: ["--tpm-attestation", str(NONCE9009), "--tpm-nonce", ""], "--tpm-nonce is not hex of 1 to 64 bytes"),
+        (lambda p: ["--tpm-attestation", write(p, b"\x08\x00" * 600_000)], "Attestation: more than 1000 fields"),
         (lambda p: ["--tpm-attestation", str(NONCE9009), "--at", "yesterday"], "is not ISO-8601"),
     ],
 )

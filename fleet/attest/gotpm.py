@@ -27,6 +27,7 @@ MAX_ATTESTATION_BYTES = tcg.MAX_LOG_BYTES + 1024 * 1024
 MAX_QUOTES = 8
 MAX_CERTS = 8
 MAX_PCRS = 32
+MAX_FIELDS = 1000  # per message; an Attestation has about ten, a PCRs message 25
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 
@@ -69,6 +70,8 @@ def _fields(data: bytes, what: str) -> list[tuple[int, int, int | bytes]]:
     out: list[tuple[int, int, int | bytes]] = []
     offset = 0
     while offset < len(data):
+        if len(out) >= MAX_FIELDS:
+            raise _WireError(f"{what}: more than {MAX_FIELDS} fields")
         start = offset
         key, offset = _varint(data, offset)
         number, wire = key >> 3, key & 7

@@ -566,8 +566,8 @@ def _validate(args: argparse.Namespace) -> None:
                          "certificates are checked at)")
     if args.tpm_nonce is not None and not args.tpm_attestation:
         raise InputError("--tpm-nonce needs --tpm-attestation (the quote that must carry it)")
-    if args.tpm_nonce is not None and not (_HEX.fullmatch(args.tpm_nonce) and len(args.tpm_nonce) <= 128):
-        raise InputError("--tpm-nonce is not hex of at most 64 bytes (the nonce given to `gotpm attest --nonce`)")
+    if args.tpm_nonce is not None and not (_HEX.fullmatch(args.tpm_nonce) and 2 <= len(args.tpm_nonce) <= 128):
+        raise InputError("--tpm-nonce is not hex of 1 to 64 bytes (the nonce given to `gotpm attest --nonce`)")
     if bool(args.plan) != bool(args.target):
         raise InputError("--plan and --target go together: name the plan JSON and the node or app in it")
     if args.report_data is not None and not (_HEX.fullmatch(args.report_data) and len(args.report_data) <= 128):
