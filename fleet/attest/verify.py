@@ -10,7 +10,8 @@ program itself failed.
   hashed. On its own it is unsigned JSON and only shows it is self-consistent.
 * ``--ccel``: the CC event log, replayed to RTMR0-2 and compared with the quote, each event shown.
 * ``--tpm-event-log``: the vTPM log, replayed; PCR0 against the GCE firmware table and PCR2's UKI
-  event against the image's UKI hash. Without a TPM quote it is "replayed, not authenticated".
+  event against the image's UKI hash. Without a TPM quote (``--tpm-attestation``) it is "replayed,
+  not authenticated".
 * ``--tpm-attestation``: the vTPM's quote as ``gotpm attest --key gceAK --format binarypb`` writes
   it (a go-tpm-tools Attestation; its event log is used when ``--tpm-event-log`` is not given). Its
   AK certificate must chain to Google's vTPM CA at ``--at`` (default now), the SHA-256 quote must be
@@ -644,7 +645,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pccs-url", metavar="URL",
                         help="fetch the quote's collateral from this PCCS (or Intel's PCS, "
                              f"{dcap_qvl.INTEL_PCS_URL}) and keep it in the --collateral file")
-    parser.add_argument("--at", metavar="TIME", help="verification time: ISO-8601 or unix seconds (default: now)")
+    parser.add_argument("--at", metavar="TIME", help="verification time of the collateral and the vTPM AK certificate: "
+                                                     "ISO-8601 or unix seconds (default: now)")
     parser.add_argument("--accept-tcb-status", action="append", metavar="STATUS",
                         help="a TCB status to accept besides UpToDate, e.g. SWHardeningNeeded or OutOfDate "
                              "(repeatable)")
