@@ -17,7 +17,8 @@ References (TCG "Trusted Platform Module Library", Family 2.0, Level 00 Revision
   handle (the reference code, Part 4 ``Object.c`` ``ComputeQualifiedName``). A quote's
   ``qualifiedSigner`` is the signing key's QN.
 * Part 3 (Commands), TPM2_Quote: the PCR digest is computed with the hash of the signing scheme
-  (reference ``Quote.c``: "This hash algorithm is used to compute PCR digest").
+  (its reference code ``Quote.c``, as of revision 01.16: "This hash algorithm is used to compute PCR
+  digest").
 
 The checks follow google/go-tpm-tools at 67670e5c021a24f2366eb1808db2659211af5eb2 ``quote/quote.go``
 ``Verify`` (signature by the trusted key, TPM_GENERATED_VALUE, a quote, extraData equal to the nonce,

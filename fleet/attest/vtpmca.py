@@ -18,9 +18,9 @@ TPM's critical subjectAltName accepted). The certificates below are those files,
 The path is checked explicitly, as RFC 5280 section 6.1 asks of these certificates: each one is
 signed by the next and names it as its issuer, each is valid at the given time, each issuer is a CA
 that may sign certificates (basicConstraints cA and pathLenConstraint, keyUsage keyCertSign), the
-path ends at a root pinned here (compared by its bytes, so a look-alike is refused), and no
-certificate carries a critical extension this check does not process. The end certificate must be
-an AK's: keyUsage digitalSignature (an EK certificate from the same CA has keyEncipherment only) and,
+path ends at a root pinned here (the last signature checked with the pinned root's key, so a
+look-alike with the same name is refused), and no certificate carries a critical extension this
+check does not process. The end certificate must be an AK's: keyUsage digitalSignature (an EK certificate from the same CA has keyEncipherment only) and,
 if it lists extended key usages, TCG's tcg-kp-AIKCertificate (2.23.133.8.1). cryptography's own
 verifier is not used: its client and server profiles demand a clientAuth or serverAuth extended key
 usage, which AK certificates do not have. Revocation is not checked: the certificates name CRLs,
