@@ -52,7 +52,7 @@ endif
 # `make rollout` exits with the rollout's own code the same way (1: stopped at a wave). It runs for as
 # long as its waves take, so its output is not held back: it goes to standard error as it happens.
 # A dry run (make -n) only prints the command.
-ROLLOUT_CMD = $(PY) -m fleet $(ROOT_ARG) rollout --stack $(STACK) $(ACK_ARG) $(if $(VERIFY_PLAN),--plan $(VERIFY_PLAN))
+ROLLOUT_CMD = $(PY) -m fleet $(ROOT_ARG) rollout --stack $(STACK) $(ACK_ARG) $(if $(VERIFY_PLAN),--plan $(VERIFY_PLAN)) $(if $(REACH),--reach '$(REACH)')
 DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 ifeq ($(MAKECMDGOALS)$(DRY_RUN),rollout)
 $(if $(PY_DEPS),$(shell $(MAKE) --no-print-directory -s venv PYTHON='$(PYTHON)' >&2))
@@ -123,7 +123,7 @@ up: $(PY_DEPS)  ## pulumi up after the live preview passed the rollout rules: ST
 
 # A change in waves: a targeted up per wave, a health wait, an attestation gate (VERIFY_PLAN=f: a plan
 # JSON to verify against instead of planning the checkout). Exit 0 done, 1 stopped at a failing wave.
-rollout: $(PY_DEPS)  ## pulumi up in attestation-gated waves: STACK=prod [ACK=...] [VERIFY_PLAN=f]
+rollout: $(PY_DEPS)  ## pulumi up in attestation-gated waves: STACK=prod [ACK=...] [VERIFY_PLAN=f] [REACH=iap|direct]
 ifdef ROLLOUT_STATUS
 	@exit $(ROLLOUT_STATUS)
 else

@@ -298,7 +298,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def install(directory: Path, root: Path, document: dict[str, Any] | None = None) -> dict[str, str]:
-    """Put the fake on a PATH under ``directory``; the environment to run with."""
+    """Put the fake on a PATH under ``directory``; the environment to run with. A fake ``gcloud``
+    (tests/fake_gcloud.py, no routes until a test gives some) goes next to it, so nothing a test runs
+    ever reaches a real one."""
+    from tests import fake_gcloud
+
+    gcloud_env = fake_gcloud.install(directory, root)
     bindir = directory / "bin"
     bindir.mkdir(parents=True, exist_ok=True)
     exe = bindir / "pulumi"
@@ -308,7 +313,7 @@ def install(directory: Path, root: Path, document: dict[str, Any] | None = None)
     (directory / "version").write_text((root / ".pulumi-version").read_text())
     if document is not None:
         (directory / "preview.json").write_text(json.dumps(document, indent=4))
-    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", FAKE_PULUMI_DIR=str(directory))
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", FAKE_PULUMI_DIR=str(directory), **gcloud_env)
     env.pop("PULUMI_BACKEND_URL", None)
     env.pop("FLEET_EVIDENCE_DIR", None)
     return env

@@ -30,7 +30,8 @@ ALLOWED_ROLES = {
     "ci-deploy": {"roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
                   "roles/compute.storageAdmin", "roles/iam.serviceAccountUser", "roles/storage.objectViewer",
                   "roles/storage.objectAdmin", "roles/cloudkms.cryptoKeyEncrypterDecrypter",
-                  "roles/iam.workloadIdentityUser", "roles/storage.objectCreator", "roles/cloudkms.signerVerifier"},
+                  "roles/iam.workloadIdentityUser", "roles/storage.objectCreator", "roles/cloudkms.signerVerifier",
+                  "roles/iap.tunnelResourceAccessor"},
     "ci-images": {"roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
                   "roles/iam.serviceAccountUser", "roles/storage.objectAdmin", "roles/artifactregistry.writer",
                   "roles/storage.objectViewer", "roles/cloudkms.cryptoKeyEncrypterDecrypter"},
@@ -102,6 +103,27 @@ def test_deploy_identities_touch_only_their_own_environment(plan):
         assert all(f"/{other}" not in writes[0].condition[1] for other in bp.environments if other != env)
         (uploads,) = [b for b in mine if b.role == "roles/storage.objectCreator"]
         assert uploads.target == bp.names.image_bucket and f"/config-disks/{env}/" in uploads.condition[1]
+
+
+def test_each_deploy_identity_may_tunnel_to_its_own_environments_nodes_only(plan):
+    """`make rollout` reads nodes through IAP TCP forwarding (fleet/cli/tunnel.py): each deploy identity
+    holds roles/iap.tunnelResourceAccessor on its own env project (a gcp.projects.IAMMember), and reads
+    the instance gcloud looks up first (compute.instances.get) through a role it already holds."""
+    from fleet.project.bootstrap import DEPLOY_PROJECT_ROLES, TUNNEL_INSTANCE_READ
+
+    _, config = load_config(ROOT, "bootstrap")
+    bp = plan_bootstrap(config, env_tiers(ROOT, config))
+    members = {(r.inputs["project"], r.inputs["member"]) for r in iam(plan)
+               if r.type == "gcp:projects/iAMMember:IAMMember" and r.inputs["role"] == "roles/iap.tunnelResourceAccessor"}
+    assert members == {(project, f"serviceAccount:{bp.account(f'ci-deploy-{env}').email}")
+                       for env, project in bp.environments.items()}
+    assert all("condition" not in r.inputs for r in iam(plan) if r.inputs["role"] == "roles/iap.tunnelResourceAccessor")
+    permission, role = TUNNEL_INSTANCE_READ
+    assert permission == "compute.instances.get" and role in DEPLOY_PROJECT_ROLES
+    # the IAP API is on in every env project, nowhere else
+    services = {(r.inputs["project"], r.inputs["service"]) for r in plan.resources
+                if r.type == "gcp:projects/service:Service" and r.inputs["service"] == "iap.googleapis.com"}
+    assert services == {(project, "iap.googleapis.com") for project in bp.environments.values()}
 
 
 def test_federation_pins_repository_and_owner_ids(plan):

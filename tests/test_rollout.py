@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import http.server
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from fleet.plan import preview as previews
 from fleet.plan.planner import build_plan
 from fleet.stacks.load import load_config
 
+from . import fake_gcloud
 from .conftest import ROOT
 from .fake_pulumi import PreviewBuilder, calls, install
 from .pccs_stub import serve
@@ -382,21 +384,30 @@ def test_a_prod_identity_change_needs_its_acknowledgement_on_make_up(project, cl
 
 class Attestations:
     """The nodes' endpoints: /<node>/info and /<node>/quote answer what ``served`` holds, and every
-    request is logged next to the fake CLI's calls, so their order can be checked."""
+    request is logged next to the fake CLI's calls, so their order can be checked.
+
+    ``node(key)`` is that node as its own server, the way an IAP tunnel reaches it: the guest agent's
+    ``/prpc/Info?json``, an app's ``/quote`` and the light client's ``/attest`` answer (and are
+    logged as) ``/<node>/info``, ``/<node>/quote`` and ``/<node>/attest``."""
+
+    ON_THE_NODE = {"/prpc/Info?json": "info", "/quote": "quote", "/attest": "attest"}
 
     def __init__(self, log: Path):
         self.served: dict[str, bytes] = {}
         self.answer = lambda path: self.served.get(path)
         self.log = log
+        self.servers: list[http.server.ThreadingHTTPServer] = []
+        self.nodes: dict[str, str] = {}
 
-    def __enter__(self):
+    def _server(self, key: str | None) -> http.server.ThreadingHTTPServer:
         log, attestations = self.log, self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
-                body = attestations.answer(self.path)
+                path = self.path if key is None else f"/{key}/{attestations.ON_THE_NODE.get(self.path, self.path)}"
+                body = attestations.answer(path)
                 with open(log, "a") as f:
-                    f.write(json.dumps({"who": "node", "path": self.path, "time": time.time()}) + "\n")
+                    f.write(json.dumps({"who": "node", "path": path, "time": time.time()}) + "\n")
                 self.send_response(200 if body is not None else 404)
                 self.end_headers()
                 self.wfile.write(body or b"")
@@ -404,13 +415,25 @@ class Attestations:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.servers.append(server)
+        return server
+
+    def __enter__(self):
+        self.server = self._server(None)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         return self
 
+    def node(self, key: str) -> str:
+        """``host:port`` of the node's own server (what a tunnel to any of its ports reaches)."""
+        if key not in self.nodes:
+            self.nodes[key] = "127.0.0.1:%d" % self._server(key).server_address[1]
+        return self.nodes[key]
+
     def __exit__(self, *exc):
-        self.server.shutdown()
+        for server in self.servers:
+            server.shutdown()
 
     def serve(self, node: str, info: bytes = TCB_INFO, quote: bytes = QUOTE) -> None:
         self.served[f"/{node}/info"], self.served[f"/{node}/quote"] = info, quote
@@ -437,13 +460,17 @@ def three_apps(url: str):
     return change
 
 
+def new_os_image(config):
+    image = copy.deepcopy(config["dstack-fleet:images"]["dstack-0-6-0-a2"])
+    image["build"]["cmdlineOverrides"] = {"dstack.storage_fs": "ext4"}
+    config["dstack-fleet:images"]["dstack-next"] = image
+    config["dstack-fleet:nodes"][1]["image"] = "dstack-next"
+
+
 def next_os(url: str):
     def change(config):
         three_apps(url)(config)
-        image = copy.deepcopy(config["dstack-fleet:images"]["dstack-0-6-0-a2"])
-        image["build"]["cmdlineOverrides"] = {"dstack.storage_fs": "ext4"}
-        config["dstack-fleet:images"]["dstack-next"] = image
-        config["dstack-fleet:nodes"][1]["image"] = "dstack-next"
+        new_os_image(config)
     return change
 
 
@@ -474,7 +501,7 @@ def timeline(cli: Path) -> list[str]:
     for entry in sorted(entries, key=lambda e: e["time"]):
         if entry["who"] == "node":
             out.append(entry["path"])
-        elif entry["command"] == ["up"]:
+        elif entry["who"] == "pulumi" and entry["command"] == ["up"]:
             nodes = sorted({n for n in map(previews.urn_name, entry["targets"]) if re.fullmatch(r"[a-z]+-\d+", n)})
             out.append("up " + (",".join(nodes) if entry["targets"] else "(all)"))
     return out
@@ -712,3 +739,265 @@ def test_an_overlay_rolls_one_node_at_a_time_each_holding_the_shared_secret(proj
     assert ("rollout stopped at wave 2 (overlay: overlay-1): health: overlay-1 holds a different secret "
             "(public key 03cdcdcdcdcdcdcd…, the overlay's is 02ababababababab…): it founded a new overlay") in err
     assert "untouched: overlay-2" in err
+
+
+# ---- reaching nodes through IAP TCP forwarding --------------------------------------------------------
+
+# The deploy workflow's runners are outside the VPC: with dstack-fleet:rollout.reach iap, every read of
+# a node goes through `gcloud compute start-iap-tunnel INSTANCE PORT --local-host-port=127.0.0.1:N
+# --zone=ZONE --project=PROJECT` (tests/fake_gcloud.py forwards it to the node's own server).
+IAP_ROLLOUT = {"reach": "iap", "groups": {"apps": {"quoteUrl": "http://{address}:8080/quote"}},
+               "healthTimeoutSeconds": 5, "pollSeconds": 1}
+
+
+def three_apps_through_iap(config):
+    config["dstack-fleet:nodes"][1]["count"] = 3
+    config["dstack-fleet:rollout"] = copy.deepcopy(IAP_ROLLOUT)
+
+
+def next_os_through_iap(config):
+    three_apps_through_iap(config)
+    new_os_image(config)
+
+
+def routes(plan: dict, nodes: Attestations, group: str, ports: tuple[str, ...]) -> dict:
+    """What the fake gcloud knows: each instance of the plan's group, in its zone and project, with
+    ``ports`` forwarded to the node's own server."""
+    projects = {r["name"]: r["inputs"]["project"] for r in plan["resources"] if r["type"] == INSTANCE}
+    return {"instances": {node["name"]: {"zone": node["zone"], "project": projects[key],
+                                         "ports": {port: nodes.node(key) for port in ports}}
+                          for key, node in plan["outputs"]["nodes"].items() if node["group"] == group}}
+
+
+@pytest.fixture
+def iap_upgrade(project, cli, tmp_path):
+    """``os_upgrade`` with the nodes read through IAP: prod's three-node apps group moving to a new
+    dstack OS image, its guest agents (8090) and app quotes (8080) reached only through the tunnel."""
+    with Attestations(cli.parent / "nodes.jsonl") as nodes, serve(QUOTE_SET / "collateral.json") as (pccs, asked):
+        deployed, planned = plans(project, three_apps_through_iap, next_os_through_iap)
+        deployed["measurements"]["app:mpc-prod"] = {**quote_set_expectation(), "os_image_hash": "11" * 32}
+        planned["measurements"]["app:mpc-prod"] = {**quote_set_expectation(),
+                                                   "os_image_hash": json.loads(TCB_INFO)["os_image_hash"]}
+        plan_file = tmp_path / "plan.json"
+        plan_file.write_text(json.dumps(planned))
+        env = {**install(cli, ROOT, PreviewBuilder(planned, deployed).document()), **BACKEND,
+               "FLEET_PCCS_URL": pccs, "FLEET_VERIFY_AT": INSIDE_WINDOW, "FLEET_EVIDENCE_DIR": str(tmp_path / "ev")}
+        fake_gcloud.set_routes(cli, routes(planned, nodes, "apps", ("8090", "8080")))
+        yield nodes, env, plan_file, planned
+
+
+def no_tunnel_left(cli: Path) -> None:
+    """Neither a tunnel's wrapper nor its forwarder runs (a signalled process gets a moment to exit)."""
+    started = fake_gcloud.calls(cli)
+    assert started
+    deadline = time.monotonic() + 5
+    while True:
+        left = [(c["argv"][2], c["argv"][3], pid) for c in started for pid in (c["pid"], c["wrapper"])
+                if fake_gcloud.alive(pid)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == [], "tunnel processes outlived the rollout"
+
+
+def test_a_rollout_through_iap_tunnels_to_each_node_and_verifies_through_it(project, cli, iap_upgrade):
+    nodes, env, plan_file, planned = iap_upgrade
+    for node in ("apps-0", "apps-1", "apps-2"):
+        nodes.serve(node)
+    result = make("rollout", project.root, env, f"VERIFY_PLAN={plan_file}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stderr
+    assert "reading nodes through IAP TCP forwarding" in out and "(project acme-tee-prod)" in out
+    # every tunnel names the node's instance, zone and project as the plan has them, one port each
+    node_of = {n["name"]: (k, n) for k, n in planned["outputs"]["nodes"].items()}
+    opened: dict[str, set[str]] = {}
+    for t in fake_gcloud.tunnels(cli):
+        key, node = node_of[t["instance"]]
+        assert (t["zone"], t["project"]) == (node["zone"], "acme-tee-prod"), t
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", t["local-host-port"]), t
+        opened.setdefault(key, set()).add(t["port"])
+    assert opened == {"apps-0": {"8090", "8080"}, "apps-1": {"8090", "8080"}, "apps-2": {"8090", "8080"}}
+    assert {c["argv"][2] for c in fake_gcloud.calls(cli)} == {"fleet-prod-apps-0", "fleet-prod-apps-1",
+                                                              "fleet-prod-apps-2"}
+    # the same gates as a direct rollout, each node read through its tunnels only
+    assert timeline(cli) == ["/apps-0/info",
+                             "up apps-0", "/apps-0/info", "/apps-0/quote", "/apps-0/info", "/apps-0/quote",
+                             "up apps-1", "/apps-1/info", "/apps-1/quote", "/apps-1/info", "/apps-1/quote",
+                             "up apps-2", "/apps-2/info", "/apps-2/quote", "/apps-2/info", "/apps-2/quote"]
+    for index in range(3):
+        assert f"apps-{index} app:mpc-prod: verify: all" in out
+    assert "rollout of prod done: 3 wave(s)" in out
+    no_tunnel_left(cli)
+
+
+def test_a_tampered_attestation_through_the_tunnel_stops_after_the_first_wave(project, cli, iap_upgrade):
+    nodes, env, plan_file, _ = iap_upgrade
+    nodes.serve("apps-0", quote=tampered_quote())
+    for node in ("apps-1", "apps-2"):
+        nodes.serve(node)
+    result = make("rollout", project.root, env, f"VERIFY_PLAN={plan_file}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    err = result.stderr
+    (up,) = calls(cli, "up")
+    assert {previews.urn_name(u) for u in up["targets"]} & {"apps-0", "apps-1", "apps-2"} == {"apps-0"}
+    assert "apps-0 app:mpc-prod: verify: 1 check(s) failed: quote signature" in err
+    assert "rollout stopped at wave 1 (apps: apps-0): apps-0 failed its attestation gate" in err
+    assert "untouched: apps-1, apps-2" in err
+    assert {t["instance"] for t in fake_gcloud.tunnels(cli)} == {"fleet-prod-apps-0"}  # apps-0 answered first
+    no_tunnel_left(cli)
+
+
+def test_a_denied_tunnel_is_one_line_and_applies_nothing(project, cli, iap_upgrade):
+    # gcloud's own words when the identity lacks roles/iap.tunnelResourceAccessor (IAP error 4033)
+    nodes, env, plan_file, planned = iap_upgrade
+    for node in ("apps-0", "apps-1", "apps-2"):
+        nodes.serve(node)
+    fake_gcloud.set_routes(cli, {**routes(planned, nodes, "apps", ("8090", "8080")),
+                                 "fail": {"*": "While checking if a connection can be made: Error while connecting "
+                                               "[4033: 'not authorized']."}})
+    result = fleet(project.root, "rollout", "--stack", "prod", "--plan", str(plan_file), env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert line.startswith("error: no node of group apps answers through IAP (")
+    assert "apps-0 (fleet-prod-apps-0 tcp/8090 through IAP): gcloud compute start-iap-tunnel exited 1: ERROR: " \
+           "(gcloud.compute.start-iap-tunnel) While checking if a connection can be made: Error while connecting " \
+           "[4033: 'not authorized']." in line
+    assert "roles/iap.tunnelResourceAccessor on acme-tee-prod" in line and line.endswith("nothing was applied")
+    assert calls(cli, "up") == [] and "/apps-" not in "".join(timeline(cli))
+    no_tunnel_left(cli)
+
+
+def test_a_tunnel_that_never_listens_stops_its_wave_and_applies_no_further_one(project, cli, iap_upgrade):
+    nodes, env, plan_file, planned = iap_upgrade
+    for node in ("apps-0", "apps-1", "apps-2"):
+        nodes.serve(node)
+    fake_gcloud.set_routes(cli, {**routes(planned, nodes, "apps", ("8090", "8080")), "hang": ["fleet-prod-apps-0"]})
+    result = fleet(project.root, "rollout", "--stack", "prod", "--plan", str(plan_file), env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("rollout stopped")]
+    assert line.startswith("rollout stopped at wave 1 (apps: apps-0): health: apps-0 not healthy after 5s: ")
+    assert re.search(r"apps-0 \(fleet-prod-apps-0 tcp/8090 through IAP\): the IAP tunnel did not listen on "
+                     r"127\.0\.0\.1:\d+ within 5s \(gcloud: Testing if tunnel connection works\.\)", line), line
+    assert "untouched: apps-1, apps-2" in result.stderr
+    assert [sorted({previews.urn_name(u) for u in c["targets"]} & {"apps-0", "apps-1", "apps-2"})
+            for c in calls(cli, "up")] == [["apps-0"]]
+    no_tunnel_left(cli)
+
+
+def test_without_gcloud_an_iap_rollout_does_not_start(project, cli, iap_upgrade, tmp_path):
+    _, env, plan_file, _ = iap_upgrade
+    empty = tmp_path / "no-gcloud"
+    empty.mkdir()
+    result = fleet(project.root, "rollout", "--stack", "prod", "--plan", str(plan_file),
+                   env={**env, "PATH": str(empty)})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "error: reaching nodes through IAP needs the Google Cloud CLI and gcloud is not on PATH (install it, "
+        "authenticate it, or run where the nodes are reachable with REACH=direct); nothing was applied"]
+    assert calls(cli) == [] and fake_gcloud.calls(cli) == []
+
+
+def test_an_iap_stack_is_read_directly_for_one_run(project, cli, iap_upgrade):
+    # a runner inside the VPC: the nodes' own addresses (unreachable here), no tunnel
+    nodes, env, plan_file, _ = iap_upgrade
+    result = make("rollout", project.root, env, f"VERIFY_PLAN={plan_file}", "REACH=direct")
+    assert result.returncode == 1
+    assert "error: no node of group apps answers from here (http://10.30.0.40:8090/prpc/Info?json: " in result.stderr
+    assert fake_gcloud.calls(cli) == [] and calls(cli, "up") == []
+
+
+def test_a_direct_stack_read_through_iap_for_one_run_needs_urls_of_the_node(project, cli, os_upgrade):
+    nodes, env, plan_file, _ = os_upgrade  # its templates name the test's server, not the nodes
+    result = make("rollout", project.root, env, f"VERIFY_PLAN={plan_file}", "REACH=iap")
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if not re.match(r"make(\[\d+\])?: ", ln)]
+    assert len(lines) == 2 and all(ln.endswith("; nothing was applied") for ln in lines), lines
+    for field, line in zip(("infoUrl", "quoteUrl"), lines):
+        assert line.startswith(f"error: stacks/Pulumi.prod.yaml: dstack-fleet:rollout.groups.apps.{field}: "
+                               "'http://127.0.0.1:") and "cannot be read through IAP" in line
+    assert calls(cli) == [] and fake_gcloud.calls(cli) == []
+
+
+def test_iap_refuses_a_template_that_does_not_read_the_node_itself(project):
+    def gateway(config):
+        config["dstack-fleet:rollout"] = {"reach": "iap", "groups": {
+            "apps": {"quoteUrl": "https://{key}-8080.gateway.example/quote", "infoUrl": "http://{address}:8090/x"},
+            "overlay": {"attestUrl": "http://10.0.0.1:3032/attest"}}}
+    project.mutate("prod", "gateway", gateway)
+    with pytest.raises(ConfigError) as caught:
+        load_config(project.root, "gateway")
+    lines = caught.value.lines()
+    assert [l.split(": ", 1)[1] for l in lines] == [
+        "dstack-fleet:rollout.groups.apps.quoteUrl: 'https://{key}-8080.gateway.example/quote' cannot be read through "
+        "IAP (rollout.reach iap): a tunnel reaches a port of the node itself over plain http, so write "
+        "http://{address}:PORT/... (or {name} as the host)",
+        "dstack-fleet:rollout.groups.overlay.attestUrl: 'http://10.0.0.1:3032/attest' cannot be read through IAP "
+        "(rollout.reach iap): a tunnel reaches a port of the node itself over plain http, so write "
+        "http://{address}:PORT/... (or {name} as the host)"]
+    # read directly, the same templates are fine
+    project.mutate("prod", "direct", lambda c: (gateway(c), c["dstack-fleet:rollout"].update(reach="direct")))
+    load_config(project.root, "direct")
+
+
+def test_an_overlay_member_is_read_through_its_tunnel_on_the_light_clients_port(project, cli, tmp_path):
+    from fleet.cli import tunnel
+
+    with Attestations(cli.parent / "nodes.jsonl") as nodes:
+        nodes.served["/overlay-1/attest"] = attest(SHARED)
+        env = install(cli, ROOT)
+        gate = overlay_gate(project, {}, tmp_path)
+        gate.fetcher = rollout.fetch
+        known = routes(gate.plan, nodes, "overlay", ("3032",))
+        known["instances"]["fleet-prod-overlay-2"]["ports"] = {}  # its light client does not listen yet
+        fake_gcloud.set_routes(cli, known)
+        gate.reach = tunnel.Iap(project="acme-tee-prod", timeout=5, env=env)
+        assert gate.read_overlay_key(["overlay-1"]) == SHARED
+        with pytest.raises(rollout.Stopped, match=r"overlay-2 \(http://10\.30\.0\.12:3032/attest\): overlay-2 "
+                                                  r"\(fleet-prod-overlay-2 tcp/3032 through IAP\): gcloud compute "
+                                                  r"start-iap-tunnel exited 1: .*4003: 'failed to connect to backend'"):
+            gate.read_overlay_key(["overlay-2"])
+    assert [(t["instance"], t["port"], t["zone"]) for t in fake_gcloud.tunnels(cli)] == [
+        ("fleet-prod-overlay-1", "3032", gate.plan["outputs"]["nodes"]["overlay-1"]["zone"]),
+        ("fleet-prod-overlay-2", "3032", gate.plan["outputs"]["nodes"]["overlay-2"]["zone"])]
+    assert timeline(cli) == ["/overlay-1/attest"]
+    no_tunnel_left(cli)
+
+
+def test_a_tunnel_is_stopped_with_its_whole_process_group_also_when_the_read_fails(cli, tmp_path):
+    from fleet.cli import tunnel
+
+    with Attestations(cli.parent / "nodes.jsonl") as nodes:
+        nodes.served["/n-0/info"] = b"{}"
+        env = {**os.environ, **fake_gcloud.install(cli, ROOT, {"instances": {"n-0": {
+            "zone": "z-a", "project": "p", "ports": {"8090": nodes.node("n-0")}}}})}
+        env["PATH"] = f"{cli / 'bin'}:{env['PATH']}"
+        reach = tunnel.Iap(project="p", timeout=5, env=env)
+        with pytest.raises(RuntimeError):
+            with reach.urls("n-0", {"name": "n-0", "zone": "z-a"}, ["http://10.0.0.9:8090/prpc/Info?json"]) as (url,):
+                assert re.fullmatch(r"http://127\.0\.0\.1:\d+/prpc/Info\?json", url)
+                assert rollout.fetch(url) == b"{}"
+                raise RuntimeError("the read failed")
+    (call,) = fake_gcloud.calls(cli)
+    assert call["argv"][:4] == ["compute", "start-iap-tunnel", "n-0", "8090"]
+    assert call["argv"][5:] == ["--zone=z-a", "--project=p"] and call["argv"][4].startswith("--local-host-port=127.0.0.1:")
+    assert call["wrapper"] != call["pid"]  # the wrapper stayed the parent, and both are gone
+    no_tunnel_left(cli)
+
+
+def test_a_terminated_rollout_stops_its_open_tunnel(project, cli, iap_upgrade):
+    """SIGTERM (a job's time limit) unwinds the rollout like an error: the tunnel it waits on goes too."""
+    nodes, env, plan_file, planned = iap_upgrade
+    fake_gcloud.set_routes(cli, {**routes(planned, nodes, "apps", ("8090", "8080")), "hang": ["*"]})
+    process = subprocess.Popen([sys.executable, "-m", "fleet", "--root", str(project.root), "rollout", "--stack",
+                                "prod", "--plan", str(plan_file)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not fake_gcloud.calls(cli) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fake_gcloud.calls(cli), "no tunnel was started"
+    time.sleep(0.5)
+    process.terminate()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + 15, err
+    assert calls(cli, "up") == []
+    no_tunnel_left(cli)

@@ -96,6 +96,47 @@ def test_the_setup_port_is_never_opened_and_the_api_only_through_iap(stack):
     assert api["targetTags"] == [f"fleet-{stack}-overlay-members"]
 
 
+@pytest.mark.parametrize("stack", ["dev", "staging", "prod"])
+def test_dstack_nodes_admit_the_guest_agent_only_through_iap_and_only_to_their_group(stack):
+    # the guest agent's public API on 8090 (Dstack-TEE/dstack guest-agent/dstack.toml [external]); make
+    # rollout reads it through IAP TCP forwarding, whose connections come from 35.235.240.0/20
+    plan = shipped_plan(stack)
+    rules = firewall(plan)
+    agent = {name: r for name, r in rules.items() if any("8090" in a.get("ports", []) for a in r.get("allows") or [])}
+    instances = [r for r in plan.resources if r.type == "gcp:compute/instance:Instance"]
+    groups = sorted({n["group"] for n in plan.outputs["nodes"].values() if n["kind"] == "dstack"})
+    assert sorted(agent) == [f"fw-dstack-api-iap-{g}" for g in groups]
+    for group in groups:
+        rule = agent[f"fw-dstack-api-iap-{group}"]
+        assert rule["allows"] == [{"protocol": "tcp", "ports": ["8090"]}] and rule["direction"] == "INGRESS"
+        assert rule["sourceRanges"] == ["35.235.240.0/20"] and "sourceTags" not in rule
+        (tag,) = rule["targetTags"]
+        carriers = {i.name for i in instances if tag in i.inputs["tags"]}
+        # every planned instance of the group (a node waiting for its image has none yet), nothing else
+        assert carriers == {i.name for i in instances if plan.outputs["nodes"][i.name]["group"] == group}
+        assert all(plan.outputs["nodes"][k]["kind"] == "dstack" for k in carriers)
+    assert any(agent.values()) == bool(groups)
+
+
+def test_a_quote_url_on_the_node_opens_its_port_to_iap_too_and_a_gateway_url_nothing(project):
+    from fleet.gcp.naming import Namer
+    from fleet.nodes.specs import dstack_ingress
+
+    def rollout(quote):
+        def change(config):
+            config["dstack-fleet:rollout"] = {"reach": "direct", "groups": {"apps": {"quoteUrl": quote}}}
+        return change
+    project.mutate("prod", "quote", rollout("http://{address}:8080/quote"))
+    _, config = load_config(project.root, "quote")
+    (rule,) = dstack_ingress(config, Namer("fleet", "quote", config.gcp.project))
+    assert (rule.ports, rule.source_ranges, rule.target_tags) == ((8080, 8090), ("35.235.240.0/20",),
+                                                                  ("fleet-quote-grp-apps",))
+    project.mutate("prod", "gateway", rollout("https://{key}-8080.gateway.example/quote"))
+    _, config = load_config(project.root, "gateway")
+    (rule,) = dstack_ingress(config, Namer("fleet", "gateway", config.gcp.project))
+    assert rule.ports == (8090,)
+
+
 def test_star_firewall_follows_its_edges():
     # staging: a star of four; the hub (genesis) dials every spoke, every spoke dials the hub
     rules = firewall(shipped_plan("staging"))
@@ -177,6 +218,10 @@ def test_overlay_config_errors(project, change, path, message):
      "dstack-fleet:network.publicIngress[0].port", "reached through IAP only"),
     (lambda c: c["dstack-fleet:nodes"][0].update(maxUnavailable=5), "dstack-fleet:nodes[0].maxUnavailable",
      "every one of the overlay's 5 members down at once"),
+    # the dstack guest agent's API, like the light client's, is reached through IAP only
+    (lambda c: c["dstack-fleet:network"].update(publicIngress=[{"port": 8090, "reason": "x", "groups": ["apps"]}]),
+     "dstack-fleet:network.publicIngress[0].port", "the dstack guest agent's API (reached through IAP only) on dstack "
+     "groups apps"),
 ])
 def test_overlay_safety_errors(project, change, path, message):
     project.mutate("prod", "badoverlay", change)

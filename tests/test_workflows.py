@@ -311,6 +311,23 @@ def test_deploy_jobs_provide_an_authenticated_gcloud_before_up():
         assert only_step(job, "google-github-actions/setup-gcloud")["with"] == {"version": ">= 363.0.0"}
 
 
+def test_deploy_rollouts_reach_the_nodes_through_iap_with_that_gcloud():
+    """GitHub-hosted runners cannot reach the nodes' internal addresses: the stacks the workflow rolls
+    read their nodes through IAP TCP forwarding, with the gcloud set up (and authenticated) before the
+    rollout, and no REACH override in the workflow."""
+    from fleet.stacks.load import load_config
+
+    jobs = workflow("deploy")["jobs"]
+    for stack, job in jobs.items():
+        if job["env"]["DEPLOY"] != "rollout":
+            continue
+        assert load_config(ROOT, stack)[1].fleet.rollout.reach == "iap", stack
+        names = [action(s) or s.get("run") for s in steps(job)]
+        assert names.index("google-github-actions/setup-gcloud") < names.index('make "$DEPLOY" STACK="$STACK" ACK="$ACK"')
+        assert "REACH" not in json.dumps(job)
+    assert [s for s, j in jobs.items() if j["env"]["DEPLOY"] == "rollout"] == ["staging", "prod"]
+
+
 def test_only_the_poster_can_write_to_pull_requests_among_workflow_run_jobs():
     writers = [(path.stem, job_id) for path in FILES if "workflow_run" in load(path)["on"]
                for job_id, job in load(path)["jobs"].items()

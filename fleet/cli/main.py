@@ -139,7 +139,7 @@ def cmd_policy_config(args: argparse.Namespace) -> int:
 def cmd_rollout(args: argparse.Namespace) -> int:
     from fleet.cli import rollout
 
-    return rollout.run(_root(args), args.stack, args.ack, Path(args.plan) if args.plan else None)
+    return rollout.run(_root(args), args.stack, args.ack, Path(args.plan) if args.plan else None, reach=args.reach)
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -428,6 +428,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                       help="identity:app:<app>: let a prod app take a new identity (repeatable)")
     roll.add_argument("--plan", metavar="PLAN.json",
                       help="verify against this plan JSON (e.g. the one reviewed) instead of planning the checkout")
+    roll.add_argument("--reach", choices=["direct", "iap"],
+                      help="how nodes are read in this run, instead of the stack's dstack-fleet:rollout.reach: direct "
+                           "(the URLs as written) or iap (through gcloud compute start-iap-tunnel)")
     roll.set_defaults(func=cmd_rollout)
     return parser
 

@@ -19,6 +19,10 @@ rollout: the nodes of later waves are untouched, and the message says how to res
   carry report data SHA-256("register" || hex(pubkey)) zero-padded to 64 bytes (tplus-examples
   3eb04ca ``mocks/src/lib.rs`` ``calc_report_data``), and is verified against ``node:<key>``.
 
+Where nodes are read from: ``dstack-fleet:rollout.reach`` (or ``--reach``): ``direct``, the URLs as
+written, or ``iap``, each read through its own IAP TCP forwarding tunnel (``fleet.cli.tunnel``),
+started for the read and stopped after it.
+
 Resumable: nothing is recorded locally. The waves are derived again from the live preview, and before
 the first wave every node of a group being rolled that the change no longer touches is verified, so
 a rollout stopped (or killed at a job's time limit) continues where it stopped and never past a node
@@ -31,6 +35,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,11 +48,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from fleet.cli import deploy, preflight
+from fleet.cli import deploy, preflight, tunnel
 from fleet.plan import preview as previews
 from fleet.stacks.expectations import INTEL_PCS_URL, verify_script
 from fleet.stacks.load import load_config
-from fleet.stacks.rollout import NodeEndpoints, node_endpoints, quote_url_key
+from fleet.stacks.rollout import NodeEndpoints, node_endpoints, quote_url_key, template_problems
 
 EXIT_DONE, EXIT_STOPPED, EXIT_INPUT = 0, 1, 2
 CODE_ROOT = Path(__file__).resolve().parents[2]  # this checkout: its .venv runs `fleet verify`
@@ -140,6 +146,7 @@ class Gate:
     env: dict[str, str]
     fetcher: Callable[[str], bytes] = fetch
     sleep: Callable[[float], None] = time.sleep
+    reach: Any = field(default_factory=tunnel.Direct)  # fleet.cli.tunnel: Direct or Iap
     overlay_key: str | None = None  # the overlay's shared public key, once read
 
     def node(self, key: str) -> dict[str, Any]:
@@ -150,6 +157,12 @@ class Gate:
 
     def endpoints(self, key: str) -> NodeEndpoints:
         return node_endpoints(self.config, key, self.node(key))
+
+    def read(self, key: str, url: str) -> bytes:
+        """One URL of a node, the way the rollout reaches it (as written, or through an IAP tunnel
+        opened for this read and stopped after it)."""
+        with self.reach.urls(key, self.node(key), [url]) as (local,):
+            return self.fetcher(local)
 
     def apps_on(self, group: str) -> list[str]:
         apps = (self.plan.get("outputs") or {}).get("apps") or {}
@@ -177,19 +190,19 @@ class Gate:
             if group.kind != "dstack":
                 continue
             running = [n.key for n in group.nodes if n.exists and not n.down and n.key in self.planned()]
-            urls = [self.endpoints(k).info_url or "" for k in running]
             errors = []
-            for url in urls:
+            for key in running:
+                url = self.endpoints(key).info_url or ""
                 try:
-                    self.fetcher(url)
+                    self.read(key, url)
                     break
                 except (OSError, ValueError) as exc:
                     errors.append(f"{url}: {exc}")
             else:
-                if urls:
-                    out.append(f"no node of group {group.name} answers from here ({'; '.join(errors[:2])}), so no "
-                               "wave of it could be verified: run the rollout where the nodes are reachable, or set "
-                               f"dstack-fleet:rollout.groups.{group.name}.infoUrl")
+                if running:
+                    how = "through IAP" if self.reach.name == "iap" else "from here"
+                    out.append(f"no node of group {group.name} answers {how} ({'; '.join(errors[:2])}), so no "
+                               f"wave of it could be verified: {self.reach.hint(group.name)}")
         return out
 
     def planned(self) -> set[str]:
@@ -204,7 +217,7 @@ class Gate:
         for key in members:
             url = self.endpoints(key).attest_url or ""
             try:
-                seen[key] = parse_attest(self.fetcher(url))["pubkey"]
+                seen[key] = parse_attest(self.read(key, url))["pubkey"]
             except (OSError, ValueError) as exc:
                 errors.append(f"{key} ({url}): {exc}")
         if len(set(seen.values())) > 1:
@@ -235,7 +248,7 @@ class Gate:
         if kind == "overlay":
             def probe() -> str | None:
                 try:
-                    answer = parse_attest(self.fetcher(endpoints.attest_url or ""))
+                    answer = parse_attest(self.read(key, endpoints.attest_url or ""))
                 except (OSError, ValueError) as exc:
                     return f"{endpoints.attest_url}: {exc} (the light client answers only once it holds the secret)"
                 if self.overlay_key and answer["pubkey"] != self.overlay_key:
@@ -246,7 +259,7 @@ class Gate:
             def probe() -> str | None:
                 for url in (endpoints.info_url, endpoints.quote_url):
                     try:
-                        self.fetcher(url or "")
+                        self.read(key, url or "")
                     except (OSError, ValueError) as exc:
                         return f"{url}: {exc}"
                 return None
@@ -269,10 +282,16 @@ class Gate:
             expectation = (self.plan.get("measurements") or {}).get(target)
             if expectation is None:
                 return GateResult(False, [f"the plan has no expected measurements for {target}"])
-            script = verify_script(target, endpoints.info_url or "", endpoints.quote_url or "")
-            result = subprocess.run(["bash", "-c", script], input=json.dumps({"measurements": {target: expectation}}),
-                                    text=True, capture_output=True, cwd=CODE_ROOT, env=self._verify_env(where),
-                                    check=False)
+            try:
+                with self.reach.urls(key, self.node(key), [endpoints.info_url or "", endpoints.quote_url or ""]) \
+                        as (info_url, quote_url):
+                    script = verify_script(target, info_url, quote_url)
+                    result = subprocess.run(["bash", "-c", script],
+                                            input=json.dumps({"measurements": {target: expectation}}), text=True,
+                                            capture_output=True, cwd=CODE_ROOT, env=self._verify_env(where),
+                                            check=False)
+            except (OSError, ValueError) as exc:
+                return GateResult(False, [*lines, f"{key} {target}: {exc}"])
             verdict = [ln for ln in result.stdout.splitlines() if ln.startswith("verify: ")] or \
                       (result.stderr.strip().splitlines() or ["no output"])[-1:]
             lines.append(f"{key} {target}: {verdict[0]}")
@@ -290,7 +309,7 @@ class Gate:
         evidence = where / f"node-{key}" / stamp
         evidence.mkdir(parents=True, exist_ok=True)
         try:
-            body = self.fetcher(endpoints.attest_url or "")
+            body = self.read(key, endpoints.attest_url or "")
             answer = parse_attest(body)
         except (OSError, ValueError) as exc:
             return GateResult(False, [f"{key}: {endpoints.attest_url}: {exc}"])
@@ -471,14 +490,37 @@ def _rolled_groups(analysis: previews.Analysis) -> list[previews.Group]:
     return [g for g in analysis.groups.values() if g.disrupted]
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(root: Path, stack: str, ack_values: list[str], plan_path: Path | None = None,
-        gate_factory: Callable[..., Gate] = Gate) -> int:
-    with tempfile.TemporaryDirectory(prefix="dstack-fleet-rollout-") as workdir:  # mkdtemp: mode 0700
-        return _run(root, stack, ack_values, plan_path, gate_factory, Path(workdir))
+        gate_factory: Callable[..., Gate] = Gate, reach: str | None = None) -> int:
+    """``reach``: ``direct`` or ``iap`` for this run instead of the stack's ``dstack-fleet:rollout.reach``."""
+    # A SIGTERM (a job's time limit, a kill) unwinds like an error, so every open IAP tunnel is stopped.
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        with tempfile.TemporaryDirectory(prefix="dstack-fleet-rollout-") as workdir:  # mkdtemp: mode 0700
+            return _run(root, stack, ack_values, plan_path, gate_factory, Path(workdir), reach)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _reach(config: Any, override: str | None, env: dict[str, str]) -> tuple[Any, list[str]]:
+    """How nodes are read in this run, and what keeps that from working at all (checked before anything)."""
+    mode = override or config.fleet.rollout.reach
+    if mode == "direct":
+        return tunnel.Direct(), []
+    problems = [str(p) for p in template_problems(config, "iap")]
+    if shutil.which(tunnel.GCLOUD, path=env.get("PATH")) is None:
+        problems.append(f"reaching nodes through IAP needs the Google Cloud CLI and {tunnel.GCLOUD} is not on PATH "
+                        "(install it, authenticate it, or run where the nodes are reachable with REACH=direct)")
+    timeout = min(tunnel.OPEN_TIMEOUT_SECONDS, config.fleet.rollout.health_timeout_seconds)
+    return tunnel.Iap(project=config.gcp.project, timeout=timeout, env=env), problems
 
 
 def _run(root: Path, stack: str, ack_values: list[str], plan_path: Path | None, gate_factory: Callable[..., Gate],
-         workdir: Path) -> int:
+         workdir: Path, reach_override: str | None = None) -> int:
     acks, problems = previews.parse_acks(ack_values)
     if problems:
         for problem in problems:
@@ -489,6 +531,11 @@ def _run(root: Path, stack: str, ack_values: list[str], plan_path: Path | None, 
         print(f"error: stack {stack} has role {config.fleet.role}; only env stacks have nodes to roll", file=sys.stderr)
         return EXIT_INPUT
     env = dict(os.environ)
+    reach, unusable = _reach(config, reach_override, env)
+    if unusable:
+        for problem in unusable:
+            print(f"error: {problem}; nothing was applied", file=sys.stderr)
+        return EXIT_INPUT
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     evidence = Path(env.get("FLEET_EVIDENCE_DIR") or root / ".fleet-evidence").resolve() / f"rollout-{stack}-{stamp}"
     cli = Cli(root, stack, env, workdir)
@@ -504,7 +551,10 @@ def _run(root: Path, stack: str, ack_values: list[str], plan_path: Path | None, 
         for line in preflight.refusal_lines(first, stack, "make rollout"):
             print(line, file=sys.stderr)
         return EXIT_STOPPED
-    gate = gate_factory(root=root, config=config, plan=plan, evidence=evidence, env=env)
+    gate = gate_factory(root=root, config=config, plan=plan, evidence=evidence, env=env, reach=reach)
+    if reach.name == "iap":
+        print(f"reading nodes through IAP TCP forwarding: one gcloud compute start-iap-tunnel per node and port "
+              f"(project {config.gcp.project}), stopped after each read")
     trouble = gate.problems(_rolled_groups(first.analysis))
     if trouble:
         for line in trouble:

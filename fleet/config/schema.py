@@ -493,6 +493,22 @@ class GcConfig(Model):
 # Placeholders a rollout URL template may use; each is the node's value from the plan's `nodes` output.
 ROLLOUT_URL_FIELDS = ("address", "name", "zone", "group", "ordinal", "key")
 RolloutUrl = Annotated[str, _pattern(r"https?://[^\s'\"]+", "an http(s) URL template")]
+# A template whose host is one of these reads a port of the node itself: what IAP TCP forwarding can
+# reach (`dstack-fleet:rollout.reach: iap`) and what the firewall admits from IAP's range.
+ROLLOUT_NODE_HOSTS = ("{address}", "{name}")
+
+
+def rollout_node_port(template: str) -> int | None:
+    """The port of the node a rollout URL template reads (80 for http without one), or None when its
+    host is not the node itself ({address} or {name}) or it is not plain http."""
+    scheme, rest = template.split("://", 1) if "://" in template else ("", template)
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    host, colon, port = netloc.rpartition(":") if netloc.count(":") == 1 else (netloc, "", "")
+    if scheme.lower() != "http" or host not in ROLLOUT_NODE_HOSTS:
+        return None
+    if not colon:
+        return 80
+    return int(port) if port.isdigit() and 1 <= int(port) <= 65535 else None
 
 
 class RolloutEndpoints(Model):
@@ -513,6 +529,13 @@ class RolloutEndpoints(Model):
 class RolloutConfig(Model):
     """`make rollout`: how long a wave may take to become healthy and where its nodes are read."""
 
+    reach: Literal["direct", "iap"] = Field(
+        "direct", description="How the rollout reaches each URL. direct: from where it runs, as written (the "
+        "default templates name internal addresses: run it inside the VPC). iap: through IAP TCP forwarding, one "
+        "`gcloud compute start-iap-tunnel` per node and port, closed after each read; every template must then be "
+        "http://{address}:PORT/... or http://{name}:PORT/..., and the identity running it needs "
+        "roles/iap.tunnelResourceAccessor (the bootstrap stack grants each deploy identity). `make rollout REACH=...` "
+        "overrides it for one run.")
     groups: dict[ShortName, RolloutEndpoints] = Field(
         default_factory=dict, description="Per node group: the URLs the health wait and the attestation gate read.")
     health_timeout_seconds: int = Field(1800, ge=1, description="How long a wave's nodes may take to answer "

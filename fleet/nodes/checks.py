@@ -12,6 +12,7 @@ from fleet.gcp import tdx
 from fleet.gcp.naming import Namer
 from fleet.nodes.identity import group_block, node_identities, ordinals, usable_range, zone_names
 from fleet.nodes.membertable import MAX_VALUE_BYTES, worst_case_bytes
+from fleet.nodes.specs import GUEST_AGENT_PORT  # what verifies a dstack node reaches it through IAP only
 from fleet.nodes.topology import Member, OverlayPlan, peer_keys, plan_overlay, reachable_from_genesis
 
 # The light client's own listening ports (tplus-examples @3eb04cad light_client.rs: POST /setup on
@@ -124,6 +125,12 @@ def _network(config: "StackConfig") -> list[Problem]:
         if (rule.port, rule.protocol) in seen:
             out.append(_p(config, f"network.publicIngress[{i}]", f"{rule.protocol}/{rule.port} is listed twice"))
         seen.add((rule.port, rule.protocol))
+    dstack_groups = {g.name for g in config.fleet.nodes if g.kind == "dstack"}
+    for i, rule in enumerate(network.public_ingress):
+        opened = sorted(dstack_groups & set(rule.groups))
+        if rule.port == GUEST_AGENT_PORT and rule.protocol == "tcp" and opened:
+            out.append(_p(config, f"network.publicIngress[{i}].port", f"{rule.port} is the dstack guest agent's API "
+                          f"(reached through IAP only) on dstack groups {', '.join(opened)}; remove the rule"))
     return out
 
 

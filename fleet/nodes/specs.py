@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from fleet.project import accounts
 from fleet.project.bootstrap import names_for
-from fleet.config.schema import NodeGroup, StackConfig
+from fleet.config.schema import NodeGroup, StackConfig, rollout_node_port
 from fleet.nodes.identity import NodeIdentity, node_identities
 from fleet.images.recipes import INIT_SCRIPT_DERIVED, TABLE_KEY_DERIVED
 from fleet.images.versions import ImageVersion
@@ -138,6 +138,11 @@ LIGHT_CLIENT_API_PORT = 3032
 # (`gcloud compute start-iap-tunnel NODE 3032 ...`), whose connections come from this range
 # (cloud.google.com/iap/docs/using-tcp-forwarding#create-firewall-rule). Nothing else may reach it.
 IAP_TCP_FORWARDING_RANGE = "35.235.240.0/20"
+# The dstack guest agent's public HTTP API (the `Worker` service: Info, Version): `[external] address =
+# "0.0.0.0", port = 8090` in Dstack-TEE/dstack guest-agent/dstack.toml (1029e63f), "an HTTP server on
+# port 8090 inside the CVM" in docs/security/cvm-boundaries.md (312dc605 and 10ca9b29). A dstack node
+# admits it, like the light client's API, only through IAP TCP forwarding.
+GUEST_AGENT_PORT = 8090
 # Firewall rules are kept well inside GCP's per-rule limits (assumed >= 256 source ranges and >= 64
 # target tags; the limits page could not be read: a stated assumption in the README).
 MAX_SOURCE_RANGES = 256
@@ -224,6 +229,31 @@ def overlay_ingress(plan: OverlayPlan, namer: Namer) -> list[Ingress]:
     return out
 
 
+def dstack_ingress(config: StackConfig, namer: Namer) -> list[Ingress]:
+    """Per dstack group, what `make rollout` reads on its nodes, only from IAP TCP forwarding's range
+    and only to that group's nodes: the guest agent's port and the ports its rollout templates read
+    on the node itself (a quoteUrl such as http://{address}:8080/quote; a template naming another
+    host, e.g. a gateway, opens nothing here)."""
+    out = []
+    for group in config.fleet.nodes:
+        if group.kind != "dstack":
+            continue
+        ports = {GUEST_AGENT_PORT}
+        endpoints = config.fleet.rollout.groups.get(group.name)
+        for template in (endpoints.info_url, endpoints.quote_url) if endpoints else ():
+            port = rollout_node_port(template) if template else None
+            if port is not None:
+                ports.add(port)
+        listed = ", ".join(f"tcp/{p}" for p in sorted(ports))
+        out.append(Ingress(
+            key=f"dstack-api-iap-{group.name}",
+            description=(f"What verifies the nodes of group {group.name} ({listed}: the guest agent's Info, the "
+                         "app's quote) only through IAP TCP forwarding, the path make rollout takes."),
+            protocol="tcp", ports=tuple(sorted(ports)), target_tags=(group_tag(namer, group.name),),
+            source_ranges=(IAP_TCP_FORWARDING_RANGE,)))
+    return out
+
+
 def plan_fleet(config: StackConfig, namer: Namer, images: dict[str, ImageVersion]) -> Fleet:
     identities = node_identities(config, namer)
     overlay, script = overlay_init_script(config, namer)
@@ -268,9 +298,10 @@ def plan_fleet(config: StackConfig, namer: Namer, images: dict[str, ImageVersion
             delivery=overlay.delivery if identity.kind == "overlay" and overlay else None,
             restart_key=restart_key(overlay) if identity.kind == "overlay" and overlay else None,
         ))
+    verify = dstack_ingress(config, namer)
     if overlay is None:
-        return Fleet(nodes=nodes, overlay=None, init_script=None)
-    return Fleet(nodes=nodes, overlay=overlay, init_script=script, ingress=overlay_ingress(overlay, namer),
+        return Fleet(nodes=nodes, overlay=None, init_script=None, ingress=verify)
+    return Fleet(nodes=nodes, overlay=overlay, init_script=script, ingress=overlay_ingress(overlay, namer) + verify,
                  table_body=membertable.body(overlay), table_key_version=names_for(config).table_key_version)
 
 

@@ -44,8 +44,10 @@ SERVICES_BOOTSTRAP = (
     "iam.googleapis.com", "iamcredentials.googleapis.com", "logging.googleapis.com",
     "storage.googleapis.com", "sts.googleapis.com",
 )
+# iap.googleapis.com: the rollout reaches nodes through IAP TCP forwarding (Google's own IAP bastion
+# module, terraform-google-modules/terraform-google-bastion-host README "APIs", lists it as required).
 SERVICES_ENV = (
-    "cloudresourcemanager.googleapis.com", "compute.googleapis.com", "iam.googleapis.com",
+    "cloudresourcemanager.googleapis.com", "compute.googleapis.com", "iam.googleapis.com", "iap.googleapis.com",
     "logging.googleapis.com", "monitoring.googleapis.com",
 )
 SERVICES_IMAGES = (
@@ -57,6 +59,15 @@ DEPLOY_PROJECT_ROLES = (
     "roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin", "roles/compute.securityAdmin",
     "roles/compute.storageAdmin",
 )
+# `make rollout` reads nodes through IAP TCP forwarding (`gcloud compute start-iap-tunnel`,
+# fleet/cli/tunnel.py). The tunnel needs iap.tunnelInstances.accessViaIAP: roles/iap.tunnelResourceAccessor
+# ("IAP-secured Tunnel User"; its only other permission is iap.tunnelDestGroups.accessViaIAP; iann0036/
+# iam-dataset 88be600b gcp/roles/iap.tunnelResourceAccessor.json). gcloud's GA command also reads the
+# instance first (compute.instances.get; google-cloud-sdk lib/surface/compute/start_iap_tunnel.py
+# `_FetchInstance`), which roles/compute.instanceAdmin.v1 above already includes (iam-dataset 0043e408
+# gcp/roles/compute.instanceAdmin.v1.json), so no viewer role is added for it.
+DEPLOY_TUNNEL_ROLES = ("roles/iap.tunnelResourceAccessor",)
+TUNNEL_INSTANCE_READ = ("compute.instances.get", "roles/compute.instanceAdmin.v1")  # (permission, held through)
 PREVIEW_PROJECT_ROLES = ("roles/compute.viewer",)
 IMAGES_PROJECT_ROLES = ("roles/compute.instanceAdmin.v1", "roles/compute.networkAdmin",
                         "roles/compute.securityAdmin")
@@ -463,7 +474,7 @@ def plan_bootstrap(config: StackConfig, tiers: dict[str, str | None] | None = No
     # deploy per environment: only its project, its node identities, its state objects and its key
     for env, project in envs.items():
         member = sa(f"ci-deploy-{env}")
-        for role in DEPLOY_PROJECT_ROLES:
+        for role in DEPLOY_PROJECT_ROLES + DEPLOY_TUNNEL_ROLES:
             add(("project", project, role, member))
         for kind in accounts.NODE_KINDS:
             add(("service_account", by_key[f"node-{env}-{kind}"].email, "roles/iam.serviceAccountUser",

@@ -13,6 +13,11 @@ Defaults, per node kind:
   ``docs/security/cvm-boundaries.md``; method names are bare because ``guest-agent/rpc/build.rs``
   disables service-name emission). The guest agent serves no quote there, so a dstack group's
   ``quoteUrl`` (the node's app) has no default and a rollout of the group needs it.
+
+``dstack-fleet:rollout.reach`` says how those URLs are reached: ``direct`` (the default, as written,
+from where the rollout runs) or ``iap`` (``fleet.cli.tunnel``: through IAP TCP forwarding to the
+port the URL names on the node's instance, which is why every template must then read the node
+itself over plain http).
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet.config.problems import Problem
-from fleet.config.schema import NAMESPACE, ROLLOUT_URL_FIELDS, RolloutEndpoints, StackConfig
+from fleet.config.schema import NAMESPACE, ROLLOUT_URL_FIELDS, RolloutEndpoints, StackConfig, rollout_node_port
+from fleet.nodes.specs import GUEST_AGENT_PORT, LIGHT_CLIENT_API_PORT
 
-DEFAULT_ATTEST_URL = "http://{address}:3032/attest"
-DEFAULT_INFO_URL = "http://{address}:8090/prpc/Info?json"
+DEFAULT_ATTEST_URL = f"http://{{address}}:{LIGHT_CLIENT_API_PORT}/attest"
+DEFAULT_INFO_URL = f"http://{{address}}:{GUEST_AGENT_PORT}/prpc/Info?json"
 FIELDS_BY_KIND = {"overlay": ("attest_url",), "dstack": ("info_url", "quote_url")}
 KEYS = {"attest_url": "attestUrl", "info_url": "infoUrl", "quote_url": "quoteUrl"}
 
@@ -72,6 +78,24 @@ def rollout_problems(config: StackConfig) -> list[Problem]:
                 problems.append(Problem(config.source, f"{where}.{KEYS[field]}",
                                         f"unknown placeholder {{{unknown[0]}}}; use "
                                         + ", ".join(f"{{{n}}}" for n in ROLLOUT_URL_FIELDS)))
+    return problems + template_problems(config, config.fleet.rollout.reach)
+
+
+def template_problems(config: StackConfig, reach: str) -> list[Problem]:
+    """Under ``iap`` every template a group uses must read the node itself over plain http: a tunnel
+    reaches a port of the node's instance, not another host, and carries no TLS name to check."""
+    if reach != "iap":
+        return []
+    kinds = {g.name: g.kind for g in config.fleet.nodes}
+    problems = []
+    for group, endpoints in sorted(config.fleet.rollout.groups.items()):
+        for field in FIELDS_BY_KIND.get(kinds.get(group, ""), ()):
+            template = getattr(endpoints, field)
+            if template is not None and rollout_node_port(template) is None:
+                problems.append(Problem(
+                    config.source, f"{NAMESPACE}:rollout.groups.{group}.{KEYS[field]}",
+                    f"{template!r} cannot be read through IAP (rollout.reach iap): a tunnel reaches a port of the node "
+                    "itself over plain http, so write http://{address}:PORT/... (or {name} as the host)"))
     return problems
 
 
