@@ -1,4 +1,5 @@
-"""The README's generated sections match the code, and it gives the two commands."""
+"""README.md and docs/*.md: generated sections match the code, the README gives the two commands, and
+the paths, modules, make targets and links they name exist."""
 
 from __future__ import annotations
 
@@ -6,17 +7,25 @@ import pytest
 
 from .conftest import ROOT
 from .plans import shipped_plan
-from .readme_gen import config_reference, render
+from .readme_gen import MARKER, config_reference, documents, render
 
 
-def test_generated_sections_are_current():
-    assert (ROOT / "README.md").read_text() == render(ROOT, shipped_plan), "README.md is stale: run `make readme`"
+@pytest.mark.parametrize("document", [p.relative_to(ROOT).as_posix() for p in documents(ROOT)])
+def test_generated_sections_are_current(document):
+    path = ROOT / document
+    assert path.read_text() == render(ROOT, shipped_plan, path), f"{document} is stale: run `make readme`"
+
+
+def test_the_generated_sections_are_where_the_readme_says():
+    found = {m.group("name"): p.relative_to(ROOT).as_posix() for p in documents(ROOT)
+             for m in MARKER.finditer(p.read_text())}
+    assert found == {"resource-graph": "README.md", "config-reference": "docs/configuration.md"}
 
 
 def test_readme_gives_the_two_commands_and_marks_real_deployment():
     text = (ROOT / "README.md").read_text()
-    assert "make plan STACK=dev" in text and "make test" in text
-    assert "Not executed in this repository's CI" in text
+    assert "make plan STACK=prod" in text and "make test" in text
+    assert "Not executed in this repository's CI" in (ROOT / "docs" / "operations.md").read_text()
 
 
 def test_every_config_field_is_documented():
@@ -36,7 +45,8 @@ import importlib  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 
-DOCUMENTS = ("README.md", "ARCHITECTURE.md", "policies/README.md")
+DOCUMENTS = ("README.md", "ARCHITECTURE.md", "policies/README.md",
+             *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")))
 PLACEHOLDER = re.compile(r"[<>…{}\[\]$|]")
 MODULE = re.compile(r"(?:fleet|components)(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 
