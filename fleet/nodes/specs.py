@@ -139,7 +139,7 @@ LIGHT_CLIENT_API_PORT = 3032
 # (cloud.google.com/iap/docs/using-tcp-forwarding#create-firewall-rule). Nothing else may reach it.
 IAP_TCP_FORWARDING_RANGE = "35.235.240.0/20"
 # Firewall rules are kept well inside GCP's per-rule limits (assumed >= 256 source ranges and >= 64
-# target tags; the limits page could not be read: a stated assumption in the README).
+# target tags; the limits page could not be read: a stated assumption in docs/nodes-and-overlay.md).
 MAX_SOURCE_RANGES = 256
 MAX_TARGET_TAGS = 64
 
