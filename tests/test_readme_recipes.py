@@ -137,7 +137,7 @@ class Player:
             if command in NOT_RUN:
                 continue
             result = subprocess.run(command, shell=True, cwd=self.root, capture_output=True, text=True, timeout=600,
-                                    env={**os.environ, "PY_DEPS": "", **self.env})
+                                    env=shell_env({**os.environ, "PY_DEPS": "", **self.env}))
             self.output = result.stdout + result.stderr
             self.ran.append(command)
             code = int(expected.group("code")) if expected else 0
@@ -156,6 +156,12 @@ def shown(expected: str, output: str) -> bool:
         return expected in output
     pattern = ".*?".join(re.escape(part) for part in expected.split("…"))
     return re.search(pattern, output) is not None
+
+
+def shell_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` as a user's shell has it: without what an enclosing make (``make test``) passes its
+    sub-makes, which would turn make's messages into ``make[1]: …``."""
+    return {k: v for k, v in env.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
 
 
 # ---- the copy -------------------------------------------------------------------------------------------------
