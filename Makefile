@@ -112,7 +112,7 @@ endif
 golden: $(PY_DEPS)  ## rewrite tests/golden/ after a reviewed change
 	$(PY) -m tests.regenerate golden
 
-readme: $(PY_DEPS)  ## rewrite the README's generated sections
+readme: $(PY_DEPS)  ## rewrite the generated sections of README.md and docs/*.md
 	$(PY) -m tests.regenerate readme
 
 preview: $(PY_DEPS)  ## pulumi preview with the policy pack: STACK=dev

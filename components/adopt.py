@@ -3,7 +3,7 @@
 A team that already made a state bucket, a registry, or the seeds' VMs, images and disks lists them
 as ``logical name -> import id``; the resource of that logical name is then imported (Pulumi's
 ``import`` option) instead of created. Import succeeds only when the declared inputs match the
-existing resource, so nothing is changed by adopting it; the README walks through it.
+existing resource, so nothing is changed by adopting it; docs/operations.md walks through it.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ class DstackNode(TdxNode):
         # `create` runs when the node is first made (it boots with the disk anyway); `update` runs
         # when the version changes. The rebooted guest pulls its containers through the region's Cloud
         # NAT (no external address), so the reset waits for it. gcloud runs where `pulumi up` runs, with
-        # its credentials (the deploy workflow sets it up; README "Continuous integration").
+        # its credentials (the deploy workflow sets it up; docs/operations.md, "Continuous integration and delivery").
         command.local.Command(
             f"{spec.key}-apply-config",
             create="true",

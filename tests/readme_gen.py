@@ -1,5 +1,9 @@
-"""Generated sections of README.md: the config reference (from the pydantic models) and the
-resource graph (from the offline plans of the shipped stacks)."""
+"""Generated sections of README.md and docs/*.md: the config reference (from the pydantic models) and
+the resource graph (from the offline plans of the shipped stacks).
+
+A section is marked ``<!-- BEGIN GENERATED:name -->`` … ``<!-- END GENERATED:name -->`` in any of those
+files; ``make readme`` rewrites what is between the markers, and ``tests/test_readme.py`` fails when a
+file differs from what this module renders."""
 
 from __future__ import annotations
 
@@ -128,16 +132,27 @@ def resource_graph(root: Path, plan_of=None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(root: Path, plan_of=None) -> str:
-    """README.md with its generated sections rendered; ``plan_of(stack)`` plans a stack (tests pass
-    their shared plans)."""
-    text = (root / "README.md").read_text(encoding="utf-8")
+def documents(root: Path) -> list[Path]:
+    """The Markdown files that may hold generated sections: README.md and docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def render(root: Path, plan_of=None, path: Path | None = None) -> str:
+    """``path`` (default README.md) with its generated sections rendered; ``plan_of(stack)`` plans a
+    stack (tests pass their shared plans)."""
+    path = path or root / "README.md"
+    text = path.read_text(encoding="utf-8")
     generated = {"config-reference": config_reference, "resource-graph": lambda: resource_graph(root, plan_of)}
 
     def replace(match: re.Match) -> str:
         name = match.group("name")
         if name not in generated:
-            raise KeyError(f"README.md has an unknown generated section {name!r}")
+            raise KeyError(f"{path.relative_to(root)} has an unknown generated section {name!r}")
         return match.group(1) + generated[name]() + match.group(4)
 
     return MARKER.sub(replace, text)
+
+
+def render_all(root: Path, plan_of=None) -> dict[Path, str]:
+    """Every document of ``documents`` as ``make readme`` writes it."""
+    return {path: render(root, plan_of, path) for path in documents(root)}

@@ -1,7 +1,7 @@
 """``make golden`` and ``make readme``: regenerate the checked-in generated files.
 
-Tests compare the same functions' output with what is committed, so a stale golden file or README
-section fails the suite with a message naming the command that fixes it.
+Tests compare the same functions' output with what is committed, so a stale golden file or generated
+section (README.md, docs/*.md) fails the suite with a message naming the command that fixes it.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
             print(f"removed {path.relative_to(ROOT)}")
         write(files)
     elif what == "readme":
-        write({ROOT / "README.md": readme_gen.render(ROOT)})
+        write(readme_gen.render_all(ROOT))
     else:
         print("usage: python -m tests.regenerate golden|readme", file=sys.stderr)
         return 2

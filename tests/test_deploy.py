@@ -87,7 +87,7 @@ def policy_config(call: dict) -> dict:
 
 def initialised(project, base: str, name: str | None = None, *, change=None, encrypted: bool = True,
                 provider: str | None = "derived") -> str:
-    """A stack file as the operator leaves it after the README's first-time steps: its KMS secrets provider,
+    """A stack file as the operator leaves it after the first-time steps (docs/operations.md): its KMS secrets provider,
     the encryptedkey `pulumi stack init` wrote, and the secrets its apps need (as ciphertext)."""
     name = name or base
     config = copy.deepcopy(stack_config(base))

@@ -123,7 +123,7 @@ def play(tmp_path, project):
     # the steps run in the checkout, here the project copy; its code and .venv are this repository's
     shutil.copy(ROOT / "Makefile", project.root / "Makefile")
     (project.root / ".venv").symlink_to(ROOT / ".venv")
-    # an images stack initialised once by the operator (README "First time in a new GCP project")
+    # an images stack initialised once by the operator (docs/operations.md, "First time in a new GCP project")
     stack_file = project.root / "stacks" / "Pulumi.images.yaml"
     document = yaml.safe_load(stack_file.read_text())
     document["encryptedkey"] = ENCRYPTED_KEY

@@ -400,12 +400,12 @@ def test_the_cc_event_log_goes_to_the_serial_console(guest):
     assert base64.b64decode("".join(inside.split())) == ccel
 
 
-def test_the_readme_capture_command_recovers_the_event_log(guest):
-    # the pipeline the README gives after `gcloud compute instances get-serial-port-output`
+def test_the_documented_capture_command_recovers_the_event_log(guest):
+    # the pipeline docs/nodes-and-overlay.md gives after `gcloud compute instances get-serial-port-output`
     pipeline = ("tr -d '\\r' \\\n  | sed -n '/^dstack-fleet: BEGIN CCEL$/,/^dstack-fleet: END CCEL$/p' | sed '1d;$d' \\\n"
                 "  | base64 -d > overlay-0.ccel")
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert pipeline in readme
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "nodes-and-overlay.md").read_text()
+    assert pipeline in doc
     ccel = os.urandom(5000)
     guest.ccel.write_bytes(ccel)
     guest.serial.write_text("[    1.2] kernel line\r\n")

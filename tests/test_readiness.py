@@ -72,7 +72,7 @@ def secure_leaves(value) -> list:
 @pytest.mark.parametrize("stack", STACKS)
 def test_no_stack_file_holds_a_value_the_cli_cannot_decrypt(stack):
     """The CLI decrypts every `secure:` value before the program runs, so a placeholder stops every preview;
-    the shipped examples carry no secret at all (the operator sets them, README)."""
+    the shipped examples carry no secret at all (the operator sets them, docs/operations.md)."""
     document = yaml.safe_load((ROOT / "stacks" / f"Pulumi.{stack}.yaml").read_text())
     assert secure_leaves(document) == []
 

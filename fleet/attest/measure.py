@@ -23,7 +23,7 @@ KNOWN_AT_BOOT = "known at boot"
 PENDING_BUILD = "pending build"
 MARKERS = (KNOWN_AT_BOOT, PENDING_BUILD)
 
-# App identity: one vocabulary for stack outputs, measurements, the diff and the README. The app id
+# App identity: one vocabulary for stack outputs, measurements, the diff and the docs. The app id
 # is what a KMS derives an app's keys from (and, without a KMS, what names its identity).
 IDENTITY_PINNED = "pinned"  # kms.appId is written to .instance_info: the same across compose changes
 IDENTITY_COMPOSE = "compose"  # none pinned: the guest takes the compose hash's first 20 bytes, so every

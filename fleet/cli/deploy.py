@@ -8,7 +8,7 @@
 * Secrets: every env and images stack file names the bootstrap stack's Cloud KMS key for it
   (``secretsprovider: gcpkms://...``, derived by ``fleet.project.bootstrap.Names``). Only dev is ever
   created here (``stack select --create --secrets-provider gcpkms://...``); staging, prod and images are
-  created once by the operator (README), whose ``pulumi stack init`` writes the ``encryptedkey`` that is
+  created once by the operator (docs/operations.md), whose ``pulumi stack init`` writes the ``encryptedkey`` that is
   committed. A secret an app needs but the stack does not set stops preview and up with the exact
   ``pulumi config set`` command.
 * ``up`` refuses what a real update cannot do safely (``fleet.stacks.readiness``): a node booting a
@@ -138,13 +138,13 @@ class Deployment:
     @property
     def secrets_provider(self) -> str | None:
         """The KMS key the stack's secrets are encrypted with; None for the bootstrap stack, which runs
-        before any key exists (passphrase, README)."""
+        before any key exists (passphrase, docs/operations.md)."""
         return None if self.role == "bootstrap" else names_for(self.config).secrets_provider(self.stack)
 
     @property
     def may_create(self) -> bool:
         """Only dev (and bootstrap, on the local backend) is created by a deploy; the others are
-        initialised once by the operator, who commits the ``encryptedkey`` (README)."""
+        initialised once by the operator, who commits the ``encryptedkey`` (docs/operations.md)."""
         return self.tier == "dev" or self.role == "bootstrap"
 
 
@@ -164,7 +164,7 @@ def init_steps(d: Deployment, wanted: str) -> str:
     source = d.stack_file.source
     return (f"export PULUMI_BACKEND_URL=<the bootstrap stack's backendUrl>; pulumi login \"$PULUMI_BACKEND_URL\"; "
             f"pulumi stack init {d.stack} --secrets-provider '{wanted}'; then commit the encryptedkey it writes "
-            f"into {source} (README \"First time in a new GCP project\")")
+            f"into {source} (docs/operations.md, \"First time in a new GCP project\")")
 
 
 def check_secrets_provider(d: Deployment) -> None:

@@ -68,7 +68,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     root = _root(args)
     # The plan is a short batch that allocates a few objects per registration and frees them by
     # reference counting; cyclic collection on its growing heap cost up to half its time and saved no
-    # memory (make bench, README "Scale"). Off for the run; the process ends right after.
+    # memory (make bench, docs/offline-plan.md "Scale"). Off for the run; the process ends right after.
     collecting = gc.isenabled()
     gc.disable()
     try:

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 # ---- GCP subnets ----------------------------------------------------------------------------------
 # Where a subnet's primary IPv4 range may lie, from "Valid IPv4 ranges" of
 # https://cloud.google.com/vpc/docs/subnets (read from memory of that page; it could not be fetched
-# here, see the README's assumptions). Everything else GCP either refuses ("Invalid IPv4 ranges")
+# here, see docs/configuration.md). Everything else GCP either refuses ("Invalid IPv4 ranges")
 # or accepts only as privately used public space, which we refuse: it hides the real owners of
 # those addresses from every node.
 SUBNET_RANGES: tuple[tuple[str, str], ...] = (

@@ -144,7 +144,7 @@ IAP_TCP_FORWARDING_RANGE = "35.235.240.0/20"
 # admits it, like the light client's API, only through IAP TCP forwarding.
 GUEST_AGENT_PORT = 8090
 # Firewall rules are kept well inside GCP's per-rule limits (assumed >= 256 source ranges and >= 64
-# target tags; the limits page could not be read: a stated assumption in the README).
+# target tags; the limits page could not be read: a stated assumption in docs/nodes-and-overlay.md).
 MAX_SOURCE_RANGES = 256
 MAX_TARGET_TAGS = 64
 

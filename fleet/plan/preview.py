@@ -3,7 +3,7 @@ and ``make rollout`` hold it to, and the waves a large change is applied in.
 
 The document is the CLI's preview digest (pulumi/pulumi ``pkg/display/json.go`` ``PreviewDigest``,
 written by ``pkg/backend/display/json.go`` ``ShowPreviewDigest``; read at 1b5949891b3c, the newest
-snapshot available, see the README's assumptions): top-level ``steps``, ``diagnostics``,
+snapshot available, see docs/assumptions.md): top-level ``steps``, ``diagnostics``,
 ``changeSummary`` and ``duration`` (nanoseconds); per step ``op``, ``urn``, ``provider``,
 ``oldState``/``newState`` (``apitype.ResourceV3``: type, inputs, outputs, parent, dependencies,
 propertyDependencies, deletedWith), ``diffReasons``, ``replaceReasons`` and ``detailedDiff``
