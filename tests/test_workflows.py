@@ -319,7 +319,7 @@ def test_deploy_rollouts_reach_the_nodes_through_iap_with_that_gcloud():
 
     jobs = workflow("deploy")["jobs"]
     for stack, job in jobs.items():
-        if job["env"]["DEPLOY"] != "rollout":
+        if "rollout" not in job["env"]["DEPLOY"]:
             continue
         assert load_config(ROOT, stack)[1].fleet.rollout.reach == "iap", stack
         names = [action(s) or s.get("run") for s in steps(job)]
@@ -386,8 +386,11 @@ def test_deploy_rolls_staging_and_prod_in_gated_waves_and_keeps_the_evidence():
     document = workflow("deploy")
     jobs = document["jobs"]
     # dev in one checked up; staging and prod in waves, each gated on fleet verify (make rollout)
+    # (a manual run may roll dev too: `up` refuses an overlay image upgrade, which takes every member down)
     assert {stack: job["env"]["DEPLOY"] for stack, job in jobs.items()} == {
-        "dev": "up", "staging": "rollout", "prod": "rollout"}
+        "dev": "${{ inputs.dev == 'rollout' && 'rollout' || 'up' }}", "staging": "rollout", "prod": "rollout"}
+    dev = document["on"]["workflow_dispatch"]["inputs"]["dev"]
+    assert dev["type"] == "choice" and dev["options"] == ["up", "rollout"] and dev["default"] == "up"
     for target in ("up", "rollout"):
         dry = subprocess.run(["make", "-n", target, "STACK=prod", "ACK=group:overlay", "PY_DEPS="],
                              capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
