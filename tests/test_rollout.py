@@ -221,7 +221,8 @@ def test_a_wave_targets_its_node_the_new_image_and_nothing_of_another_node(proje
     # targeted instance needing an untargeted create fails the update ("untargeted create", same file)
     deployed, planned = plans(project, nothing, two_versions)
     found = analysis(deployed, planned)
-    assert previews.next_wave(found) == ["overlay-0"]
+    # by ordinal, the genesis node overlay-0 last, as `fleet diff` lists the waves
+    assert previews.next_wave(found) == ["overlay-1"]
     wave = previews.wave_targets(found, ["overlay-0"])
     names = {previews.urn_name(u) for u in wave.targets}
     assert {"overlay-0", "overlay-0-data", "overlay-0-address", "overlay-0-snapshots"} <= names
@@ -710,8 +711,8 @@ def test_an_overlay_rolls_one_node_at_a_time_each_holding_the_shared_secret(proj
         def answer(path: str):
             key = path.split("/")[1]
             applied = json.loads((cli / "applied.json").read_text()) if (cli / "applied.json").exists() else []
-            # overlay-1 comes back from its replacement with a secret of its own
-            return attest(OTHER if key == "overlay-1" and urns[key] in applied else SHARED)
+            # overlay-2 comes back from its replacement with a secret of its own
+            return attest(OTHER if key == "overlay-2" and urns[key] in applied else SHARED)
         nodes.answer = answer
         for name, value in {**env, **BACKEND}.items():
             monkeypatch.setenv(name, value)
@@ -724,21 +725,22 @@ def test_an_overlay_rolls_one_node_at_a_time_each_holding_the_shared_secret(proj
 
         code = rollout.run(project.root, "prod", [], gate_factory=Recorder)
     assert code == 1
-    # before anything: the members the change leaves alone; then overlay-0's wave, verified
-    assert verified == ["overlay-3", "overlay-4", "overlay-0"]
+    # before anything: the members the change leaves alone; then overlay-1's wave, verified (by ordinal,
+    # the genesis node overlay-0 last, as `fleet diff` lists the waves)
+    assert verified == ["overlay-3", "overlay-4", "overlay-1"]
     ups = [sorted({previews.urn_name(u) for u in c["targets"]} & set(urns)) for c in calls(cli, "up")]
-    assert ups == [["overlay-0"], ["overlay-1"]]
+    assert ups == [["overlay-1"], ["overlay-2"]]
     out, err = capsys.readouterr()
     assert timeline(cli) == [
         "/overlay-3/attest",  # the key, from a member left alone
-        "/overlay-1/attest", "/overlay-2/attest", "/overlay-3/attest", "/overlay-4/attest",  # wave 1's reference
-        "up overlay-0", "/overlay-0/attest",  # healthy: answers with the shared key
-        "/overlay-0/attest", "/overlay-2/attest", "/overlay-3/attest", "/overlay-4/attest",  # wave 2's reference
-        "up overlay-1", "/overlay-1/attest"]
-    assert "overlay-0: healthy and holds the overlay's shared secret" in out
-    assert ("rollout stopped at wave 2 (overlay: overlay-1): health: overlay-1 holds a different secret "
+        "/overlay-0/attest", "/overlay-2/attest", "/overlay-3/attest", "/overlay-4/attest",  # wave 1's reference
+        "up overlay-1", "/overlay-1/attest",  # healthy: answers with the shared key
+        "/overlay-0/attest", "/overlay-1/attest", "/overlay-3/attest", "/overlay-4/attest",  # wave 2's reference
+        "up overlay-2", "/overlay-2/attest"]
+    assert "overlay-1: healthy and holds the overlay's shared secret" in out
+    assert ("rollout stopped at wave 2 (overlay: overlay-2): health: overlay-2 holds a different secret "
             "(public key 03cdcdcdcdcdcdcd…, the overlay's is 02ababababababab…): it founded a new overlay") in err
-    assert "untouched: overlay-2" in err
+    assert "untouched: overlay-0" in err
 
 
 # ---- reaching nodes through IAP TCP forwarding --------------------------------------------------------

@@ -221,6 +221,7 @@ class NodeInfo:
     kind: str  # overlay | dstack
     ordinal: int
     max_unavailable: int
+    genesis: bool = False  # the overlay's genesis node (it keeps the founding mark): rolled last, as the diff lists
 
 
 def _kind(type_: str) -> str:
@@ -230,12 +231,13 @@ def _kind(type_: str) -> str:
 def fleet_view(plan: Mapping[str, Any]) -> dict[str, NodeInfo]:
     """Nodes of the offline plan (``python -m fleet plan --json``), from their components' inputs."""
     out = {}
+    genesis = ((plan.get("outputs") or {}).get("overlay") or {}).get("genesis")
     for resource in plan.get("resources") or []:
         if resource.get("type") in NODE_TYPES:
             inputs = resource.get("inputs") or {}
             out[resource["name"]] = NodeInfo(resource["name"], str(inputs.get("group", resource["name"])),
                                              _kind(resource["type"]), int(inputs.get("ordinal", 0)),
-                                             int(inputs.get("maxUnavailable", 1)))
+                                             int(inputs.get("maxUnavailable", 1)), resource["name"] == genesis)
     return out
 
 
@@ -534,10 +536,11 @@ class Wave:
 def next_wave(analysis: Analysis) -> list[str]:
     """Keys of the next wave: the first group (in config order) with disrupted nodes, as many as its
     ``maxUnavailable`` allows next to the nodes already down (those first: rolling one that is down
-    costs nothing), never the overlay's last member up."""
+    costs nothing), the overlay's genesis node last, never the overlay's last member up."""
     members = analysis.overlay_members()
     for group in analysis.groups.values():
-        candidates = sorted(group.disrupted, key=lambda n: (not n.down, n.info.ordinal, n.key))
+        # the order `fleet diff` lists (fleet.plan.changes.waves): by ordinal, the genesis node last
+        candidates = sorted(group.disrupted, key=lambda n: (not n.down, n.info.genesis, n.info.ordinal, n.key))
         if not candidates:
             continue
         down = {n.key for n in group.down}
