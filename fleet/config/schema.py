@@ -513,7 +513,8 @@ def rollout_node_port(template: str) -> int | None:
 
 class RolloutEndpoints(Model):
     """Where `make rollout` reads one node of a group: URL templates with {address}, {name}, {zone},
-    {group}, {ordinal} or {key} of the node. They must be reachable from where the rollout runs."""
+    {group}, {ordinal} or {key} of the node. With reach direct they must be reachable from where the
+    rollout runs; with reach iap they must read the node itself over http."""
 
     attest_url: RolloutUrl | None = Field(
         None, description="overlay group: the light client's GET /attest (default http://{address}:3032/attest), "
