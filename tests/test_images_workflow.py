@@ -26,7 +26,7 @@ from .test_buildscript import FAKE_GCLOUD, RECORD
 from .test_workflows import FAKE_GH, executable, github_bash, step_named, workflow
 
 FAKE_PULUMI = """#!{python}
-import json, os, subprocess, sys, tempfile
+import atexit, json, os, shutil, subprocess, sys, tempfile
 args = sys.argv[1:]
 cloud = os.environ["FAKE_CLOUD"]
 with open(os.path.join(cloud, "pulumi.log"), "a") as log:
@@ -51,7 +51,9 @@ if "export" in args:  # the checkpoint format of `pulumi stack export`, from wha
     sys.exit(0)
 if "up" in args:
     stack = args[args.index("--stack") + 1]
-    plan_file = os.path.join(tempfile.mkdtemp(), "plan.json")
+    plan_dir = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, plan_dir, True)
+    plan_file = os.path.join(plan_dir, "plan.json")
     subprocess.run([sys.executable, "-m", "fleet", "--root", root, "plan", "--stack", stack, "--json", plan_file],
                    check=True, stdout=subprocess.DEVNULL, cwd=os.environ["FLEET_CODE"])
     wanted = {{r["urn"]: r for r in json.load(open(plan_file))["resources"]}}
@@ -91,6 +93,8 @@ for line in script.splitlines():
             pass
 prefix, digest, recipe = values["PREFIX"], values["INPUT_HASH"], values["RECIPE"]
 work = tempfile.mkdtemp()
+import atexit, shutil
+atexit.register(shutil.rmtree, work, True)
 def put(name, data):
     path = os.path.join(work, name)
     open(path, "wb").write(data)
