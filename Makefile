@@ -81,7 +81,7 @@ help:  ## this list
 
 # The suite runs on every core (pytest-xdist; a file's tests stay on one worker so its module fixtures,
 # such as the policy pack's server, start once). `make test-fast`: the pure core and config tests, for
-# iterating. `make test-random`: the suite in a random order (pytest-randomly prints the seed to reuse).
+# iterating. `make test-random`: the suite in a random order (its seed printed; SEED=N repeats it).
 PYTEST     = $(PY) -m pytest -n auto --dist loadfile
 FAST_TESTS = $(addprefix tests/test_,$(addsuffix .py,architecture naming config identity topology initscript \
              imageref compose measure verify lock rules recipes ocilayout phala harness))
@@ -92,8 +92,15 @@ test: $(PY_DEPS)  ## the whole offline test suite on every core
 test-fast: $(PY_DEPS)  ## the pure core and config tests, for iterating
 	$(PYTEST) -p no:randomly $(FAST_TESTS) $(TEST_ARGS)
 
-test-random: $(PY_DEPS)  ## the whole suite in a random order
-	$(PYTEST) -p randomly $(TEST_ARGS)
+# The seed is chosen here and printed (pytest's header, which names it, is quiet): SEED=N repeats an order.
+ifeq ($(filter test-random,$(MAKECMDGOALS)),test-random)
+ifndef SEED
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
+endif
+test-random: $(PY_DEPS)  ## the whole suite in a random order; SEED=N repeats one
+	@echo "random order, seed $(SEED): make test-random SEED=$(SEED) repeats it"
+	$(PYTEST) -p randomly --randomly-seed=$(SEED) $(TEST_ARGS)
 
 plan: $(PY_DEPS)  ## offline plan: STACK=dev [PASS=preview|up] [PLAN_JSON=f] [FORMAT=text|markdown] [VERBOSE=1] [DEBUG=1]
 ifdef TOOL_STATUS

@@ -31,6 +31,23 @@ def test_make_alone_lists_the_targets():
     assert ".installed" not in result.stdout
 
 
+@pytest.mark.parametrize("seed", [None, "42"])
+def test_make_test_random_prints_the_seed_it_runs_with(seed):
+    """pytest's header, which names the seed, is quiet (-q): the Makefile picks the seed, prints it and
+    passes that same one, so a failing order can be repeated."""
+    import re
+
+    result = subprocess.run(["make", "-n", "--no-print-directory", "test-random", "PY_DEPS=",
+                             *([f"SEED={seed}"] if seed else [])], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    printed = re.search(r"random order, seed (\d+): make test-random SEED=(\d+) repeats it", result.stdout)
+    used = re.search(r"-p randomly --randomly-seed=(\d+)", result.stdout)
+    assert printed and used, result.stdout
+    assert printed[1] == printed[2] == used[1]
+    if seed:
+        assert used[1] == seed
+
+
 def test_plan_json_dash_writes_only_the_json_to_stdout(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fleet", "plan", "--stack", "dev", "--json", "-"],
                             cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
