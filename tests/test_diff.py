@@ -69,9 +69,9 @@ def test_a_whole_group_stopped_in_prod_fails_naming_it_and_a_step_that_works(pro
     assert report.exit_code == 1
     assert report.failures == [
         "group overlay would take 5 node(s) down at once (overlay-0, overlay-1, overlay-2, overlay-3, overlay-4); "
-        "maxUnavailable is 1: apply it in 5 wave(s) of targeted updates, one after another once each wave's nodes "
-        "are healthy, in this order: overlay-1, overlay-2, overlay-3, overlay-4, overlay-0 (commands under 'Rollout "
-        "waves'), then the rest with `make up`",
+        "maxUnavailable is 1: roll it with `make rollout STACK=prod`: 5 wave(s) of targeted updates, each once the "
+        "last one's nodes are healthy and verified, in this order: overlay-1, overlay-2, overlay-3, overlay-4, "
+        "overlay-0 (by hand: the commands under 'Rollout waves', then the rest with `make up`)",
         "the change takes every member of the overlay down at once (overlay-0, overlay-1, overlay-2, overlay-3, "
         "overlay-4): its shared secret lives only in running members and would be lost for good; roll it in waves"]
     assert "| `overlay` | 1 | - | overlay-0, overlay-1, overlay-2, overlay-3, overlay-4 | - | - | over the limit |" \

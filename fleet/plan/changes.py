@@ -375,8 +375,9 @@ def rollout_hint(g: GroupRollout, declared_images: set[str] | None = None, last:
         return (f"keep the others on {old!r} for now: set group {g.group}'s imageOverrides to {{{pins}}}, then "
                 f"shrink it by at most {g.max_unavailable} node(s) per change")
     order = ", ".join("+".join(w) for w in plan)
-    return (f"apply it in {len(plan)} wave(s) of targeted updates, one after another once each wave's nodes are "
-            f"healthy, in this order: {order} (commands under 'Rollout waves'), then the rest with `make up`")
+    return (f"roll it with `make rollout STACK={g.stack or 'STACK'}`: {len(plan)} wave(s) of targeted updates, each "
+            f"once the last one's nodes are healthy and verified, in this order: {order} (by hand: the commands "
+            "under 'Rollout waves', then the rest with `make up`)")
 
 
 def over_limit(groups: dict[str, GroupRollout], declared_images: set[str] | None = None,

@@ -271,8 +271,10 @@ def rollout_waves(rollout: dict[str, changes.GroupRollout], genesis: str | None,
         for i, wave in enumerate(plan, start=1):
             out.append(f"{i}. {', '.join(f'`{k}` ({down[k]})' for k in wave)}:")
             out += ["", "   ```sh", f"   {changes.wave_command(g, wave)}", "   ```", ""]
-        out.append("Start the next wave only when the nodes of the last one are healthy (an overlay member: it "
-                   "holds the shared secret again). `make up` applies what remains.")
+        out.append(f"`make rollout STACK={g.stack or 'STACK'}` runs these waves for you from the live preview, each "
+                   "after the last one's nodes are healthy (an overlay member: it holds the shared secret again) and "
+                   "pass `fleet verify`. By hand: start the next wave only when the nodes of the last one are "
+                   "healthy; `make up` applies what remains.")
         out.append("")
     return out
 
