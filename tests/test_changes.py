@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -127,7 +128,9 @@ def test_image_bump_in_one_wave_is_over_the_limit(project):
                             "shrink it by at most 1 node(s) per change")
     # once the old key is gone there is nothing to pin: targeted waves instead
     (message,) = changes.over_limit(groups, {"overlay-next"}, "overlay-0")
-    assert "apply it in 5 wave(s) of targeted updates" in message
+    assert re.search(r"roll it with `make rollout STACK=[a-z0-9-]+`: 5 wave\(s\) of targeted updates", message), message
+    assert message.endswith("in this order: overlay-1, overlay-2, overlay-3, overlay-4, overlay-0 (by hand: the "
+                            "commands under 'Rollout waves', then the rest with `make up`)")
 
 
 def test_image_bump_in_waves_stays_within_the_limit(project):
