@@ -24,9 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from fleet.attest import gotpm, tcg, tpmquote, verify, vtpm, vtpmca
+from fleet.attest import gotpm, tcg, tpmquote, vtpm, vtpmca
 
 from .test_bootchain import TPM_LOG
+from .test_verify_gcp import last, row, run
 
 ROOT = Path(__file__).resolve().parent.parent
 GO_TPM_TOOLS = Path(__file__).parent / "vectors" / "gcp" / "go-tpm-tools"
@@ -42,20 +43,6 @@ AUTHENTICATED = "authenticated (AK chains to Google vTPM root tpm_ek_root_1)"
 QUOTE_ROWS = ("vTPM AK certificate", "vTPM AK certificate key = ak_pub", "vTPM quote signer = ak_pub",
               "vTPM AK attributes", "vTPM quote magic", "vTPM quote signature", "vTPM quote nonce",
               "vTPM quote PCR selection", "vTPM quote PCR digest (SHA256)", "vTPM log replay = quoted PCRs")
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = verify.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def row(out: str, name: str) -> str:
-    return next(line for line in out.splitlines() if line.startswith(name + " "))
-
-
-def failed_names(out: str) -> str:
-    return out.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +148,7 @@ def test_the_real_gce_attestation_authenticates_its_log(capsys):
     assert "vTPM quote (SHA-256 bank):" in out and "extraData     9009" in out
     # The only failure is the log's own: COS 85's firmware logged events #24 and #41
     # (EV_EFI_VARIABLE_AUTHORITY, 1083 bytes) with a digest of their first 1082 bytes.
-    assert code == 1 and failed_names(out) == "verify: 1 check(s) failed: vTPM event data"
+    assert code == 1 and last(out) == "verify: 1 check(s) failed: vTPM event data"
     assert "events #24, #41 differ" in row(out, "vTPM event data")
 
 
