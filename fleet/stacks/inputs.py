@@ -20,7 +20,7 @@ from typing import Iterator
 
 from fleet.apps import compose as fc
 from fleet.apps.imageref import DigestKind, InvalidImageReference, parse_image_ref, unpinned_reason
-from fleet.apps.plans import Container, plan_app
+from fleet.apps.plans import Container, app_container_keys, plan_app
 from fleet.apps.vmm import VmmError, parse_port
 from fleet.config import stackfile
 from fleet.config.problems import ConfigError, Problem
@@ -92,7 +92,7 @@ def _rehearse_app(config: StackConfig, root: Path, at: str, app) -> Iterator[tup
             return  # reported for the container itself
         containers[key] = Container(key, "external" if source.external else "built", ref, DigestKind.MANIFEST,
                                     repository=repository)
-    if any(key not in containers for key in _container_keys(app)):
+    if any(key not in containers for key in app_container_keys(app)):
         return  # reported by fleet.apps.plans.app_problems
     if app.compose_file:
         path = _inside(root, app.compose_file)
@@ -106,15 +106,6 @@ def _rehearse_app(config: StackConfig, root: Path, at: str, app) -> Iterator[tup
         index = {s.name: j for j, s in enumerate(app.services)}
         for where, message in exc.problems:
             yield _app_path(at, app, index, where, message)
-
-
-def _container_keys(app) -> list[str]:
-    keys = [s.image for s in app.services]
-    if app.near_mpc:
-        keys += [app.near_mpc.launcher_image, app.near_mpc.mpc_image]
-    if app.kettle:
-        keys.append(app.kettle.launcher_image)
-    return keys
 
 
 def _app_path(at: str, app, index: dict[str, int], where: str, message: str) -> tuple[str, str]:
