@@ -119,14 +119,7 @@ def step_script(build: Any, *, key: str, input_hash: str, repository: str) -> st
 def offline_step_stdout(ctx: Any) -> str:
     """Offline stand-in for the step's stdout (``fleet.plan.offline.COMMAND_STEPS``): a lock entry of the
     real shape with a fake digest derived from the step's URN."""
-    values: dict[str, str] = {}
-    for line in str(ctx.inputs.get("create") or "").splitlines():
-        name, _, value = line[len("readonly "):].partition("=")
-        if line.startswith("readonly ") and name in ("REPOSITORY", "SOURCE"):
-            try:
-                values[name] = shlex.split(value)[0]
-            except (ValueError, IndexError):
-                pass
+    values = mkosibuild.step_values(ctx)
     entry = mkosibuild.lock_entry(values.get("REPOSITORY") or f"offline.invalid/{ctx.name}",
                                   f"sha256:{ctx.digest('docker-manifest')}",
                                   values.get("SOURCE") or "images stack docker build")

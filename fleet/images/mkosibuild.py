@@ -529,17 +529,23 @@ def parse_step_stdout(stdout: str) -> dict[str, str]:
     return entry.model_dump(mode="json")
 
 
-def offline_step_stdout(ctx) -> str:
-    """Offline stand-in for the step's stdout (``fleet.offline.COMMAND_STEPS``): a lock entry of the
-    real shape whose digests are fake, derived from the step's URN."""
+def step_values(ctx, names: tuple[str, ...] = ("REPOSITORY", "SOURCE")) -> dict[str, str]:
+    """The single-word ``readonly NAME=value`` assignments of a build step's command (``create``)."""
     values: dict[str, str] = {}
     for line in str(ctx.inputs.get("create") or "").splitlines():
         name, _, value = line[len("readonly "):].partition("=")
-        if line.startswith("readonly ") and name in ("REPOSITORY", "SOURCE"):
+        if line.startswith("readonly ") and name in names:
             try:
                 values[name] = shlex.split(value)[0]
             except (ValueError, IndexError):
                 pass
+    return values
+
+
+def offline_step_stdout(ctx) -> str:
+    """Offline stand-in for the step's stdout (``fleet.offline.COMMAND_STEPS``): a lock entry of the
+    real shape whose digests are fake, derived from the step's URN."""
+    values = step_values(ctx)
     image = values.get("REPOSITORY") or f"offline.invalid/{ctx.name}"
     source = values.get("SOURCE") or f"images stack mkosi {MKOSI_VERSION} build"
     entry = lock_entry(image, f"sha256:{ctx.digest('mkosi-manifest')}",
