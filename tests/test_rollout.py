@@ -475,21 +475,29 @@ def next_os(url: str):
     return change
 
 
+def apps_upgrade(project, cli, tmp_path, pccs: str, deployed_change, planned_change) -> tuple[dict, Path, dict]:
+    """prod's apps group deployed as ``deployed_change`` and planned as ``planned_change`` (a new dstack
+    OS image), with the NEAR vector's expectation for the app: the plan, its file and the environment
+    of the fake CLI answering with the preview between the two."""
+    deployed, planned = plans(project, deployed_change, planned_change)
+    # the app the vector attests, deployed and planned alike (its identity does not change) but for
+    # the OS image hash a KMS allows: the vector's is new
+    deployed["measurements"]["app:mpc-prod"] = {**quote_set_expectation(), "os_image_hash": "11" * 32}
+    planned["measurements"]["app:mpc-prod"] = {**quote_set_expectation(),
+                                               "os_image_hash": json.loads(TCB_INFO)["os_image_hash"]}
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(planned))
+    env = {**install(cli, ROOT, PreviewBuilder(planned, deployed).document()), **BACKEND,
+           "FLEET_PCCS_URL": pccs, "FLEET_VERIFY_AT": INSIDE_WINDOW, "FLEET_EVIDENCE_DIR": str(tmp_path / "ev")}
+    return planned, plan_file, env
+
+
 @pytest.fixture
 def os_upgrade(project, cli, tmp_path):
     """prod with a three-node apps group moving to a new dstack OS image, the fake CLI, the nodes'
     endpoints, a PCCS and a plan whose expectation for the app is the NEAR vector's."""
     with Attestations(cli.parent / "nodes.jsonl") as nodes, serve(QUOTE_SET / "collateral.json") as (pccs, asked):
-        deployed, planned = plans(project, three_apps(nodes.url), next_os(nodes.url))
-        # the app the vector attests, deployed and planned alike (its identity does not change) but for
-        # the OS image hash a KMS allows: the vector's is new
-        deployed["measurements"]["app:mpc-prod"] = {**quote_set_expectation(), "os_image_hash": "11" * 32}
-        planned["measurements"]["app:mpc-prod"] = {**quote_set_expectation(),
-                                                   "os_image_hash": json.loads(TCB_INFO)["os_image_hash"]}
-        plan_file = tmp_path / "plan.json"
-        plan_file.write_text(json.dumps(planned))
-        env = {**install(cli, ROOT, PreviewBuilder(planned, deployed).document()), **BACKEND,
-               "FLEET_PCCS_URL": pccs, "FLEET_VERIFY_AT": INSIDE_WINDOW, "FLEET_EVIDENCE_DIR": str(tmp_path / "ev")}
+        _, plan_file, env = apps_upgrade(project, cli, tmp_path, pccs, three_apps(nodes.url), next_os(nodes.url))
         yield nodes, env, plan_file, asked
 
 
@@ -775,15 +783,9 @@ def routes(plan: dict, nodes: Attestations, group: str, ports: tuple[str, ...]) 
 def iap_upgrade(project, cli, tmp_path):
     """``os_upgrade`` with the nodes read through IAP: prod's three-node apps group moving to a new
     dstack OS image, its guest agents (8090) and app quotes (8080) reached only through the tunnel."""
-    with Attestations(cli.parent / "nodes.jsonl") as nodes, serve(QUOTE_SET / "collateral.json") as (pccs, asked):
-        deployed, planned = plans(project, three_apps_through_iap, next_os_through_iap)
-        deployed["measurements"]["app:mpc-prod"] = {**quote_set_expectation(), "os_image_hash": "11" * 32}
-        planned["measurements"]["app:mpc-prod"] = {**quote_set_expectation(),
-                                                   "os_image_hash": json.loads(TCB_INFO)["os_image_hash"]}
-        plan_file = tmp_path / "plan.json"
-        plan_file.write_text(json.dumps(planned))
-        env = {**install(cli, ROOT, PreviewBuilder(planned, deployed).document()), **BACKEND,
-               "FLEET_PCCS_URL": pccs, "FLEET_VERIFY_AT": INSIDE_WINDOW, "FLEET_EVIDENCE_DIR": str(tmp_path / "ev")}
+    with Attestations(cli.parent / "nodes.jsonl") as nodes, serve(QUOTE_SET / "collateral.json") as (pccs, _):
+        planned, plan_file, env = apps_upgrade(project, cli, tmp_path, pccs, three_apps_through_iap,
+                                               next_os_through_iap)
         fake_gcloud.set_routes(cli, routes(planned, nodes, "apps", ("8090", "8080")))
         yield nodes, env, plan_file, planned
 
