@@ -33,13 +33,18 @@ def prod_doc():
     return json.loads((ROOT / "tests" / "golden" / "prod.plan.json").read_text())
 
 
-def known_change(prod_doc):
-    """The golden example: the overlay group's machine type changes (every overlay node stops)."""
+def new_machine_type(prod_doc, group: str):
+    """``prod_doc`` with every instance of ``group`` on another machine type (each of them stops)."""
     head = copy.deepcopy(prod_doc)
     for r in head["resources"]:
-        if r["type"] == "gcp:compute/instance:Instance" and r["inputs"]["labels"]["group"] == "overlay":
+        if r["type"] == "gcp:compute/instance:Instance" and r["inputs"]["labels"]["group"] == group:
             r["inputs"]["machineType"] = "c3-standard-22"
     return head
+
+
+def known_change(prod_doc):
+    """The golden example: the overlay group's machine type changes (every overlay node stops)."""
+    return new_machine_type(prod_doc, "overlay")
 
 
 BAKED_PROD = ROOT / "tests" / "vectors" / "prod-baked-overlay.plan.json"  # prod before signed tables (f8a08f7)
@@ -90,11 +95,7 @@ def test_a_whole_group_stopped_in_prod_fails_naming_it_and_a_step_that_works(pro
 
 
 def stop_apps(prod_doc):
-    head = copy.deepcopy(prod_doc)
-    for r in head["resources"]:
-        if r["type"] == "gcp:compute/instance:Instance" and r["inputs"]["labels"]["group"] == "apps":
-            r["inputs"]["machineType"] = "c3-standard-22"
-    return head
+    return new_machine_type(prod_doc, "apps")
 
 
 def test_the_same_change_outside_prod_is_reported_but_passes(prod_doc):
