@@ -63,6 +63,16 @@ class Project:
         change(config)
         return self.write_stack(name, config)
 
+    def assert_config_error(self, name: str, path: str, message: str) -> None:
+        """Loading stack ``name`` fails with a line for config key ``path`` that holds ``message``."""
+        from fleet.config.problems import ConfigError
+        from fleet.stacks.load import load_config
+
+        with pytest.raises(ConfigError) as info:
+            load_config(self.root, name)
+        lines = [l for l in info.value.lines() if f": {path}: " in l]
+        assert lines and any(message in l for l in lines), info.value.lines()
+
 
 @pytest.fixture
 def project(tmp_path: Path) -> Project:

@@ -165,10 +165,7 @@ def test_app_config_errors(project, change, path, message):
     app = json.loads(json.dumps(NEAR_APP))
     change(app)
     project.write_stack("badapp", minimal_env([app]))
-    with pytest.raises(ConfigError) as info:
-        load_config(project.root, "badapp")
-    lines = [l for l in info.value.lines() if f": {path}: " in l]
-    assert lines and any(message in l for l in lines), info.value.lines()
+    project.assert_config_error("badapp", path, message)
 
 
 def test_compose_with_build_or_a_tag_is_refused(project, tmp_path):

@@ -357,10 +357,7 @@ def test_adopt_naming_nothing_is_an_error(project):
 ])
 def test_bootstrap_config_errors(project, stack, change, path, message):
     project.mutate(stack, "badboot", change)
-    with pytest.raises(ConfigError) as info:
-        load_config(project.root, "badboot")
-    lines = [l for l in info.value.lines() if f": {path}: " in l]
-    assert lines and any(message in l for l in lines), info.value.lines()
+    project.assert_config_error("badboot", path, message)
 
 
 def test_the_table_signing_key_is_one_asymmetric_p256_key_for_the_fleet(plan):

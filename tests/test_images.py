@@ -161,13 +161,8 @@ def test_prebuilt_tarball_and_existing_image(project):
      "dstack-fleet:nodes[0].image", "overlay nodes boot 'tplus-overlay' images"),
 ])
 def test_image_config_errors(project, change, path, message):
-    from fleet.config.problems import ConfigError
-
     project.mutate("prod", "badimage", change)
-    with pytest.raises(ConfigError) as info:
-        load_config(project.root, "badimage")
-    lines = [l for l in info.value.lines() if f": {path}: " in l]
-    assert lines and any(message in l for l in lines), info.value.lines()
+    project.assert_config_error("badimage", path, message)
 
 
 # ---- the integrity step, run for real against a fake gcloud ----------------------------------

@@ -205,10 +205,7 @@ def test_big_rings_split_rules_within_gcp_limits():
 ])
 def test_overlay_config_errors(project, change, path, message):
     project.mutate("prod", "badoverlay", lambda c: change(c["dstack-fleet:overlay"]))
-    with pytest.raises(ConfigError) as info:
-        load_config(project.root, "badoverlay")
-    lines = [l for l in info.value.lines() if f": {path}: " in l]
-    assert lines and any(message in l for l in lines), info.value.lines()
+    project.assert_config_error("badoverlay", path, message)
 
 
 @pytest.mark.parametrize("change,path,message", [
@@ -225,10 +222,7 @@ def test_overlay_config_errors(project, change, path, message):
 ])
 def test_overlay_safety_errors(project, change, path, message):
     project.mutate("prod", "badoverlay", change)
-    with pytest.raises(ConfigError) as info:
-        load_config(project.root, "badoverlay")
-    lines = [l for l in info.value.lines() if f": {path}: " in l]
-    assert lines and any(message in l for l in lines), info.value.lines()
+    project.assert_config_error("badoverlay", path, message)
 
 
 def test_a_keyless_rpc_passes():
