@@ -454,23 +454,18 @@ def plan_bootstrap(config: StackConfig, tiers: dict[str, str | None] | None = No
         bindings.append(Binding(scope, target, role, member, who, labels[target], rest[0] if rest else None))
 
     # preview: read-only everywhere it looks, plus decrypting the secrets of the stacks pull requests
-    # preview (never prod's: any branch of the repository can reach this identity)
-    for env, project in envs.items():
-        for role in PREVIEW_PROJECT_ROLES:
-            add(("project", project, role, sa("ci-preview")))
-        if previews_decrypt(tiers, env):
-            add(("crypto_key", names.key(env), "roles/cloudkms.cryptoKeyDecrypter", sa("ci-preview")))
-    add(("bucket", state, "roles/storage.objectViewer", sa("ci-preview")))
-    add(("bucket", image_bucket, "roles/storage.objectViewer", sa("ci-preview")))
+    # preview (never prod's: any branch of the repository can reach this identity).
     # drift: what preview reads, in every environment, and every env stack's key to decrypt (prod's
     # too, which the preview identity never holds); only the drift check's GitHub environment, whose
     # deployment branch is main, can act as it
-    for env, project in envs.items():
-        for role in PREVIEW_PROJECT_ROLES:
-            add(("project", project, role, sa("ci-drift")))
-        add(("crypto_key", names.key(env), "roles/cloudkms.cryptoKeyDecrypter", sa("ci-drift")))
-    add(("bucket", state, "roles/storage.objectViewer", sa("ci-drift")))
-    add(("bucket", image_bucket, "roles/storage.objectViewer", sa("ci-drift")))
+    for reader, decrypts in (("ci-preview", lambda env: previews_decrypt(tiers, env)), ("ci-drift", lambda env: True)):
+        for env, project in envs.items():
+            for role in PREVIEW_PROJECT_ROLES:
+                add(("project", project, role, sa(reader)))
+            if decrypts(env):
+                add(("crypto_key", names.key(env), "roles/cloudkms.cryptoKeyDecrypter", sa(reader)))
+        add(("bucket", state, "roles/storage.objectViewer", sa(reader)))
+        add(("bucket", image_bucket, "roles/storage.objectViewer", sa(reader)))
     # deploy per environment: only its project, its node identities, its state objects and its key
     for env, project in envs.items():
         member = sa(f"ci-deploy-{env}")
