@@ -289,7 +289,6 @@ def test_cloud_preview_passes_the_generated_policy_pack_config_of_its_stack(tmp_
     assert config_step["env"] == {"STACK": "${{ matrix.stack }}"}
     # the step, run as the runner runs it, writes exactly the document make preview passes
     from fleet.policy.rules import pack_config_for
-    from fleet.stacks.load import load_config
 
     for stack in ENV_STACKS:
         result = subprocess.run(["bash", "-e", "-c", config_step["run"]], cwd=ROOT, capture_output=True, text=True,
@@ -315,8 +314,6 @@ def test_deploy_rollouts_reach_the_nodes_through_iap_with_that_gcloud():
     """GitHub-hosted runners cannot reach the nodes' internal addresses: the stacks the workflow rolls
     read their nodes through IAP TCP forwarding, with the gcloud set up (and authenticated) before the
     rollout, and no REACH override in the workflow."""
-    from fleet.stacks.load import load_config
-
     jobs = workflow("deploy")["jobs"]
     for stack, job in jobs.items():
         if "rollout" not in job["env"]["DEPLOY"]:
