@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -27,9 +25,8 @@ from cryptography.x509.oid import NameOID
 from fleet.attest import gotpm, tcg, tpmquote, vtpm, vtpmca
 
 from .test_bootchain import TPM_LOG
-from .test_verify_gcp import last, row, run
+from .test_verify_gcp import big, check_exit_2, last, row, run
 
-ROOT = Path(__file__).resolve().parent.parent
 GO_TPM_TOOLS = Path(__file__).parent / "vectors" / "gcp" / "go-tpm-tools"
 NONCE9009 = GO_TPM_TOOLS / "gce-cos-85-nonce9009.pb"  # upstream server/verify_test.go: Nonce []byte{0x90, 0x09}
 NO_NONCE = GO_TPM_TOOLS / "gce-cos-85-no-nonce.pb"  # upstream: Nonce nil
@@ -431,14 +428,6 @@ def test_malformed_tpms_attest(data, message):
 # Bad input: exit 2, one line
 
 
-def check_exit_2(argv: list[str], message: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "fleet", "verify", *argv], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stdout == "" and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
-
-
 def _drop_sha256_quote(data: bytes) -> bytes:
     fields = gotpm._fields(data, "test")
     quotes = [v for n, _, v in fields if n == 2]
@@ -489,13 +478,6 @@ def _retype(data: bytes) -> bytes:
 )
 def test_bad_tpm_input_exits_2_with_one_line(tmp_path, make, message):
     check_exit_2(make(tmp_path), message)
-
-
-def big(directory: Path, size: int) -> str:
-    path = directory / "big"
-    with path.open("wb") as handle:
-        handle.truncate(size)
-    return str(path)
 
 
 def test_the_lane_reads_an_attestation_in_process(tmp_path):
